@@ -1,0 +1,142 @@
+//! `remask bench`: median time of one full forward pass (all logits, as a
+//! PyTorch reference computes them) and of one denoising step (forward with
+//! the head on the block's positions only, plus prediction).
+
+use crate::{CliError, CliResult, Globals, default_model};
+use remask_engine::{CpuBackend, Engine, Packing};
+use remask_model::{Checkpoint, TextCodec};
+use remask_sampler::{Canvas, SamplerConfig, TokenSpace};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Checkpoint directory (default: the embedded default model).
+    #[arg(long, env = "REMASK_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Sequences per forward pass.
+    #[arg(long, env = "REMASK_BATCH", default_value_t = 1)]
+    pub batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, env = "REMASK_SEQ_LEN", default_value_t = 320)]
+    pub seq_len: usize,
+    /// Timed iterations (after the warm-up).
+    #[arg(long, env = "REMASK_ITERS", default_value_t = 5)]
+    pub iters: usize,
+    /// Untimed iterations first.
+    #[arg(long, env = "REMASK_WARMUP", default_value_t = 1)]
+    pub warmup: usize,
+    /// Masked block of the denoising-step measurement.
+    #[arg(long, env = "REMASK_BLOCK_LENGTH", default_value_t = 32)]
+    pub block_length: usize,
+    /// Print one JSON object.
+    #[arg(long, env = "REMASK_JSON")]
+    pub json: bool,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn time(iters: usize, warmup: usize, mut f: impl FnMut()) -> Vec<f64> {
+    for _ in 0..warmup {
+        f();
+    }
+    (0..iters)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect()
+}
+
+pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
+    if args.batch == 0 || args.seq_len == 0 || args.iters == 0 {
+        return Err(CliError::Usage(
+            "--batch, --seq-len and --iters must be at least 1".into(),
+        ));
+    }
+    if args.block_length == 0 || args.block_length >= args.seq_len {
+        return Err(CliError::Usage(
+            "--block-length must be between 1 and --seq-len - 1".into(),
+        ));
+    }
+    let dir = default_model::resolve(args.model, globals)?;
+    let ckpt = Checkpoint::open(&dir)?;
+    let c = &ckpt.config;
+    if args.seq_len > c.max_sequence_length {
+        return Err(CliError::Usage(format!(
+            "--seq-len {} exceeds max_sequence_length {}",
+            args.seq_len, c.max_sequence_length
+        )));
+    }
+    let special = TextCodec::load(&dir)?.special_tokens(c)?;
+    let engine = Engine::load(CpuBackend, &ckpt)?;
+
+    // Deterministic ids, never the mask.
+    let ids: Vec<u32> = (0..args.batch * args.seq_len)
+        .map(|i| ((i as u64 * 2_654_435_761 + 17) % c.vocab_size as u64) as u32)
+        .map(|t| if t == special.mask { t - 1 } else { t })
+        .collect();
+    let packing = Packing::new(vec![args.seq_len; args.batch]);
+    let mut forward = time(args.iters, args.warmup, || {
+        std::hint::black_box(engine.model.logits(&engine.backend, &ids, &packing, None));
+    });
+
+    // One denoising step: B canvases, the prompt then one masked block.
+    let config = SamplerConfig {
+        gen_length: args.block_length,
+        steps: args.block_length,
+        block_length: args.block_length,
+        ..SamplerConfig::default()
+    };
+    let space = TokenSpace {
+        vocab_size: c.vocab_size,
+        mask: special.mask,
+        eos: special.eos,
+        eot: special.eot,
+        max_sequence_length: c.max_sequence_length,
+    };
+    let prompt_len = args.seq_len - args.block_length;
+    let canvases = ids
+        .chunks(args.seq_len)
+        .map(|s| Canvas::new(&s[..prompt_len], config, space))
+        .collect::<Result<Vec<_>, _>>()?;
+    let plans: Vec<_> = canvases.iter().map(|c| c.plan()).collect();
+    let requests: Vec<_> = canvases.iter().zip(&plans).collect();
+    let mut step = time(args.iters, args.warmup, || {
+        std::hint::black_box(engine.predict(&requests));
+    });
+
+    let threads = rayon::current_num_threads();
+    let all = forward.clone();
+    let (fwd, stp) = (median(&mut forward), median(&mut step));
+    if args.json {
+        let out = serde_json::json!({
+            "impl": "remask",
+            "backend": "cpu",
+            "ms_per_forward_median": fwd,
+            "ms_per_step_median": stp,
+            "ms_all": all,
+            "batch": args.batch,
+            "seq_len": args.seq_len,
+            "block_length": args.block_length,
+            "threads": threads,
+            "model": dir,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "remask cpu: batch {} seq_len {} threads {}: forward {fwd:.2} ms (median of {}), denoising step {stp:.2} ms",
+            args.batch, args.seq_len, threads, args.iters
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! `remask generate`: one request, in process.
+
+use crate::default_model::{self, is_random};
+use crate::display::{LiveCanvas, render};
+use crate::{CliError, CliResult, Globals};
+use remask_engine::{CpuBackend, Engine};
+use remask_model::{Checkpoint, Message, TextCodec};
+use remask_sampler::{Canvas, Remasking, SamplerConfig, TokenSpace};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// Checkpoint directory in the Hugging Face layout (default: the embedded default model).
+    #[arg(long, env = "REMASK_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Prompt text.
+    #[arg(
+        long,
+        env = "REMASK_PROMPT",
+        required_unless_present = "prompt_ids",
+        conflicts_with = "prompt_ids"
+    )]
+    pub prompt: Option<String>,
+    /// Wrap the prompt in the checkpoint's chat template as a user turn.
+    #[arg(long, env = "REMASK_CHAT", requires = "prompt")]
+    pub chat: bool,
+    /// Prompt as token ids, comma-separated.
+    #[arg(long, env = "REMASK_PROMPT_IDS", value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Tokens to generate.
+    #[arg(long, env = "REMASK_GEN_LENGTH", default_value_t = 128)]
+    pub gen_length: usize,
+    /// Denoising steps in total (over all blocks).
+    #[arg(long, env = "REMASK_STEPS", default_value_t = 128)]
+    pub steps: usize,
+    /// Semi-autoregressive block length (gen_length for one block).
+    #[arg(long, env = "REMASK_BLOCK_LENGTH", default_value_t = 32)]
+    pub block_length: usize,
+    /// How committed positions are chosen: low_confidence or random.
+    #[arg(long, env = "REMASK_REMASKING", default_value = "low_confidence")]
+    pub remasking: Remasking,
+    /// 0 for greedy; above 0, Gumbel-max sampling at this temperature.
+    #[arg(
+        long,
+        env = "REMASK_TEMPERATURE",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub temperature: f64,
+    /// Classifier-free guidance scale (0: off).
+    #[arg(
+        long,
+        env = "REMASK_CFG_SCALE",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub cfg_scale: f64,
+    /// Seed of temperature sampling and random remasking.
+    #[arg(long, env = "REMASK_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// Never predict EOS (its logit is set to -inf).
+    #[arg(long, env = "REMASK_LOGITS_EOS_INF")]
+    pub logits_eos_inf: bool,
+    /// Commit EOS and end-of-turn predictions last.
+    #[arg(long, env = "REMASK_CONFIDENCE_EOS_EOT_INF")]
+    pub confidence_eos_eot_inf: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long, env = "REMASK_JSON")]
+    pub json: bool,
+}
+
+#[tracing::instrument(skip_all, fields(gen_length = args.gen_length, steps = args.steps))]
+pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
+    let dir = default_model::resolve(args.model.clone(), globals)?;
+    let ckpt = Checkpoint::open(&dir)?;
+    let codec = TextCodec::load(&dir)?;
+    let special = codec.special_tokens(&ckpt.config)?;
+    let random = is_random(&ckpt.config);
+    if random && !args.json {
+        eprintln!(
+            "remask: note: {} has random weights: the text is noise",
+            dir.display()
+        );
+    }
+
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) if text.trim().is_empty() => {
+            return Err(CliError::Usage(
+                "the prompt is empty: give some text".into(),
+            ));
+        }
+        (Some(text), _) if args.chat => codec.encode_chat(&[Message {
+            role: "user".into(),
+            content: text.clone(),
+        }])?,
+        (Some(text), _) => codec.encode(text)?,
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    let config = SamplerConfig {
+        gen_length: args.gen_length,
+        steps: args.steps,
+        block_length: args.block_length,
+        remasking: args.remasking,
+        temperature: args.temperature,
+        cfg_scale: args.cfg_scale,
+        seed: args.seed,
+        logits_eos_inf: args.logits_eos_inf,
+        confidence_eos_eot_inf: args.confidence_eos_eot_inf,
+    };
+    let space = TokenSpace {
+        vocab_size: ckpt.config.vocab_size,
+        mask: special.mask,
+        eos: special.eos,
+        eot: special.eot,
+        max_sequence_length: ckpt.config.max_sequence_length,
+    };
+    // Check the request before the (possibly slow) weight load.
+    let mut canvas = Canvas::new(&prompt, config, space)?;
+
+    let t_load = Instant::now();
+    let engine = Engine::load(CpuBackend, &ckpt)?;
+    let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+
+    let mut live = if args.json { None } else { LiveCanvas::new() };
+    let decode = |ids: &[u32]| codec.decode(ids, true).unwrap_or_default();
+    let t_gen = Instant::now();
+    engine.generate(&mut canvas, |c, _| {
+        if let Some(live) = live.as_mut() {
+            live.draw(&render(c.generated(), special.mask, decode));
+        }
+    });
+    let elapsed_ms = t_gen.elapsed().as_secs_f64() * 1e3;
+    if let Some(live) = live {
+        live.finish();
+    }
+
+    let text = codec.decode(canvas.generated(), true)?;
+    if args.json {
+        let out = serde_json::json!({
+            "token_ids": canvas.tokens(),
+            "prompt_ids": prompt,
+            "generated_ids": canvas.generated(),
+            "text": text,
+            "steps": canvas.step(),
+            "gen_length": config.gen_length,
+            "block_length": config.block_length,
+            "elapsed_ms": elapsed_ms,
+            "load_ms": load_ms,
+            "model": dir,
+            "random_weights": random,
+        });
+        println!("{out}");
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}

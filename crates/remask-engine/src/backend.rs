@@ -1,0 +1,98 @@
+//! The operations the LLaDA forward pass needs, as a trait: the model is
+//! written once (`llada.rs`) and each backend (CPU here; CUDA later)
+//! implements these few kernels.
+
+use remask_model::{Result, TensorRef};
+
+/// Sequences packed back to back into one token dimension. Attention never
+/// crosses a sequence boundary and positions restart at 0 in each sequence,
+/// so sequences of different lengths share one forward pass without padding
+/// and each gets exactly the result it would get alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packing {
+    /// Start of each sequence, then the total: `[0, len0, len0+len1, ...]`.
+    pub offsets: Vec<usize>,
+}
+
+impl Packing {
+    pub fn new(lengths: impl IntoIterator<Item = usize>) -> Self {
+        let mut offsets = vec![0];
+        for len in lengths {
+            offsets.push(offsets.last().unwrap() + len);
+        }
+        Packing { offsets }
+    }
+
+    pub fn tokens(&self) -> usize {
+        *self.offsets.last().unwrap()
+    }
+
+    pub fn sequences(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        self.offsets.windows(2).map(|w| w[0]..w[1])
+    }
+
+    /// Position of every token within its own sequence.
+    pub fn positions(&self) -> Vec<u32> {
+        self.sequences().flat_map(|r| 0..r.len() as u32).collect()
+    }
+}
+
+/// Head layout of the attention inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Kernels of the forward pass. Activations are matrices of `rows` tokens by
+/// `cols` features; weights are stored `[out, in]` as in the checkpoint.
+pub trait Backend: Send + Sync {
+    /// An activation matrix on the device.
+    type Tensor: Send;
+    /// A weight (matrix or vector) on the device.
+    type Weight: Send + Sync;
+
+    fn name(&self) -> &'static str;
+
+    /// Uploads a checkpoint tensor (any stored dtype).
+    fn load_weight(&self, tensor: TensorRef<'_>) -> Result<Self::Weight>;
+    /// Uploads f32 values computed on the host (e.g. RoPE tables).
+    fn upload(&self, values: &[f32], rows: usize, cols: usize) -> Self::Weight;
+
+    /// Rows `ids` of `table`.
+    fn embed(&self, table: &Self::Weight, ids: &[u32]) -> Self::Tensor;
+    /// `x * rsqrt(mean(x^2) + eps) * weight`, per row, in f32.
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Self::Tensor;
+    /// `x W^T` for `W` stored `[out, in]`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight) -> Self::Tensor;
+    /// Rotate-half RoPE in place on every head of `x`; `cos`/`sin` are
+    /// `[max_positions, head_dim / 2]` tables.
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        head_dim: usize,
+        positions: &[u32],
+        cos: &Self::Weight,
+        sin: &Self::Weight,
+    );
+    /// Bidirectional attention within each packed sequence, grouped KV heads.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        heads: Heads,
+        packing: &Packing,
+    ) -> Self::Tensor;
+    /// `silu(gate) * up`.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    /// The given rows of `x`, in that order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
+    /// Moves to the host as row-major f32.
+    fn to_host(&self, x: Self::Tensor) -> Vec<f32>;
+    /// Hidden states arriving from elsewhere (another pipeline stage).
+    fn load_hidden(&self, values: &[f32], rows: usize, cols: usize) -> Self::Tensor;
+}

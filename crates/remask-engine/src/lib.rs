@@ -1,0 +1,20 @@
+//! The LLaDA forward pass and one denoising step.
+//!
+//! - `backend`: the kernel trait the forward pass is written against;
+//! - `cpu`: the CPU backend (gemm + rayon, f32);
+//! - `llada`: the model, loadable as a whole or as a shard of layers;
+//! - `engine`: canvases in, (token, confidence) per masked position out.
+
+pub mod backend;
+pub mod cpu;
+pub mod engine;
+mod fastmath;
+pub mod llada;
+
+pub use backend::{Backend, Heads, Packing};
+pub use cpu::{CpuBackend, Matrix};
+pub use engine::Engine;
+pub use llada::{Llada, Shard};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,209 @@
+//! The LLaDA transformer (block_type "llama"), written once over `Backend`.
+//! Field names mirror the checkpoint's tensor names, so this file reads
+//! side by side with ../shared/LLADA.md:
+//!
+//! ```text
+//! x = wte[ids]
+//! per block:  h = attn_norm(x);  x += attn_out(Attn(rope(q_proj h), rope(k_proj h), v_proj h))
+//!             h = ff_norm(x);    x += ff_out(silu(ff_proj h) * up_proj h)
+//! logits = ff_out_head(ln_f(x))          (wte when weight_tying)
+//! ```
+//! Attention is bidirectional: there is no causal mask.
+
+use crate::backend::{Backend, Heads, Packing};
+use remask_model::{Checkpoint, LladaConfig, Result};
+use std::ops::Range;
+
+/// The part of the model one process holds: a contiguous range of layers,
+/// plus the embedding on the first stage and the head on the last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub layers: Range<usize>,
+    pub embedding: bool,
+    pub head: bool,
+}
+
+impl Shard {
+    pub fn full(config: &LladaConfig) -> Self {
+        Shard {
+            layers: 0..config.n_layers,
+            embedding: true,
+            head: true,
+        }
+    }
+}
+
+pub struct Block<B: Backend> {
+    attn_norm: B::Weight,
+    q_proj: B::Weight,
+    k_proj: B::Weight,
+    v_proj: B::Weight,
+    attn_out: B::Weight,
+    ff_norm: B::Weight,
+    ff_proj: B::Weight,
+    up_proj: B::Weight,
+    ff_out: B::Weight,
+}
+
+pub struct Llada<B: Backend> {
+    pub config: LladaConfig,
+    pub shard: Shard,
+    wte: Option<B::Weight>,
+    blocks: Vec<Block<B>>,
+    ln_f: Option<B::Weight>,
+    /// `model.transformer.ff_out`, or a second copy of `wte` when tied.
+    head: Option<B::Weight>,
+    rope_cos: B::Weight,
+    rope_sin: B::Weight,
+}
+
+impl<B: Backend> Llada<B> {
+    /// Loads the tensors of `shard` (and only those) from the checkpoint.
+    pub fn load(backend: &B, ckpt: &Checkpoint, shard: Shard) -> Result<Self> {
+        let c = ckpt.config.clone();
+        let (d, hd, e) = (c.d_model, c.head_dim(), c.embedding_size());
+        let kv = c.n_kv_heads() * hd;
+        let mlp = c.mlp_hidden();
+        let w = |name: &str, shape: &[usize]| backend.load_weight(ckpt.tensor(name, shape)?);
+        let wte_name = "model.transformer.wte.weight";
+        let wte = shard.embedding.then(|| w(wte_name, &[e, d])).transpose()?;
+        let blocks = shard
+            .layers
+            .clone()
+            .map(|i| {
+                let p = |n: &str| format!("model.transformer.blocks.{i}.{n}.weight");
+                Ok(Block {
+                    attn_norm: w(&p("attn_norm"), &[d])?,
+                    q_proj: w(&p("q_proj"), &[d, d])?,
+                    k_proj: w(&p("k_proj"), &[kv, d])?,
+                    v_proj: w(&p("v_proj"), &[kv, d])?,
+                    attn_out: w(&p("attn_out"), &[d, d])?,
+                    ff_norm: w(&p("ff_norm"), &[d])?,
+                    ff_proj: w(&p("ff_proj"), &[mlp, d])?,
+                    up_proj: w(&p("up_proj"), &[mlp, d])?,
+                    ff_out: w(&p("ff_out"), &[d, mlp])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (ln_f, head) = if shard.head {
+            let head_name = if c.weight_tying {
+                wte_name
+            } else {
+                "model.transformer.ff_out.weight"
+            };
+            (
+                Some(w("model.transformer.ln_f.weight", &[d])?),
+                Some(w(head_name, &[e, d])?),
+            )
+        } else {
+            (None, None)
+        };
+        let (cos, sin) = rope_tables(c.max_sequence_length, hd, c.rope_theta);
+        Ok(Llada {
+            rope_cos: backend.upload(&cos, c.max_sequence_length, hd / 2),
+            rope_sin: backend.upload(&sin, c.max_sequence_length, hd / 2),
+            config: c,
+            shard,
+            wte,
+            blocks,
+            ln_f,
+            head,
+        })
+    }
+
+    /// Token ids to hidden states (first stage only).
+    pub fn embed(&self, backend: &B, ids: &[u32]) -> B::Tensor {
+        let wte = self.wte.as_ref().expect("this shard has no embedding");
+        backend.embed(wte, ids)
+    }
+
+    /// Runs this shard's layers over packed sequences.
+    pub fn layers(&self, backend: &B, mut x: B::Tensor, packing: &Packing) -> B::Tensor {
+        let c = &self.config;
+        let heads = Heads {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads(),
+            head_dim: c.head_dim(),
+        };
+        let eps = c.rms_norm_eps as f32;
+        let positions = packing.positions();
+        for b in &self.blocks {
+            let h = backend.rms_norm(&x, &b.attn_norm, eps);
+            let mut q = backend.linear(&h, &b.q_proj);
+            let mut k = backend.linear(&h, &b.k_proj);
+            let v = backend.linear(&h, &b.v_proj);
+            backend.rope(
+                &mut q,
+                heads.head_dim,
+                &positions,
+                &self.rope_cos,
+                &self.rope_sin,
+            );
+            backend.rope(
+                &mut k,
+                heads.head_dim,
+                &positions,
+                &self.rope_cos,
+                &self.rope_sin,
+            );
+            let a = backend.attention(&q, &k, &v, heads, packing);
+            backend.add_assign(&mut x, &backend.linear(&a, &b.attn_out));
+
+            let h = backend.rms_norm(&x, &b.ff_norm, eps);
+            let gate = backend.linear(&h, &b.ff_proj);
+            let up = backend.linear(&h, &b.up_proj);
+            let f = backend.silu_mul(&gate, &up);
+            backend.add_assign(&mut x, &backend.linear(&f, &b.ff_out));
+        }
+        x
+    }
+
+    /// Logits of the given rows (all rows when `None`), `[rows, embedding_size]`
+    /// on the host (last stage only). Only the rows asked for go through the
+    /// head, which is most of the cost for short canvases and large vocabularies.
+    pub fn head(&self, backend: &B, x: &B::Tensor, rows: Option<&[usize]>) -> Vec<f32> {
+        let (ln_f, head) = match (&self.ln_f, &self.head) {
+            (Some(n), Some(h)) => (n, h),
+            _ => panic!("this shard has no head"),
+        };
+        let eps = self.config.rms_norm_eps as f32;
+        let h = match rows {
+            Some(rows) => backend.rms_norm(&backend.gather_rows(x, rows), ln_f, eps),
+            None => backend.rms_norm(x, ln_f, eps),
+        };
+        backend.to_host(backend.linear(&h, head))
+    }
+
+    /// The whole model on one shard: ids of packed sequences to logits.
+    pub fn logits(
+        &self,
+        backend: &B,
+        ids: &[u32],
+        packing: &Packing,
+        rows: Option<&[usize]>,
+    ) -> Vec<f32> {
+        let x = self.embed(backend, ids);
+        let x = self.layers(backend, x, packing);
+        self.head(backend, &x, rows)
+    }
+}
+
+/// `cos`/`sin` of `pos * inv_freq` for every position, in f32 as the
+/// reference computes them: `inv_freq = 1 / theta^(arange(0, hd, 2) / hd)`.
+fn rope_tables(max_positions: usize, head_dim: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let theta = theta as f32;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(max_positions * half);
+    let mut sin = Vec::with_capacity(max_positions * half);
+    for pos in 0..max_positions {
+        for &f in &inv_freq {
+            let angle = pos as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
+}

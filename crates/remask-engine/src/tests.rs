@@ -1,0 +1,107 @@
+//! Properties of the forward pass that hold for any weights.
+
+use super::*;
+use remask_model::{Checkpoint, DType, InitOptions, Preset, init_checkpoint};
+
+fn tiny(opts: InitOptions) -> (tempfile::TempDir, Checkpoint) {
+    let dir = tempfile::tempdir().unwrap();
+    init_checkpoint(Preset::get("tiny").unwrap(), &opts, dir.path()).unwrap();
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    (dir, ckpt)
+}
+
+fn f32_opts() -> InitOptions {
+    InitOptions {
+        dtype: DType::F32,
+        ..InitOptions::default()
+    }
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn packed_sequences_equal_their_solo_runs() {
+    let (_dir, ckpt) = tiny(f32_opts());
+    let engine = Engine::load(CpuBackend, &ckpt).unwrap();
+    let (m, be) = (&engine.model, &engine.backend);
+    let a: Vec<u32> = (0..37).map(|i| (i * 7 % 300) as u32).collect();
+    let b: Vec<u32> = (0..150).map(|i| (i * 13 % 300) as u32).collect();
+    let solo_a = m.logits(be, &a, &Packing::new([a.len()]), None);
+    let solo_b = m.logits(be, &b, &Packing::new([b.len()]), None);
+    let both = m.logits(
+        be,
+        &[a.clone(), b.clone()].concat(),
+        &Packing::new([a.len(), b.len()]),
+        None,
+    );
+    let split = solo_a.len();
+    assert!(max_rel_diff(&solo_a, &both[..split]) < 1e-5);
+    assert!(max_rel_diff(&solo_b, &both[split..]) < 1e-5);
+}
+
+#[test]
+fn attention_is_bidirectional() {
+    let (_dir, ckpt) = tiny(f32_opts());
+    let engine = Engine::load(CpuBackend, &ckpt).unwrap();
+    let (m, be) = (&engine.model, &engine.backend);
+    let a: Vec<u32> = vec![5, 6, 7, 8, 9];
+    let mut b = a.clone();
+    b[4] = 10;
+    let p = Packing::new([5]);
+    let la = m.logits(be, &a, &p, Some(&[0]));
+    let lb = m.logits(be, &b, &p, Some(&[0]));
+    assert!(
+        max_rel_diff(&la, &lb) > 1e-4,
+        "the last token must change the first position"
+    );
+}
+
+#[test]
+fn gathered_rows_equal_full_logits() {
+    let (_dir, ckpt) = tiny(f32_opts());
+    let engine = Engine::load(CpuBackend, &ckpt).unwrap();
+    let (m, be) = (&engine.model, &engine.backend);
+    let ids: Vec<u32> = (0..20).collect();
+    let p = Packing::new([20]);
+    let v = m.config.embedding_size();
+    let full = m.logits(be, &ids, &p, None);
+    let some = m.logits(be, &ids, &p, Some(&[3, 17]));
+    assert_eq!(&some[..v], &full[3 * v..4 * v]);
+    assert_eq!(&some[v..], &full[17 * v..18 * v]);
+}
+
+#[test]
+fn layer_shards_compose_to_the_whole_model() {
+    let (_dir, ckpt) = tiny(f32_opts());
+    let be = CpuBackend;
+    let whole = Llada::load(&be, &ckpt, Shard::full(&ckpt.config)).unwrap();
+    let first = Llada::load(
+        &be,
+        &ckpt,
+        Shard {
+            layers: 0..1,
+            embedding: true,
+            head: false,
+        },
+    )
+    .unwrap();
+    let last = Llada::load(
+        &be,
+        &ckpt,
+        Shard {
+            layers: 1..2,
+            embedding: false,
+            head: true,
+        },
+    )
+    .unwrap();
+    let ids: Vec<u32> = (0..12).collect();
+    let p = Packing::new([12]);
+    let hidden = first.layers(&be, first.embed(&be, &ids), &p);
+    let hidden = be.load_hidden(&be.to_host(hidden), 12, ckpt.config.d_model);
+    let staged = last.head(&be, &last.layers(&be, hidden, &p), None);
+    assert_eq!(staged, whole.logits(&be, &ids, &p, None));
+}

@@ -1,0 +1,16 @@
+//! LLaDA checkpoints as Hugging Face ships them: `config.json`, safetensors
+//! weights (one file or shards with an index), `tokenizer.json` and the chat
+//! template of `tokenizer_config.json`. Also writes random-weight checkpoints
+//! of the same layout (`init`).
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod init;
+pub mod tokenizer;
+
+pub use checkpoint::{Checkpoint, DType, TensorRef};
+pub use config::LladaConfig;
+pub use error::{ModelError, Result};
+pub use init::{InitOptions, InitSummary, Preset, init_checkpoint};
+pub use tokenizer::{Message, SpecialTokens, TextCodec};

@@ -1,0 +1,168 @@
+//! Text in and out: `tokenizer.json` through the `tokenizers` crate, and the
+//! `chat_template` of `tokenizer_config.json` rendered with minijinja the way
+//! transformers' `apply_chat_template(add_generation_prompt=True)` does.
+
+use crate::config::LladaConfig;
+use crate::error::{ModelError, Result};
+use serde::Serialize;
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
+/// One chat message, as the template sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// The ids the sampler and the chat format need, read from the checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub mask: u32,
+    pub eos: u32,
+    pub bos: Option<u32>,
+    /// End of turn (`<|eot_id|>`), when the tokenizer has it.
+    pub eot: Option<u32>,
+}
+
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+impl TextCodec {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(TOKENIZER_FILE);
+        if !path.is_file() {
+            return Err(ModelError::Tokenizer {
+                path,
+                reason: "file not found".into(),
+            });
+        }
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let config_path = dir.join(TOKENIZER_CONFIG_FILE);
+        let config: serde_json::Value = if config_path.is_file() {
+            let text =
+                std::fs::read_to_string(&config_path).map_err(ModelError::io(&config_path))?;
+            serde_json::from_str(&text).map_err(ModelError::json(&config_path))?
+        } else {
+            serde_json::Value::Null
+        };
+        // A token in tokenizer_config.json is a string or an AddedToken object.
+        let token = |key: &str| match config.get(key) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(v) => v.get("content").and_then(|c| c.as_str()).map(String::from),
+            None => None,
+        };
+        Ok(TextCodec {
+            tokenizer,
+            chat_template: config
+                .get("chat_template")
+                .and_then(|t| t.as_str())
+                .map(String::from),
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+        })
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// Mask and EOS from config.json when present (that is where LLaDA puts
+    /// them), else from the tokenizer; BOS and EoT from the tokenizer.
+    pub fn special_tokens(&self, config: &LladaConfig) -> Result<SpecialTokens> {
+        let mask = config
+            .mask_token_id
+            .or_else(|| self.token_id("<|mdm_mask|>"))
+            .ok_or(ModelError::MissingSpecialToken("mask (mask_token_id)"))?;
+        let eos = config
+            .eos_token_id
+            .or_else(|| self.eos_token.as_deref().and_then(|t| self.token_id(t)))
+            .ok_or(ModelError::MissingSpecialToken("eos (eos_token_id)"))?;
+        Ok(SpecialTokens {
+            mask,
+            eos,
+            bos: self.bos_token.as_deref().and_then(|t| self.token_id(t)),
+            eot: self.token_id("<|eot_id|>"),
+        })
+    }
+
+    /// Plain text, with the tokenizer's own post-processing (e.g. BOS).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| ModelError::Tokenizer {
+                path: TOKENIZER_FILE.into(),
+                reason: e.to_string(),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The chat template with a generation prompt, then tokenized without
+    /// adding special tokens again (the template already has them).
+    pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        let text = self.render_chat(messages)?;
+        self.encode_with(&text, false)
+    }
+
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            ModelError::Template(format!(
+                "{TOKENIZER_CONFIG_FILE} has no chat_template; use a plain prompt instead"
+            ))
+        })?;
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| ModelError::Template(e.to_string()))?;
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => true,
+                    bos_token => self.bos_token.clone().unwrap_or_default(),
+                    eos_token => self.eos_token.clone().unwrap_or_default(),
+                })
+            })
+            .map_err(|e| ModelError::Template(e.to_string()))
+    }
+
+    /// Decodes ids; with `skip_special` the special tokens (mask, EOS, chat
+    /// headers) are left out.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.tokenizer
+            .decode(ids, skip_special)
+            .map_err(|e| ModelError::Tokenizer {
+                path: TOKENIZER_FILE.into(),
+                reason: e.to_string(),
+            })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}

@@ -1,0 +1,21 @@
+//! LLaDA's denoising sampler, kept pure: no I/O, no clocks, no global random
+//! state. The CLI, the cluster coordinator, the tests and the benchmarks all
+//! drive the same `Canvas`, so they produce the same tokens for the same seed.
+//!
+//! Data flow of one step: `Canvas::plan` names the masked positions of the
+//! current block; the model's logits at those positions go through `predict`
+//! (guidance, temperature, confidence); `Canvas::commit` keeps the most
+//! confident ones.
+
+mod canvas;
+mod predict;
+pub mod rng;
+
+pub use canvas::{
+    Canvas, Committed, InvalidRequest, SamplerConfig, StepPlan, TokenSpace, denoise,
+    transfer_schedule,
+};
+pub use predict::{PredictOptions, Prediction, Remasking, predict};
+
+#[cfg(test)]
+mod schedule_props;

@@ -1,0 +1,235 @@
+//! From one position's logits to a prediction: the token the model proposes
+//! (`x0` in LLaDA's `generate()`) and the confidence used to rank positions
+//! for remasking.
+//!
+//! This runs wherever the logits are: on the CPU after an in-process forward
+//! pass, or on the last pipeline stage of a cluster, which then sends back only
+//! `(token, confidence)` pairs instead of full vocabulary rows.
+
+use crate::rng::{NoiseKey, Stream};
+
+/// How the positions to commit are ranked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Remasking {
+    /// Commit the predictions with the highest softmax probability.
+    #[default]
+    LowConfidence,
+    /// Commit random positions (a uniform draw per position).
+    Random,
+}
+
+impl std::str::FromStr for Remasking {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "low_confidence" => Ok(Remasking::LowConfidence),
+            "random" => Ok(Remasking::Random),
+            other => Err(format!(
+                "unknown remasking '{other}': expected 'low_confidence' or 'random'"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Remasking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Remasking::LowConfidence => "low_confidence",
+            Remasking::Random => "random",
+        })
+    }
+}
+
+/// Everything `predict` needs besides the logits; identical for every
+/// position of a request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PredictOptions {
+    pub temperature: f64,
+    pub cfg_scale: f64,
+    pub remasking: Remasking,
+    pub seed: u64,
+    /// Set the EOS logit to -inf before anything else (LLaDA's `logits_eos_inf`).
+    pub logits_eos_inf: bool,
+    /// Rank EOS and EoT predictions last (LLaDA's `confidence_eos_eot_inf`).
+    pub confidence_eos_eot_inf: bool,
+    pub eos: u32,
+    pub eot: Option<u32>,
+    /// The mask token is never proposed: committing it would leave the
+    /// position masked and break the schedule (the reference does not guard
+    /// against this; trained models never rank it first).
+    pub mask: u32,
+}
+
+/// The model's proposal for one masked position.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Prediction {
+    pub token: u32,
+    pub confidence: f64,
+}
+
+/// Predict one position from its conditional logits and, with classifier-free
+/// guidance, the logits of the same position with the prompt masked.
+///
+/// `step` is the request's global denoising step and `position` the absolute
+/// position in its canvas: together with the seed they key the random draws.
+/// `scratch` avoids an allocation per call.
+pub fn predict(
+    cond: &[f32],
+    uncond: Option<&[f32]>,
+    opts: &PredictOptions,
+    step: u64,
+    position: u64,
+    scratch: &mut Vec<f32>,
+) -> Prediction {
+    let logits: &mut Vec<f32> = scratch;
+    logits.clear();
+    match uncond {
+        // CFG as in LLaDA: un + (s + 1) * (cond - un), in f32.
+        Some(un) if opts.cfg_scale > 0.0 => {
+            let s1 = (opts.cfg_scale + 1.0) as f32;
+            logits.extend(cond.iter().zip(un).map(|(&c, &u)| u + s1 * (c - u)));
+        }
+        _ => logits.extend_from_slice(cond),
+    }
+    if let Some(l) = logits.get_mut(opts.mask as usize) {
+        *l = f32::NEG_INFINITY;
+    }
+    if opts.logits_eos_inf
+        && let Some(l) = logits.get_mut(opts.eos as usize)
+    {
+        *l = f32::NEG_INFINITY;
+    }
+
+    let token = if opts.temperature == 0.0 {
+        first_argmax(logits.iter().map(|&l| l as f64))
+    } else {
+        // Gumbel-max: argmax(exp(l) / (-ln u)^t) == argmax(l - t ln(-ln u)),
+        // taken in log space so that large logits cannot overflow exp().
+        let key = NoiseKey::new(opts.seed, Stream::Gumbel, step, position);
+        let t = opts.temperature;
+        first_argmax(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(v, &l)| l as f64 - t * (-key.uniform(v as u64).ln()).ln()),
+        )
+    };
+
+    let mut confidence = match opts.remasking {
+        Remasking::LowConfidence => softmax_at(logits, token),
+        Remasking::Random => NoiseKey::new(opts.seed, Stream::Remask, step, position).uniform(0),
+    };
+    let token = token as u32;
+    if opts.confidence_eos_eot_inf && (token == opts.eos || Some(token) == opts.eot) {
+        confidence = f64::NEG_INFINITY;
+    }
+    Prediction { token, confidence }
+}
+
+/// Index of the first maximal value (NaN never wins), like `torch.argmax`
+/// on finite input.
+fn first_argmax(values: impl Iterator<Item = f64>) -> usize {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, v) in values.enumerate() {
+        if v > best.1 {
+            best = (i, v);
+        }
+    }
+    best.0
+}
+
+/// softmax(logits)[index], in f64.
+fn softmax_at(logits: &[f32], index: usize) -> f64 {
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &l| m.max(l as f64));
+    if !max.is_finite() {
+        return 0.0;
+    }
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    (logits[index] as f64 - max).exp() / sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> PredictOptions {
+        PredictOptions {
+            temperature: 0.0,
+            cfg_scale: 0.0,
+            remasking: Remasking::LowConfidence,
+            seed: 0,
+            logits_eos_inf: false,
+            confidence_eos_eot_inf: false,
+            eos: 3,
+            eot: Some(2),
+            mask: 99,
+        }
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum_and_its_softmax() {
+        let p = predict(&[1.0, 3.0, 3.0, 0.0], None, &opts(), 0, 0, &mut Vec::new());
+        assert_eq!(p.token, 1);
+        let z = 1f64.exp() + 2.0 * 3f64.exp() + 1.0;
+        assert!((p.confidence - 3f64.exp() / z).abs() < 1e-12);
+    }
+
+    #[test]
+    fn cfg_extrapolates_away_from_the_unconditional_logits() {
+        let o = PredictOptions {
+            cfg_scale: 1.0,
+            ..opts()
+        };
+        // cond prefers 0 slightly; un prefers 1: guided = un + 2 (cond - un).
+        let p = predict(&[2.0, 1.5], Some(&[0.0, 1.0]), &o, 0, 0, &mut Vec::new());
+        assert_eq!(p.token, 0);
+        let no_cfg = predict(
+            &[2.0, 1.5],
+            Some(&[0.0, 1.0]),
+            &opts(),
+            0,
+            0,
+            &mut Vec::new(),
+        );
+        assert!(p.confidence > no_cfg.confidence);
+    }
+
+    #[test]
+    fn eos_options() {
+        let logits = [0.0, 1.0, 2.0, 5.0];
+        let o = PredictOptions {
+            logits_eos_inf: true,
+            ..opts()
+        };
+        assert_eq!(predict(&logits, None, &o, 0, 0, &mut Vec::new()).token, 2);
+        let o = PredictOptions {
+            confidence_eos_eot_inf: true,
+            ..opts()
+        };
+        let p = predict(&logits, None, &o, 0, 0, &mut Vec::new());
+        assert_eq!(p.token, 3);
+        assert_eq!(p.confidence, f64::NEG_INFINITY);
+    }
+
+    #[test]
+    fn temperature_sampling_is_seeded_and_follows_the_distribution() {
+        let o = PredictOptions {
+            temperature: 1.0,
+            ..opts()
+        };
+        let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY, 0.0];
+        let mut counts = [0usize; 4];
+        for pos in 0..20_000 {
+            let a = predict(&logits, None, &o, 5, pos, &mut Vec::new());
+            let b = predict(&logits, None, &o, 5, pos, &mut Vec::new());
+            assert_eq!(a, b, "same key, same draw");
+            counts[a.token as usize] += 1;
+        }
+        // p = [0.2, 0.6, 0, 0.2]
+        assert_eq!(counts[2], 0);
+        let f1 = counts[1] as f64 / 20_000.0;
+        assert!((f1 - 0.6).abs() < 0.02, "{counts:?}");
+    }
+}

@@ -1,0 +1,183 @@
+//! Property tests of the denoising schedule, with arbitrary predictions.
+
+use crate::rng::{NoiseKey, Stream};
+use crate::*;
+use proptest::prelude::*;
+
+const MASK: u32 = 50;
+
+fn space() -> TokenSpace {
+    TokenSpace {
+        vocab_size: 64,
+        mask: MASK,
+        eos: 1,
+        eot: Some(2),
+        max_sequence_length: 4096,
+    }
+}
+
+/// Arbitrary but reproducible predictions: tokens anywhere but the mask,
+/// confidences with deliberate ties and -inf.
+fn fake_predictions(seed: u64, plan: &StepPlan) -> Vec<Prediction> {
+    plan.positions
+        .iter()
+        .map(|&p| {
+            let key = NoiseKey::new(seed, Stream::Gumbel, plan.step as u64, p as u64);
+            let token = (key.uniform(0) * 63.0) as u32;
+            let confidence = match (key.uniform(1) * 8.0) as u32 {
+                0 => f64::NEG_INFINITY,
+                1 => 0.5,
+                _ => key.uniform(2),
+            };
+            Prediction {
+                token: if token >= MASK { token + 1 } else { token },
+                confidence,
+            }
+        })
+        .collect()
+}
+
+proptest! {
+    #[test]
+    fn schedule_invariants(
+        prompt in proptest::collection::vec(0u32..MASK, 1..8),
+        block_length in 1usize..12,
+        blocks in 1usize..5,
+        steps_per_block in 1usize..16,
+        seed in any::<u64>(),
+    ) {
+        let config = SamplerConfig {
+            gen_length: block_length * blocks,
+            steps: steps_per_block * blocks,
+            block_length,
+            ..SamplerConfig::default()
+        };
+        let mut canvas = Canvas::new(&prompt, config, space()).unwrap();
+        let p = prompt.len();
+        while !canvas.is_done() {
+            let before = canvas.tokens().to_vec();
+            let plan = canvas.plan();
+            let block = plan.step / steps_per_block;
+            let (start, end) = (p + block * block_length, p + (block + 1) * block_length);
+            let preds = fake_predictions(seed, &plan);
+            let committed = canvas.commit(&plan, &preds);
+            // exactly k commits per step, k from the block's schedule
+            let expected_k = transfer_schedule(block_length, steps_per_block)[plan.step % steps_per_block];
+            prop_assert_eq!(committed.len(), expected_k);
+            let after = canvas.tokens();
+            for (i, (&b, &a)) in before.iter().zip(after).enumerate() {
+                if b != MASK {
+                    // the prompt and committed tokens never change
+                    prop_assert_eq!(a, b, "position {} changed", i);
+                } else if a != MASK {
+                    // nothing committed outside the current block
+                    prop_assert!(i >= start && i < end, "position {} outside block {}..{}", i, start, end);
+                }
+            }
+            prop_assert_eq!(&after[..p], &prompt[..]);
+            // the committed ones are the most confident of the eligible
+            let worst_in = committed.iter().map(|c| c.confidence).fold(f64::INFINITY, f64::min);
+            for (pos, pred) in plan.positions.iter().zip(&preds) {
+                if !committed.iter().any(|c| c.position == *pos) {
+                    prop_assert!(pred.confidence <= worst_in);
+                }
+            }
+        }
+        prop_assert_eq!(canvas.step(), config.steps);
+        // no mask remains at the end
+        prop_assert!(canvas.tokens().iter().all(|&t| t != MASK));
+    }
+}
+
+#[test]
+fn schedule_puts_the_remainder_first() {
+    assert_eq!(transfer_schedule(20, 6), vec![4, 4, 3, 3, 3, 3]);
+    assert_eq!(transfer_schedule(3, 5), vec![1, 1, 1, 0, 0]);
+    assert_eq!(transfer_schedule(8, 1), vec![8]);
+}
+
+#[test]
+fn bad_requests_are_refused_with_their_reason() {
+    let ok = SamplerConfig {
+        gen_length: 8,
+        steps: 4,
+        block_length: 4,
+        ..SamplerConfig::default()
+    };
+    let cases: Vec<(Vec<u32>, SamplerConfig, &str)> = vec![
+        (vec![], ok, "empty"),
+        (
+            vec![1],
+            SamplerConfig {
+                gen_length: 0,
+                ..ok
+            },
+            "gen_length must be",
+        ),
+        (vec![1], SamplerConfig { steps: 0, ..ok }, "steps must be"),
+        (
+            vec![1],
+            SamplerConfig {
+                block_length: 3,
+                ..ok
+            },
+            "not a multiple of block_length",
+        ),
+        (
+            vec![1],
+            SamplerConfig { steps: 3, ..ok },
+            "not a multiple of the number of blocks",
+        ),
+        (
+            vec![1],
+            SamplerConfig {
+                gen_length: 4096,
+                block_length: 4096,
+                ..ok
+            },
+            "max_sequence_length",
+        ),
+        (vec![1, 64], ok, "outside the vocabulary"),
+        (vec![MASK], ok, "mask token"),
+        (
+            vec![1],
+            SamplerConfig {
+                temperature: -1.0,
+                ..ok
+            },
+            "temperature",
+        ),
+        (
+            vec![1],
+            SamplerConfig {
+                cfg_scale: f64::NAN,
+                ..ok
+            },
+            "cfg_scale",
+        ),
+    ];
+    for (prompt, config, needle) in cases {
+        let err = Canvas::new(&prompt, config, space())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+    }
+}
+
+#[test]
+fn guidance_masks_only_the_prompt() {
+    let config = SamplerConfig {
+        gen_length: 4,
+        steps: 4,
+        block_length: 4,
+        cfg_scale: 1.0,
+        ..SamplerConfig::default()
+    };
+    let mut canvas = Canvas::new(&[5, 6], config, space()).unwrap();
+    let plan = canvas.plan();
+    let preds = fake_predictions(1, &plan);
+    canvas.commit(&plan, &preds);
+    let un = canvas.unconditional().unwrap();
+    assert_eq!(&un[..2], &[MASK, MASK]);
+    assert_eq!(&un[2..], canvas.generated());
+}
