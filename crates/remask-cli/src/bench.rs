@@ -26,9 +26,10 @@ pub struct BenchArgs {
     /// Untimed iterations first.
     #[arg(long, env = "REMASK_WARMUP", default_value_t = 1)]
     pub warmup: usize,
-    /// Masked block of the denoising-step measurement.
-    #[arg(long, env = "REMASK_BLOCK_LENGTH", default_value_t = 32)]
-    pub block_length: usize,
+    /// Masked block of the denoising-step measurement (default: 32, or half
+    /// of a shorter --seq-len).
+    #[arg(long, env = "REMASK_BLOCK_LENGTH")]
+    pub block_length: Option<usize>,
     /// Print one JSON object.
     #[arg(long, env = "REMASK_JSON")]
     pub json: bool,
@@ -63,7 +64,15 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
             "--batch, --seq-len and --iters must be at least 1".into(),
         ));
     }
-    if args.block_length == 0 || args.block_length >= args.seq_len {
+    const MAX_BATCH: usize = 4096;
+    if args.batch > MAX_BATCH {
+        return Err(CliError::Usage(format!(
+            "--batch {} is over the limit of {MAX_BATCH}",
+            args.batch
+        )));
+    }
+    let block_length = args.block_length.unwrap_or((args.seq_len / 2).clamp(1, 32));
+    if block_length == 0 || block_length >= args.seq_len {
         return Err(CliError::Usage(
             "--block-length must be between 1 and --seq-len - 1".into(),
         ));
@@ -92,9 +101,9 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
 
     // One denoising step: B canvases, the prompt then one masked block.
     let config = SamplerConfig {
-        gen_length: args.block_length,
-        steps: args.block_length,
-        block_length: args.block_length,
+        gen_length: block_length,
+        steps: block_length,
+        block_length,
         ..SamplerConfig::default()
     };
     let space = TokenSpace {
@@ -104,7 +113,7 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
         eot: special.eot,
         max_sequence_length: c.max_sequence_length,
     };
-    let prompt_len = args.seq_len - args.block_length;
+    let prompt_len = args.seq_len - block_length;
     let canvases = ids
         .chunks(args.seq_len)
         .map(|s| Canvas::new(&s[..prompt_len], config, space))
@@ -127,7 +136,7 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
             "ms_all": all,
             "batch": args.batch,
             "seq_len": args.seq_len,
-            "block_length": args.block_length,
+            "block_length": block_length,
             "threads": threads,
             "model": dir,
         });

@@ -40,9 +40,8 @@ pub fn run(args: ForwardArgs, globals: &Globals) -> CliResult {
     let ids: Vec<u32> = batch.concat();
     let packing = Packing::new(batch.iter().map(|s| s.len()));
     let logits = engine.model.logits(&engine.backend, &ids, &packing, None);
-    npy::write_f32(&args.out, &[batch.len(), len, vocab], &logits).map_err(|e| {
-        CliError::Internal(anyhow::anyhow!("cannot write {}: {e}", args.out.display()))
-    })
+    npy::write_f32(&args.out, &[batch.len(), len, vocab], &logits)
+        .map_err(|e| CliError::Usage(format!("cannot write {}: {e}", args.out.display())))
 }
 
 /// `--ids 1,2,3 --ids 4,5,6`: one sequence per occurrence, all the same length.

@@ -23,7 +23,12 @@ pub struct GenerateArgs {
     )]
     pub prompt: Option<String>,
     /// Wrap the prompt in the checkpoint's chat template as a user turn.
-    #[arg(long, env = "REMASK_CHAT", requires = "prompt")]
+    #[arg(
+        long,
+        env = "REMASK_CHAT",
+        requires = "prompt",
+        conflicts_with = "prompt_ids"
+    )]
     pub chat: bool,
     /// Prompt as token ids, comma-separated.
     #[arg(long, env = "REMASK_PROMPT_IDS", value_delimiter = ',')]
@@ -77,12 +82,6 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
     let codec = TextCodec::load(&dir)?;
     let special = codec.special_tokens(&ckpt.config)?;
     let random = is_random(&ckpt.config);
-    if random && !args.json {
-        eprintln!(
-            "remask: note: {} has random weights: the text is noise",
-            dir.display()
-        );
-    }
 
     let prompt = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) if text.trim().is_empty() => {
@@ -118,6 +117,12 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
     };
     // Check the request before the (possibly slow) weight load.
     let mut canvas = Canvas::new(&prompt, config, space)?;
+    if random && !args.json {
+        eprintln!(
+            "remask: note: {} has random weights: the text is noise",
+            dir.display()
+        );
+    }
 
     let t_load = Instant::now();
     let engine = Engine::load(CpuBackend, &ckpt)?;

@@ -28,7 +28,12 @@ pub struct InitArgs {
     #[arg(long, env = "REMASK_SHARDS", default_value_t = 1)]
     pub shards: usize,
     /// RoPE base written to config.json.
-    #[arg(long, env = "REMASK_ROPE_THETA", default_value_t = 500_000.0)]
+    #[arg(
+        long,
+        env = "REMASK_ROPE_THETA",
+        default_value_t = 500_000.0,
+        allow_negative_numbers = true
+    )]
     pub rope_theta: f64,
     /// Tie the output head to the embedding (no separate ff_out tensor).
     #[arg(long, env = "REMASK_TIE_WEIGHTS")]

@@ -1,85 +1,136 @@
-//! One denoising step for any number of requests in one forward pass: the
-//! canvases (and, with guidance, their prompt-masked twins) are packed into
-//! one batch, only the rows the sampler asks about go through the output
-//! head, and `remask_sampler::predict` turns each row into (token, confidence).
+//! One denoising step for any number of requests in one forward pass.
+//!
+//! `StepBatch::new` packs the canvases (and, with guidance, their
+//! prompt-masked twins) into one batch and records, per request, which rows
+//! the sampler needs (`Query`). Only those rows go through the output head,
+//! and `predict_queries` turns each into (token, confidence). The in-process
+//! `Engine` runs all of it; in a cluster the coordinator builds the batch, the
+//! stages run the layers, and the last stage runs the head and the queries.
 
 use crate::backend::{Backend, Packing};
 use crate::llada::{Llada, Shard};
 use rayon::prelude::*;
 use remask_model::{Checkpoint, Result};
-use remask_sampler::{Canvas, Committed, Prediction, StepPlan, denoise, predict};
+use remask_sampler::{Canvas, Committed, PredictOptions, Prediction, StepPlan, denoise, predict};
 
+/// The rows of one request that the sampler asks about.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Query {
+    /// Row of canvas position 0 in the packed batch.
+    pub cond_base: usize,
+    /// Row of position 0 of the prompt-masked sequence, under guidance.
+    pub uncond_base: Option<usize>,
+    /// Canvas positions to predict.
+    pub positions: Vec<usize>,
+    /// The request's denoising step (keys the random draws).
+    pub step: u64,
+    pub options: PredictOptions,
+}
+
+impl Query {
+    fn rows(&self) -> impl Iterator<Item = usize> + '_ {
+        let cond = self.positions.iter().map(|&p| self.cond_base + p);
+        let uncond = self
+            .uncond_base
+            .into_iter()
+            .flat_map(|b| self.positions.iter().map(move |&p| b + p));
+        cond.chain(uncond)
+    }
+}
+
+/// The input of one forward pass for a set of requests.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepBatch {
+    pub ids: Vec<u32>,
+    pub lengths: Vec<usize>,
+    pub queries: Vec<Query>,
+}
+
+impl StepBatch {
+    pub fn new(requests: &[(&Canvas, &StepPlan)]) -> Self {
+        let mut batch = StepBatch {
+            ids: Vec::new(),
+            lengths: Vec::new(),
+            queries: Vec::new(),
+        };
+        for (canvas, plan) in requests {
+            let cond_base = batch.push(canvas.tokens());
+            let uncond_base = canvas.unconditional().map(|un| batch.push(&un));
+            batch.queries.push(Query {
+                cond_base,
+                uncond_base,
+                positions: plan.positions.clone(),
+                step: plan.step as u64,
+                options: canvas.predict_options(),
+            });
+        }
+        batch
+    }
+
+    fn push(&mut self, seq: &[u32]) -> usize {
+        let at = self.ids.len();
+        self.ids.extend_from_slice(seq);
+        self.lengths.push(seq.len());
+        at
+    }
+
+    pub fn packing(&self) -> Packing {
+        Packing::new(self.lengths.iter().copied())
+    }
+}
+
+/// The rows the head must compute for `queries`, in the order
+/// `predict_queries` expects their logits.
+pub fn query_rows(queries: &[Query]) -> Vec<usize> {
+    queries.iter().flat_map(Query::rows).collect()
+}
+
+/// Predictions from the logits of `query_rows(queries)`, one list per query.
+pub fn predict_queries(logits: &[f32], vocab: usize, queries: &[Query]) -> Vec<Vec<Prediction>> {
+    let row = |i: usize| &logits[i * vocab..(i + 1) * vocab];
+    let mut first = 0;
+    queries
+        .iter()
+        .map(|q| {
+            let n = q.positions.len();
+            let start = first;
+            first += if q.uncond_base.is_some() { 2 * n } else { n };
+            q.positions
+                .par_iter()
+                .enumerate()
+                .map_init(Vec::new, |scratch, (j, &pos)| {
+                    let un = q.uncond_base.map(|_| row(start + n + j));
+                    predict(row(start + j), un, &q.options, q.step, pos as u64, scratch)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The whole model in this process.
 pub struct Engine<B: Backend> {
     pub backend: B,
     pub model: Llada<B>,
 }
 
 impl<B: Backend> Engine<B> {
-    /// The whole model in this process.
     pub fn load(backend: B, ckpt: &Checkpoint) -> Result<Self> {
         let model = Llada::load(&backend, ckpt, Shard::full(&ckpt.config))?;
         Ok(Engine { backend, model })
     }
 
-    /// Predictions for every planned position of every request.
-    pub fn predict(&self, requests: &[(&Canvas, &StepPlan)]) -> Vec<Vec<Prediction>> {
-        let mut ids: Vec<u32> = Vec::new();
-        let mut lengths = Vec::new();
-        // Per request: row of position 0 in the conditional and the
-        // unconditional sequence.
-        let mut bases = Vec::new();
-        for (canvas, _) in requests {
-            let cond = ids.len();
-            ids.extend_from_slice(canvas.tokens());
-            lengths.push(canvas.tokens().len());
-            let uncond = canvas.unconditional().map(|un| {
-                let at = ids.len();
-                ids.extend_from_slice(&un);
-                lengths.push(un.len());
-                at
-            });
-            bases.push((cond, uncond));
-        }
-        let mut rows = Vec::new();
-        for ((_, plan), &(cond, uncond)) in requests.iter().zip(&bases) {
-            rows.extend(plan.positions.iter().map(|&p| cond + p));
-            if let Some(un) = uncond {
-                rows.extend(plan.positions.iter().map(|&p| un + p));
-            }
-        }
-        let packing = Packing::new(lengths);
+    /// Runs a packed batch through every layer and the head.
+    pub fn run(&self, batch: &StepBatch) -> Vec<Vec<Prediction>> {
+        let rows = query_rows(&batch.queries);
         let logits = self
             .model
-            .logits(&self.backend, &ids, &packing, Some(&rows));
-        let vocab = self.model.config.embedding_size();
-        let row = |i: usize| &logits[i * vocab..(i + 1) * vocab];
+            .logits(&self.backend, &batch.ids, &batch.packing(), Some(&rows));
+        predict_queries(&logits, self.model.config.embedding_size(), &batch.queries)
+    }
 
-        let mut first_row = 0;
-        requests
-            .iter()
-            .zip(&bases)
-            .map(|((canvas, plan), &(_, uncond))| {
-                let n = plan.positions.len();
-                let opts = canvas.predict_options();
-                let start = first_row;
-                first_row += if uncond.is_some() { 2 * n } else { n };
-                plan.positions
-                    .par_iter()
-                    .enumerate()
-                    .map_init(Vec::new, |scratch, (j, &pos)| {
-                        let un = uncond.map(|_| row(start + n + j));
-                        predict(
-                            row(start + j),
-                            un,
-                            &opts,
-                            plan.step as u64,
-                            pos as u64,
-                            scratch,
-                        )
-                    })
-                    .collect()
-            })
-            .collect()
+    /// Predictions for every planned position of every request.
+    pub fn predict(&self, requests: &[(&Canvas, &StepPlan)]) -> Vec<Vec<Prediction>> {
+        self.run(&StepBatch::new(requests))
     }
 
     /// Runs one request to completion; `on_step` sees each step's commits.

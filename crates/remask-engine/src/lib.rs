@@ -13,7 +13,7 @@ pub mod llada;
 
 pub use backend::{Backend, Heads, Packing};
 pub use cpu::{CpuBackend, Matrix};
-pub use engine::Engine;
+pub use engine::{Engine, Query, StepBatch, predict_queries, query_rows};
 pub use llada::{Llada, Shard};
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 /// tensor at fault and what was expected, so the fix is obvious.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("cannot read {path}: {source}")]
+    #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -312,7 +312,7 @@ fn validate(prompt: &[u32], c: &SamplerConfig, space: &TokenSpace) -> Result<(),
             blocks,
         });
     }
-    let total = prompt.len() + c.gen_length;
+    let total = prompt.len().saturating_add(c.gen_length);
     if total > space.max_sequence_length {
         return Err(TooLong {
             prompt: prompt.len(),

@@ -1,0 +1,96 @@
+//! Between the wire types of `proto/` and the engine's types.
+
+use remask_engine::{Query, Shard};
+use remask_proto::worker as pb;
+use remask_sampler::{PredictOptions, Prediction, Remasking};
+
+pub fn shard_to_pb(s: &Shard) -> pb::ShardSpec {
+    pb::ShardSpec {
+        layer_start: s.layers.start as u32,
+        layer_end: s.layers.end as u32,
+        embedding: s.embedding,
+        head: s.head,
+    }
+}
+
+pub fn shard_from_pb(s: &pb::ShardSpec) -> Shard {
+    Shard {
+        layers: s.layer_start as usize..s.layer_end as usize,
+        embedding: s.embedding,
+        head: s.head,
+    }
+}
+
+pub fn query_to_pb(q: &Query) -> pb::HeadQuery {
+    let o = &q.options;
+    pb::HeadQuery {
+        cond_base: q.cond_base as u32,
+        uncond_base: q.uncond_base.map(|b| b as u32),
+        positions: q.positions.iter().map(|&p| p as u32).collect(),
+        step: q.step,
+        options: Some(pb::PredictOptions {
+            temperature: o.temperature,
+            cfg_scale: o.cfg_scale,
+            random_remasking: o.remasking == Remasking::Random,
+            seed: o.seed,
+            logits_eos_inf: o.logits_eos_inf,
+            confidence_eos_eot_inf: o.confidence_eos_eot_inf,
+            eos: o.eos,
+            eot: o.eot,
+            mask: o.mask,
+        }),
+    }
+}
+
+pub fn query_from_pb(q: &pb::HeadQuery) -> Query {
+    let o = q.options.clone().unwrap_or_default();
+    Query {
+        cond_base: q.cond_base as usize,
+        uncond_base: q.uncond_base.map(|b| b as usize),
+        positions: q.positions.iter().map(|&p| p as usize).collect(),
+        step: q.step,
+        options: PredictOptions {
+            temperature: o.temperature,
+            cfg_scale: o.cfg_scale,
+            remasking: if o.random_remasking { Remasking::Random } else { Remasking::LowConfidence },
+            seed: o.seed,
+            logits_eos_inf: o.logits_eos_inf,
+            confidence_eos_eot_inf: o.confidence_eos_eot_inf,
+            eos: o.eos,
+            eot: o.eot,
+            mask: o.mask,
+        },
+    }
+}
+
+pub fn predictions_to_pb(p: &[Prediction]) -> pb::Predictions {
+    pb::Predictions {
+        tokens: p.iter().map(|p| p.token).collect(),
+        confidences: p.iter().map(|p| p.confidence).collect(),
+    }
+}
+
+pub fn predictions_from_pb(p: &pb::Predictions) -> Vec<Prediction> {
+    p.tokens
+        .iter()
+        .zip(&p.confidences)
+        .map(|(&token, &confidence)| Prediction { token, confidence })
+        .collect()
+}
+
+/// Hidden states travel as little-endian f32 bytes.
+pub fn f32_to_bytes(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+pub fn bytes_to_f32(b: &[u8]) -> Option<Vec<f32>> {
+    (b.len() % 4 == 0).then(|| {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
+}

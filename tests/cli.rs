@@ -1,0 +1,947 @@
+//! End-to-end tests: the `remask` binary driven as a user would, through its
+//! arguments, environment, stdout, stderr and exit code.
+//!
+//! The binary is `$REMASK_BIN`, or `target/<profile>/remask` next to this test
+//! executable (build it first: `cargo build --release -p remask-cli`).
+//!
+//! The contract checked here: exit 0 on success; exit 2 for anything the user
+//! can fix (clap usage errors, a bad request, a missing or corrupt model) with
+//! a short `error: ...` on stderr that names what is wrong and nothing on
+//! stdout; never a panic.
+
+use serde_json::Value;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// The tiny preset's `embedding_size` (logits per position).
+const TINY_EMBEDDING_SIZE: usize = 576;
+/// A hung child fails its test instead of hanging the run.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+/// The `remask` binary under test.
+fn bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("REMASK_BIN") {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "REMASK_BIN={} is not a file",
+                path.display()
+            );
+            return path;
+        }
+        // This test executable is target/<profile>/deps/cli-<hash>.
+        let exe = std::env::current_exe().expect("the test executable's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test executable lives in target/<profile>/deps/");
+        let path = profile_dir.join(format!("remask{}", std::env::consts::EXE_SUFFIX));
+        assert!(
+            path.is_file(),
+            "{} does not exist: run `cargo build --release -p remask-cli` first \
+             (`cargo build -p remask-cli` for a debug test run), or set REMASK_BIN",
+            path.display()
+        );
+        path
+    })
+}
+
+/// A directory for the whole test process: the shared tiny checkpoint and a
+/// scratch cache. It is never deleted (statics are not dropped), one per run.
+fn process_dir() -> &'static Path {
+    static DIR: OnceLock<TempDir> = OnceLock::new();
+    DIR.get_or_init(|| TempDir::with_prefix("remask-cli-tests-").expect("a temp dir"))
+        .path()
+}
+
+/// The cache directory of children that are not about the embedded default
+/// model, so that none of them ever touches the user's real cache.
+fn scratch_cache() -> PathBuf {
+    process_dir().join("cache")
+}
+
+/// Runs `remask ARGS` with a clean `REMASK_*` environment.
+fn remask(args: &[&str]) -> Output {
+    remask_env(args, &[])
+}
+
+/// Runs `remask ARGS` with every inherited `REMASK_*` variable removed (the
+/// CLI reads them as flag defaults), `REMASK_CACHE_DIR` set to a scratch
+/// directory, then `envs` on top.
+fn remask_env(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("REMASK_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("REMASK_CACHE_DIR", scratch_cache());
+    cmd.envs(envs.iter().copied());
+
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin().display()));
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for remask") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`remask {}` did not finish within {TIMEOUT:?}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Everything a failed assertion needs to show.
+fn describe(out: &Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    )
+}
+
+fn assert_no_panic(out: &Output) {
+    assert!(
+        out.status.code().is_some(),
+        "remask was killed by a signal\n{}",
+        describe(out)
+    );
+    assert!(
+        out.status.code() != Some(101) && !stderr(out).contains("panicked"),
+        "remask panicked\n{}",
+        describe(out)
+    );
+}
+
+/// Asserts success and returns stdout.
+fn assert_ok(out: &Output) -> String {
+    assert_no_panic(out);
+    assert!(out.status.success(), "remask failed\n{}", describe(out));
+    stdout(out)
+}
+
+/// Asserts a user error: exit 2, nothing on stdout, and a short stderr that
+/// starts with `error:` (ours or clap's) and mentions every one of `mentions`
+/// (case-insensitively).
+fn assert_user_error(out: &Output, mentions: &[&str]) {
+    assert_no_panic(out);
+    let err = stderr(out);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit code 2\n{}",
+        describe(out)
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "expected nothing on stdout\n{}",
+        describe(out)
+    );
+    assert!(
+        err.starts_with("error:"),
+        "expected stderr to start with 'error:'\n{}",
+        describe(out)
+    );
+    let lines = err.lines().filter(|l| !l.trim().is_empty()).count();
+    assert!(
+        lines <= 4,
+        "expected a short message, got {lines} lines\n{}",
+        describe(out)
+    );
+    let lower = err.to_lowercase();
+    for m in mentions {
+        assert!(
+            lower.contains(&m.to_lowercase()),
+            "expected the message to mention {m:?}\n{}",
+            describe(out)
+        );
+    }
+}
+
+/// Asserts success and parses stdout as exactly one JSON object on one line.
+fn json_output(out: &Output) -> Value {
+    let text = assert_ok(out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one line of JSON\n{}",
+        describe(out)
+    );
+    let value: Value = serde_json::from_str(lines[0])
+        .unwrap_or_else(|e| panic!("stdout is not JSON: {e}\n{}", describe(out)));
+    assert!(
+        value.is_object(),
+        "expected a JSON object\n{}",
+        describe(out)
+    );
+    value
+}
+
+fn ids(value: &Value, key: &str) -> Vec<u64> {
+    value[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{key} is not an array in {value}"))
+        .iter()
+        .map(|v| {
+            v.as_u64()
+                .unwrap_or_else(|| panic!("{key} holds a non-id: {v}"))
+        })
+        .collect()
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+/// An argument list: the words of `words` (split on whitespace), then `rest`
+/// verbatim (paths, values with spaces, empty values).
+fn argv<'a>(words: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    words
+        .split_whitespace()
+        .chain(rest.iter().copied())
+        .collect()
+}
+
+/// A `tiny` f32 checkpoint, made once per test binary and shared read-only.
+fn tiny() -> &'static str {
+    static TINY: OnceLock<PathBuf> = OnceLock::new();
+    let dir = TINY.get_or_init(|| {
+        let dir = process_dir().join("tiny");
+        let out = remask(&argv(
+            "model init --preset tiny --dtype f32 --out",
+            &[path_str(&dir)],
+        ));
+        assert_ok(&out);
+        dir
+    });
+    path_str(dir)
+}
+
+/// A private copy of the tiny checkpoint, to corrupt.
+fn tiny_copy() -> TempDir {
+    let dir = TempDir::with_prefix("remask-cli-corrupt-").expect("a temp dir");
+    for entry in std::fs::read_dir(tiny()).expect("the tiny checkpoint") {
+        let entry = entry.expect("a directory entry");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name()))
+            .expect("copying a checkpoint file");
+    }
+    dir
+}
+
+fn read_config(dir: &Path) -> serde_json::Map<String, Value> {
+    let text = std::fs::read_to_string(dir.join("config.json")).expect("config.json");
+    match serde_json::from_str(&text).expect("config.json is JSON") {
+        Value::Object(map) => map,
+        other => panic!("config.json is not an object: {other}"),
+    }
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let mut config = read_config(dir);
+    edit(&mut config);
+    let text = serde_json::to_string_pretty(&config).expect("serialisable");
+    std::fs::write(dir.join("config.json"), text).expect("writing config.json");
+}
+
+fn tiny_mask_id() -> u64 {
+    read_config(Path::new(tiny()))["mask_token_id"]
+        .as_u64()
+        .expect("mask_token_id in config.json")
+}
+
+/// `remask generate --json --model MODEL WORDS`. The bad-input tests use
+/// `--json`, which silences the random-weights note (see
+/// `request_error_is_the_first_line_of_stderr_without_json`).
+fn generate_json(model: &str, words: &str) -> Output {
+    let mut args = vec!["generate", "--json", "--model", model];
+    args.extend(words.split_whitespace());
+    remask(&args)
+}
+
+/// `remask generate --json --model TINY WORDS`.
+fn generate_tiny(words: &str) -> Output {
+    generate_json(tiny(), words)
+}
+
+/// A small valid request, for the corrupt-model tests.
+const SMALL_REQUEST: &str = "--prompt-ids 1,2 --gen-length 8 --block-length 8 --steps 8";
+
+// ---------------------------------------------------------------------------
+// generate: bad requests
+// ---------------------------------------------------------------------------
+
+#[test]
+fn generate_rejects_gen_length_not_a_multiple_of_block_length() {
+    let out = generate_tiny("--prompt-ids 1,2 --gen-length 10 --block-length 4 --steps 4");
+    assert_user_error(&out, &["gen_length 10", "block_length 4"]);
+}
+
+#[test]
+fn generate_rejects_steps_not_a_multiple_of_the_number_of_blocks() {
+    let out = generate_tiny("--prompt-ids 1,2 --gen-length 16 --block-length 8 --steps 3");
+    assert_user_error(&out, &["steps 3", "blocks 2"]);
+}
+
+#[test]
+fn generate_rejects_zero_steps() {
+    let out = generate_tiny("--prompt-ids 1,2 --gen-length 16 --block-length 8 --steps 0");
+    assert_user_error(&out, &["steps", "at least 1"]);
+}
+
+#[test]
+fn generate_rejects_zero_gen_length() {
+    let out = generate_tiny("--prompt-ids 1,2 --gen-length 0 --block-length 8 --steps 8");
+    assert_user_error(&out, &["gen_length", "at least 1"]);
+}
+
+#[test]
+fn generate_rejects_zero_block_length() {
+    let out = generate_tiny("--prompt-ids 1,2 --gen-length 8 --block-length 0 --steps 8");
+    assert_user_error(&out, &["block_length", "at least 1"]);
+}
+
+#[test]
+fn generate_rejects_prompt_plus_gen_length_over_max_sequence_length() {
+    // tiny: max_sequence_length 512; 2 + 512 = 514.
+    let out = generate_tiny("--prompt-ids 1,2 --gen-length 512 --block-length 512 --steps 1");
+    assert_user_error(&out, &["514", "max_sequence_length 512"]);
+}
+
+#[test]
+fn generate_rejects_gen_length_that_overflows() {
+    let words = format!(
+        "--prompt-ids 1,2 --gen-length {0} --block-length {0} --steps 1",
+        usize::MAX
+    );
+    let out = generate_tiny(&words);
+    assert_user_error(&out, &["max_sequence_length"]);
+}
+
+#[test]
+fn generate_rejects_token_id_outside_the_vocabulary() {
+    let out = generate_tiny("--prompt-ids 1,2,999999 --gen-length 8 --block-length 8 --steps 8");
+    assert_user_error(&out, &["999999", "vocabulary"]);
+}
+
+#[test]
+fn generate_rejects_non_numeric_token_id() {
+    let out = generate_tiny("--prompt-ids 1,x --gen-length 8 --block-length 8 --steps 8");
+    assert_user_error(&out, &["'x'", "--prompt-ids"]);
+}
+
+#[test]
+fn generate_rejects_empty_prompt() {
+    let args = argv(
+        "generate --json --gen-length 8 --block-length 8 --steps 8 --model",
+        &[tiny(), "--prompt", ""],
+    );
+    assert_user_error(&remask(&args), &["prompt", "empty"]);
+}
+
+#[test]
+fn generate_rejects_whitespace_only_prompt() {
+    let args = argv(
+        "generate --json --gen-length 8 --block-length 8 --steps 8 --model",
+        &[tiny(), "--prompt", " \t\n "],
+    );
+    assert_user_error(&remask(&args), &["prompt", "empty"]);
+}
+
+#[test]
+fn generate_rejects_unknown_remasking() {
+    let out = generate_tiny("--prompt-ids 1,2 --remasking foo");
+    assert_user_error(&out, &["foo", "low_confidence", "random"]);
+}
+
+#[test]
+fn generate_rejects_negative_temperature() {
+    let out = generate_tiny(
+        "--prompt-ids 1,2 --gen-length 8 --block-length 8 --steps 8 --temperature -1",
+    );
+    assert_user_error(&out, &["temperature", "-1"]);
+}
+
+#[test]
+fn generate_rejects_negative_cfg_scale() {
+    let out = generate_tiny(
+        "--prompt-ids 1,2 --gen-length 8 --block-length 8 --steps 8 --cfg-scale -0.5",
+    );
+    assert_user_error(&out, &["cfg_scale", "-0.5"]);
+}
+
+#[test]
+fn generate_rejects_prompt_holding_the_mask_token() {
+    let mask = tiny_mask_id();
+    let words = format!("--prompt-ids 1,{mask} --gen-length 8 --block-length 8 --steps 8");
+    let out = generate_tiny(&words);
+    assert_user_error(&out, &["mask", &mask.to_string()]);
+}
+
+#[test]
+fn generate_requires_a_prompt() {
+    let out = generate_tiny("");
+    assert_user_error(&out, &["--prompt"]);
+}
+
+#[test]
+fn generate_rejects_chat_with_prompt_ids() {
+    let out = generate_tiny("--chat --prompt-ids 1,2 --gen-length 8 --block-length 8 --steps 8");
+    assert_user_error(&out, &["--chat"]);
+}
+
+#[test]
+fn request_error_is_the_first_line_of_stderr_without_json() {
+    let args = argv(
+        "generate --prompt-ids 1,2 --gen-length 10 --block-length 4 --steps 4 --model",
+        &[tiny()],
+    );
+    assert_user_error(&remask(&args), &["gen_length 10"]);
+}
+
+#[test]
+fn global_threads_zero_is_rejected() {
+    let out = remask(&argv(
+        "--threads 0 generate --prompt-ids 1 --model",
+        &[tiny()],
+    ));
+    assert_user_error(&out, &["--threads"]);
+}
+
+#[test]
+fn unknown_subcommand_is_a_usage_error() {
+    assert_user_error(&remask(&["frobnicate"]), &["frobnicate"]);
+}
+
+// ---------------------------------------------------------------------------
+// generate: missing or corrupt models
+// ---------------------------------------------------------------------------
+
+#[test]
+fn generate_rejects_missing_model_dir() {
+    let parent = TempDir::new().expect("a temp dir");
+    let missing = parent.path().join("no-such-model");
+    let out = generate_json(path_str(&missing), SMALL_REQUEST);
+    assert_user_error(&out, &[path_str(&missing)]);
+}
+
+#[test]
+fn generate_rejects_missing_weights_file() {
+    let dir = tiny_copy();
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let out = generate_json(path_str(dir.path()), SMALL_REQUEST);
+    assert_user_error(&out, &["model.safetensors"]);
+}
+
+#[test]
+fn generate_rejects_truncated_weights() {
+    let dir = tiny_copy();
+    let weights = dir.path().join("model.safetensors");
+    let len = std::fs::metadata(&weights).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let out = generate_json(path_str(dir.path()), SMALL_REQUEST);
+    assert_user_error(&out, &["model.safetensors", "truncated"]);
+}
+
+#[test]
+fn generate_rejects_garbage_weights() {
+    let dir = tiny_copy();
+    // Deterministic noise (an LCG): the header length it starts with is absurd.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: Vec<u8> = (0..4096)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 56) as u8
+        })
+        .collect();
+    std::fs::write(dir.path().join("model.safetensors"), noise).unwrap();
+    let out = generate_json(path_str(dir.path()), SMALL_REQUEST);
+    assert_user_error(&out, &["model.safetensors", "not a valid"]);
+}
+
+#[test]
+fn generate_rejects_invalid_config_json() {
+    let dir = tiny_copy();
+    std::fs::write(dir.path().join("config.json"), "{\"d_model\": 64,").unwrap();
+    let out = generate_json(path_str(dir.path()), SMALL_REQUEST);
+    assert_user_error(&out, &["config.json", "json"]);
+}
+
+#[test]
+fn generate_rejects_unsupported_block_type() {
+    let dir = tiny_copy();
+    edit_config(dir.path(), |c| {
+        c.insert("block_type".into(), "sequential".into());
+    });
+    let out = generate_json(path_str(dir.path()), SMALL_REQUEST);
+    assert_user_error(&out, &["block_type", "sequential"]);
+}
+
+#[test]
+fn generate_rejects_tensor_of_the_wrong_shape() {
+    // The weights stay d_model 64; the config now says 128 (head size unchanged).
+    let dir = tiny_copy();
+    edit_config(dir.path(), |c| {
+        c.insert("d_model".into(), 128.into());
+        c.insert("n_heads".into(), 8.into());
+    });
+    let out = generate_json(path_str(dir.path()), SMALL_REQUEST);
+    // Whichever tensor is checked first, it is named and both shapes are given.
+    assert_user_error(&out, &["tensor 'model.", "shape", "64]", "128]"]);
+}
+
+// ---------------------------------------------------------------------------
+// model init: bad inputs
+// ---------------------------------------------------------------------------
+
+#[test]
+fn model_init_rejects_unknown_preset_and_lists_the_presets() {
+    let dir = TempDir::new().unwrap();
+    let out = remask(&argv(
+        "model init --preset huge --out",
+        &[path_str(dir.path())],
+    ));
+    assert_user_error(&out, &["huge", "tiny", "small", "base", "llada-8b"]);
+}
+
+#[test]
+fn model_init_rejects_zero_shards() {
+    let dir = TempDir::new().unwrap();
+    let out = remask(&argv(
+        "model init --preset tiny --shards 0 --out",
+        &[path_str(dir.path())],
+    ));
+    assert_user_error(&out, &["--shards"]);
+}
+
+#[test]
+fn model_init_rejects_unknown_dtype() {
+    let dir = TempDir::new().unwrap();
+    let out = remask(&argv(
+        "model init --preset tiny --dtype f64 --out",
+        &[path_str(dir.path())],
+    ));
+    assert_user_error(&out, &["f64", "--dtype"]);
+}
+
+#[test]
+fn model_init_refuses_to_overwrite_without_force() {
+    let dir = TempDir::new().unwrap();
+    let out_dir = path_str(dir.path());
+    assert_ok(&remask(&argv(
+        "model init --preset tiny --dtype f32 --out",
+        &[out_dir],
+    )));
+    let before = std::fs::read(dir.path().join("config.json")).unwrap();
+    let out = remask(&argv(
+        "model init --preset tiny --dtype f32 --seed 5 --out",
+        &[out_dir],
+    ));
+    assert_user_error(&out, &[out_dir, "--force"]);
+    let after = std::fs::read(dir.path().join("config.json")).unwrap();
+    assert!(after == before, "the checkpoint was modified");
+}
+
+#[test]
+fn model_init_force_overwrites() {
+    let dir = TempDir::new().unwrap();
+    let out_dir = path_str(dir.path());
+    assert_ok(&remask(&argv(
+        "model init --preset tiny --dtype f32 --out",
+        &[out_dir],
+    )));
+    assert_ok(&remask(&argv(
+        "model init --preset tiny --dtype f32 --seed 5 --force --out",
+        &[out_dir],
+    )));
+    assert_eq!(read_config(dir.path())["remask_seed"], 5);
+}
+
+#[test]
+fn model_init_onto_a_file_says_it_cannot_create_the_directory() {
+    let dir = TempDir::new().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let out = remask(&argv(
+        "model init --preset tiny --force --out",
+        &[path_str(&file)],
+    ));
+    assert_user_error(&out, &[path_str(&file)]);
+    assert!(
+        !stderr(&out).contains("cannot read"),
+        "a failed write is reported as a read\n{}",
+        describe(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// forward and bench: bad inputs
+// ---------------------------------------------------------------------------
+
+#[test]
+fn forward_rejects_sequences_of_different_lengths() {
+    let dir = TempDir::new().unwrap();
+    let npy = dir.path().join("logits.npy");
+    let out = remask(&argv(
+        "forward --ids 1,2 --ids 3 --model",
+        &[tiny(), "--out", path_str(&npy)],
+    ));
+    assert_user_error(&out, &["--ids", "same length"]);
+    assert!(!npy.exists(), "a failed forward wrote its output");
+}
+
+#[test]
+fn forward_rejects_token_id_outside_the_embedding() {
+    let dir = TempDir::new().unwrap();
+    let npy = dir.path().join("logits.npy");
+    let out = remask(&argv(
+        "forward --ids 1,600 --model",
+        &[tiny(), "--out", path_str(&npy)],
+    ));
+    assert_user_error(&out, &["600", "576"]);
+}
+
+#[test]
+fn bench_rejects_block_length_not_below_seq_len() {
+    let out = remask(&argv(
+        "bench --seq-len 16 --block-length 16 --iters 1 --model",
+        &[tiny()],
+    ));
+    assert_user_error(&out, &["--block-length", "--seq-len"]);
+}
+
+#[test]
+fn bench_rejects_seq_len_over_max_sequence_length() {
+    let out = remask(&argv(
+        "bench --seq-len 1000 --block-length 8 --iters 1 --model",
+        &[tiny()],
+    ));
+    assert_user_error(&out, &["1000", "max_sequence_length 512"]);
+}
+
+#[test]
+fn bench_rejects_absurd_batch() {
+    let words = format!(
+        "bench --batch {} --seq-len 16 --block-length 8 --iters 1 --model",
+        1u64 << 60
+    );
+    let out = remask(&argv(&words, &[tiny()]));
+    assert_user_error(&out, &["--batch"]);
+}
+
+// ---------------------------------------------------------------------------
+// generate: happy paths
+// ---------------------------------------------------------------------------
+
+/// The request of the happy-path tests.
+const REQUEST: &str = "--prompt-ids 5,6,7 --gen-length 16 --steps 8 --block-length 8";
+
+#[test]
+fn generate_json_reports_the_canvas() {
+    let v = json_output(&generate_tiny(REQUEST));
+    let tokens = ids(&v, "token_ids");
+    let generated = ids(&v, "generated_ids");
+    assert_eq!(tokens.len(), 19, "{v}");
+    assert_eq!(tokens[..3], [5, 6, 7], "{v}");
+    assert_eq!(generated.len(), 16, "{v}");
+    assert_eq!(
+        tokens[3..],
+        generated[..],
+        "token_ids is the prompt then generated_ids: {v}"
+    );
+    assert!(
+        !generated.contains(&tiny_mask_id()),
+        "a mask survived generation: {v}"
+    );
+    assert!(v["text"].is_string(), "{v}");
+    assert_eq!(v["steps"], 8, "{v}");
+    assert!(v["elapsed_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{v}");
+    assert_eq!(v["random_weights"], true, "{v}");
+}
+
+#[test]
+fn generate_is_deterministic() {
+    let a = json_output(&generate_tiny(REQUEST));
+    let b = json_output(&generate_tiny(REQUEST));
+    assert_eq!(a["token_ids"], b["token_ids"]);
+    assert_eq!(a["text"], b["text"]);
+}
+
+#[test]
+fn generate_with_temperature_depends_on_the_seed_only() {
+    let run = |prompt: &str, seed: u64| {
+        let words = format!(
+            "--prompt-ids {prompt} --gen-length 16 --steps 8 --block-length 8 --temperature 0.7 --seed {seed}"
+        );
+        ids(&json_output(&generate_tiny(&words)), "generated_ids")
+    };
+    let mut differs = false;
+    for prompt in ["5,6,7", "10,11", "100,200,300"] {
+        let seed1 = run(prompt, 1);
+        assert_eq!(
+            seed1,
+            run(prompt, 1),
+            "seed 1 did not repeat for prompt {prompt}"
+        );
+        differs |= seed1 != run(prompt, 2);
+    }
+    assert!(
+        differs,
+        "seeds 1 and 2 gave the same output for every prompt at temperature 0.7"
+    );
+}
+
+#[test]
+fn generate_chat_wraps_the_prompt_in_the_template() {
+    let plain = json_output(&generate_tiny(
+        "--prompt Hello --gen-length 16 --steps 8 --block-length 8",
+    ));
+    let chat = json_output(&generate_tiny(
+        "--prompt Hello --chat --gen-length 16 --steps 8 --block-length 8",
+    ));
+    assert_eq!(ids(&chat, "generated_ids").len(), 16, "{chat}");
+    let (plain, chat) = (ids(&plain, "prompt_ids"), ids(&chat, "prompt_ids"));
+    assert!(
+        chat.len() > plain.len(),
+        "the chat prompt {chat:?} does not wrap the plain one {plain:?}"
+    );
+}
+
+#[test]
+fn generate_without_json_prints_the_text() {
+    let text = json_output(&generate_tiny(REQUEST))["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let words = format!("generate {REQUEST} --model");
+    let out = remask(&argv(&words, &[tiny()]));
+    let printed = assert_ok(&out);
+    // stdout is a pipe: no live canvas, just the text.
+    assert!(
+        !printed.contains('\x1b'),
+        "escape codes on a piped stdout: {printed:?}"
+    );
+    assert_eq!(printed, format!("{text}\n"));
+    assert!(
+        stderr(&out).contains("random weights"),
+        "no random-weights note\n{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn generate_reads_flags_from_the_environment() {
+    let envs = [
+        ("REMASK_MODEL", tiny()),
+        ("REMASK_GEN_LENGTH", "8"),
+        ("REMASK_STEPS", "4"),
+        ("REMASK_BLOCK_LENGTH", "8"),
+    ];
+    let v = json_output(&remask_env(
+        &argv("generate --prompt-ids 1,2 --json", &[]),
+        &envs,
+    ));
+    assert_eq!(ids(&v, "generated_ids").len(), 8, "{v}");
+    assert_eq!(v["steps"], 4, "{v}");
+}
+
+#[test]
+fn generate_without_model_creates_then_reuses_the_embedded_default() {
+    let cache = TempDir::new().unwrap();
+    let envs = [("REMASK_CACHE_DIR", path_str(cache.path()))];
+    let args = argv(
+        "generate --prompt-ids 1,2 --gen-length 8 --steps 8 --block-length 8 --json",
+        &[],
+    );
+
+    let first_out = remask_env(&args, &envs);
+    let first = json_output(&first_out);
+    assert_eq!(first["random_weights"], true, "{first}");
+    let model = PathBuf::from(first["model"].as_str().expect("model path in the JSON"));
+    assert!(
+        model.starts_with(cache.path()),
+        "the default model {} is outside REMASK_CACHE_DIR",
+        model.display()
+    );
+    assert!(
+        model.join("config.json").is_file(),
+        "no checkpoint at {}",
+        model.display()
+    );
+    assert!(
+        stderr(&first_out).contains("creating"),
+        "the first run did not say it creates the model\n{}",
+        describe(&first_out)
+    );
+
+    // A marker survives only if the second run reuses the directory as is.
+    std::fs::write(model.join("marker"), "kept").unwrap();
+    let second_out = remask_env(&args, &envs);
+    let second = json_output(&second_out);
+    assert_eq!(second["model"], first["model"]);
+    assert_eq!(second["token_ids"], first["token_ids"]);
+    assert!(
+        model.join("marker").exists(),
+        "the default model was recreated"
+    );
+    assert!(
+        !stderr(&second_out).contains("creating"),
+        "the second run recreated the model\n{}",
+        describe(&second_out)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// model init, forward, bench: happy paths
+// ---------------------------------------------------------------------------
+
+#[test]
+fn model_init_writes_shards_and_an_index() {
+    let dir = TempDir::new().unwrap();
+    assert_ok(&remask(&argv(
+        "model init --preset tiny --dtype f32 --shards 3 --out",
+        &[path_str(dir.path())],
+    )));
+    let index = std::fs::read(dir.path().join("model.safetensors.index.json")).expect("the index");
+    let index: Value = serde_json::from_slice(&index).expect("the index is JSON");
+    let mut shards: Vec<&str> = index["weight_map"]
+        .as_object()
+        .expect("a weight_map")
+        .values()
+        .map(|f| f.as_str().expect("a file name"))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    assert_eq!(shards.len(), 3, "{shards:?}");
+    for shard in &shards {
+        assert!(dir.path().join(shard).is_file(), "shard {shard} is missing");
+    }
+    let on_disk = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".safetensors")
+        })
+        .count();
+    assert_eq!(on_disk, 3, "expected exactly 3 .safetensors files");
+}
+
+#[test]
+fn sharded_checkpoint_gives_the_same_logits() {
+    let dir = TempDir::new().unwrap();
+    let sharded = dir.path().join("sharded");
+    assert_ok(&remask(&argv(
+        "model init --preset tiny --dtype f32 --shards 3 --out",
+        &[path_str(&sharded)],
+    )));
+    let logits = |model: &str, name: &str| {
+        let npy = dir.path().join(name);
+        assert_ok(&remask(&argv(
+            "forward --ids 1,2,3 --model",
+            &[model, "--out", path_str(&npy)],
+        )));
+        std::fs::read(npy).unwrap()
+    };
+    assert!(
+        logits(path_str(&sharded), "sharded.npy") == logits(tiny(), "single.npy"),
+        "the logits differ"
+    );
+}
+
+#[test]
+fn forward_writes_npy_logits() {
+    let dir = TempDir::new().unwrap();
+    let npy = dir.path().join("logits.npy");
+    assert_ok(&remask(&argv(
+        "forward --ids 1,2,3 --ids 4,5,6 --model",
+        &[tiny(), "--out", path_str(&npy)],
+    )));
+    let bytes = std::fs::read(&npy).expect("the .npy file");
+    assert_eq!(
+        &bytes[..8],
+        b"\x93NUMPY\x01\x00",
+        "not a version 1.0 .npy file"
+    );
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).expect("an ASCII header");
+    let shape = format!("'shape': (2, 3, {TINY_EMBEDDING_SIZE})");
+    assert!(header.contains(&shape), "header {header:?} lacks {shape}");
+    assert!(header.contains("'descr': '<f4'"), "header {header:?}");
+    let data = &bytes[10 + header_len..];
+    assert_eq!(
+        data.len(),
+        2 * 3 * TINY_EMBEDDING_SIZE * 4,
+        "data size does not match the shape"
+    );
+    let finite = data
+        .chunks_exact(4)
+        .all(|c| f32::from_le_bytes(c.try_into().unwrap()).is_finite());
+    assert!(finite, "non-finite logits");
+}
+
+#[test]
+fn bench_json_reports_positive_medians() {
+    // --block-length must be below --seq-len (its default is 32).
+    let words = "bench --batch 1 --seq-len 16 --block-length 8 --iters 2 --json --model";
+    let v = json_output(&remask(&argv(words, &[tiny()])));
+    for key in ["ms_per_forward_median", "ms_per_step_median"] {
+        assert!(
+            v[key].as_f64().is_some_and(|ms| ms > 0.0),
+            "{key} is not a positive number: {v}"
+        );
+    }
+}

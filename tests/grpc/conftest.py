@@ -1,0 +1,245 @@
+"""Fixtures for the independent Python client test of `remask serve`.
+
+The server under test is a real `remask serve` process on loopback, started once
+per session. The Python stubs for `proto/remask/v1/generation.proto` are
+generated at test time into a temporary directory (no generated code is
+committed). Every child process gets an environment with all `REMASK_*`
+variables removed and `REMASK_CACHE_DIR` pointing into a temporary directory.
+
+Environment:
+  REMASK_BIN   the remask binary (default: <repo>/target/release/remask)
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PROTO_ROOT = REPO / "proto"
+PROTO_FILE = PROTO_ROOT / "remask" / "v1" / "generation.proto"
+
+SERVER_START_TIMEOUT_S = 60.0
+CLI_TIMEOUT_S = 60.0
+
+
+def remask_bin() -> Path:
+    return Path(os.environ.get("REMASK_BIN") or REPO / "target" / "release" / "remask")
+
+
+def child_env(cache_dir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMASK_")}
+    env["REMASK_CACHE_DIR"] = str(cache_dir)
+    return env
+
+
+# --------------------------------------------------------------------------- stubs
+
+
+class Stubs:
+    """The generated modules: `pb` (messages), `grpc` (service stubs), plus the
+    health-checking modules from grpcio-health-checking."""
+
+    def __init__(self, pb, pb_grpc, health_pb, health_grpc):
+        self.pb = pb
+        self.pb_grpc = pb_grpc
+        self.health_pb = health_pb
+        self.health_grpc = health_grpc
+
+
+@pytest.fixture(scope="session")
+def stubs(tmp_path_factory) -> Stubs:
+    out = tmp_path_factory.mktemp("stubs")
+    cmd = [
+        sys.executable, "-m", "grpc_tools.protoc",
+        "-I", str(PROTO_ROOT),
+        f"--python_out={out}", f"--grpc_python_out={out}",
+        str(PROTO_FILE),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"protoc failed: {res.stderr}"
+    assert (out / "remask" / "v1" / "generation_pb2.py").is_file()
+    assert (out / "remask" / "v1" / "generation_pb2_grpc.py").is_file()
+    sys.path.insert(0, str(out))
+    try:
+        pb = importlib.import_module("remask.v1.generation_pb2")
+        pb_grpc = importlib.import_module("remask.v1.generation_pb2_grpc")
+    finally:
+        # the modules stay in sys.modules; the path is not needed any more
+        sys.path.remove(str(out))
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    return Stubs(pb, pb_grpc, health_pb2, health_pb2_grpc)
+
+
+# --------------------------------------------------------------------------- binary, model
+
+
+@pytest.fixture(scope="session")
+def bin_path() -> Path:
+    b = remask_bin()
+    if not b.is_file():
+        pytest.skip(f"remask binary not found at {b} (build it: cargo build --release, or set REMASK_BIN)")
+    return b
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("remask-cache")
+
+
+@pytest.fixture(scope="session")
+def model_dir(bin_path, cache_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    res = subprocess.run(
+        [str(bin_path), "model", "init", "--preset", "tiny", "--out", str(out), "--dtype", "f32"],
+        capture_output=True, text=True, env=child_env(cache_dir), timeout=CLI_TIMEOUT_S,
+    )
+    assert res.returncode == 0, f"model init failed: {res.stderr}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_config(model_dir) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+# --------------------------------------------------------------------------- CLI reference
+
+
+class Cli:
+    """Runs `remask generate ... --json` (the in-process sampler) for comparison."""
+
+    def __init__(self, bin_path: Path, model_dir: Path, cache_dir: Path):
+        self.bin = bin_path
+        self.model = model_dir
+        self.env = child_env(cache_dir)
+
+    def generate(self, *, prompt_ids=None, prompt=None, chat=False, gen_length=None,
+                 steps=None, block_length=None, remasking=None, temperature=None,
+                 cfg_scale=None, seed=None, logits_eos_inf=False,
+                 confidence_eos_eot_inf=False) -> dict:
+        cmd = [str(self.bin), "generate", "--model", str(self.model), "--json"]
+        if prompt_ids is not None:
+            cmd += ["--prompt-ids", ",".join(str(int(t)) for t in prompt_ids)]
+        if prompt is not None:
+            cmd += ["--prompt", prompt]
+        if chat:
+            cmd.append("--chat")
+        for flag, v in (("--gen-length", gen_length), ("--steps", steps),
+                        ("--block-length", block_length), ("--temperature", temperature),
+                        ("--cfg-scale", cfg_scale), ("--seed", seed)):
+            if v is not None:
+                cmd += [flag, repr(v) if isinstance(v, float) else str(v)]
+        if remasking is not None:
+            cmd += ["--remasking", remasking]
+        if logits_eos_inf:
+            cmd.append("--logits-eos-inf")
+        if confidence_eos_eot_inf:
+            cmd.append("--confidence-eos-eot-inf")
+        res = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=CLI_TIMEOUT_S)
+        assert res.returncode == 0, f"{' '.join(cmd)} failed: {res.stderr}"
+        return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="session")
+def cli(bin_path, model_dir, cache_dir) -> Cli:
+    return Cli(bin_path, model_dir, cache_dir)
+
+
+# --------------------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, address: str, log_path: Path):
+        self.proc = proc
+        self.address = address
+        self.log_path = log_path
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-8000:]
+        except OSError:
+            return ""
+
+
+def _health_status(stubs: Stubs, channel, service: str, timeout: float):
+    stub = stubs.health_grpc.HealthStub(channel)
+    return stub.Check(stubs.health_pb.HealthCheckRequest(service=service), timeout=timeout).status
+
+
+@pytest.fixture(scope="session")
+def server(bin_path, model_dir, cache_dir, stubs, tmp_path_factory):
+    import grpc
+
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log = open(log_path, "wb")
+    cmd = [str(bin_path), "serve", "--model", str(model_dir), "--listen", address]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=child_env(cache_dir))
+    srv = Server(proc, address, log_path)
+    serving = stubs.health_pb.HealthCheckResponse.SERVING
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        last = None
+        with grpc.insecure_channel(address) as ch:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"`{' '.join(cmd)}` exited with {proc.returncode} before serving:\n{srv.log()}")
+                try:
+                    last = _health_status(stubs, ch, "", timeout=1.0)
+                    if last == serving:
+                        break
+                except grpc.RpcError as e:
+                    last = e.code()
+                if time.monotonic() > deadline:
+                    pytest.fail(f"server not SERVING after {SERVER_START_TIMEOUT_S:.0f} s "
+                                f"(last health: {last}):\n{srv.log()}")
+                time.sleep(0.1)
+        yield srv
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def channel(server):
+    import grpc
+
+    ch = grpc.insecure_channel(server.address)
+    grpc.channel_ready_future(ch).result(timeout=10)
+    yield ch
+    ch.close()
+
+
+@pytest.fixture(scope="session")
+def gen_stub(stubs, channel):
+    return stubs.pb_grpc.GenerationStub(channel)
+
+
+@pytest.fixture(scope="session")
+def health_stub(stubs, channel):
+    return stubs.health_grpc.HealthStub(channel)

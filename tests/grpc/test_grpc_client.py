@@ -1,0 +1,339 @@
+"""Independent Python gRPC client test of `remask serve` (service remask.v1.Generation).
+
+It checks the server against the public proto and against the in-process CLI
+(`remask generate --json`), which shares the sampler with the server: the token
+ids must be identical. See conftest.py for how the server is started.
+
+    pip install -r tests/grpc/requirements.txt
+    pytest tests/grpc -q
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+REMASKING_NAMES = {None: None, 0: None, 1: "low_confidence", 2: "random"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_request(pb, **kw):
+    """A GenerateRequest from keyword arguments; `remasking` may be a raw int."""
+    remasking = kw.pop("remasking", None)
+    req = pb.GenerateRequest(**{k: v for k, v in kw.items() if v is not None})
+    if remasking is not None:
+        req.remasking = remasking  # open enum: an unknown raw value is kept
+    return req
+
+
+def cli_kwargs(settings: dict) -> dict:
+    out = dict(settings)
+    if "remasking" in out:
+        out["remasking"] = REMASKING_NAMES[out["remasking"]]
+    return out
+
+
+def assert_same_result(got, want: dict, what: str = ""):
+    assert list(got.token_ids) == want["token_ids"], f"{what} token_ids differ from the CLI"
+    assert list(got.generated_ids) == want["generated_ids"], f"{what} generated_ids differ from the CLI"
+    assert got.text == want["text"], f"{what} text differs from the CLI"
+    assert got.steps == want["steps"], f"{what} steps differ from the CLI"
+    assert got.prompt_length == len(want["token_ids"]) - len(want["generated_ids"])
+
+
+def assert_still_serving(stubs, gen_stub):
+    pb = stubs.pb
+    resp = gen_stub.Generate(
+        pb.GenerateRequest(prompt_ids=[1, 2, 3], gen_length=8, steps=4, block_length=8), timeout=30)
+    assert len(resp.generated_ids) == 8
+    assert list(resp.token_ids[:3]) == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- health, model info
+
+
+def test_health_serving(stubs, health_stub):
+    hp = stubs.health_pb
+    for service in ("", "remask.v1.Generation"):
+        resp = health_stub.Check(hp.HealthCheckRequest(service=service), timeout=5)
+        assert resp.status == hp.HealthCheckResponse.SERVING, f"health of {service!r}: {resp.status}"
+
+
+def test_health_unknown_service_not_found(stubs, health_stub):
+    # grpc.health.v1: a service the server does not know is NOT_FOUND
+    with pytest.raises(grpc.RpcError) as ei:
+        health_stub.Check(stubs.health_pb.HealthCheckRequest(service="no.such.Service"), timeout=5)
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_model_info(stubs, gen_stub, model_config):
+    info = gen_stub.ModelInfo(stubs.pb.ModelInfoRequest(), timeout=10)
+    for field in ("d_model", "n_layers", "n_heads", "vocab_size", "mask_token_id",
+                  "max_sequence_length", "eos_token_id"):
+        assert getattr(info, field) == model_config[field], f"ModelInfo.{field}"
+    assert info.model_type == model_config["model_type"]
+    assert info.random_weights == bool(model_config.get("remask_random_weights", False))
+    assert info.stages >= 1
+    assert info.stages_ready == info.stages
+
+
+# --------------------------------------------------------------------------- Generate vs CLI
+
+SETTINGS = {
+    "greedy_one_block": dict(gen_length=16, steps=16, block_length=16),
+    "greedy_several_blocks": dict(gen_length=32, steps=16, block_length=8),
+    "temperature_seed": dict(gen_length=32, steps=32, block_length=16, temperature=0.7, seed=42),
+    "cfg_scale": dict(gen_length=16, steps=8, block_length=8, cfg_scale=1.5),
+    "random_remasking": dict(gen_length=24, steps=12, block_length=8, remasking=2, seed=7),
+    "explicit_low_confidence": dict(gen_length=16, steps=8, block_length=8, remasking=1),
+    "all_options": dict(gen_length=32, steps=16, block_length=16, remasking=2, temperature=1.3,
+                        cfg_scale=0.5, seed=12345, logits_eos_inf=True, confidence_eos_eot_inf=True),
+    "more_steps_than_tokens": dict(gen_length=8, steps=16, block_length=8),
+}
+PROMPT_IDS = [1, 2, 3, 17, 99]
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_generate_matches_cli(name, stubs, gen_stub, cli):
+    s = SETTINGS[name]
+    resp = gen_stub.Generate(make_request(stubs.pb, prompt_ids=PROMPT_IDS, **s), timeout=60)
+    want = cli.generate(prompt_ids=PROMPT_IDS, **cli_kwargs(s))
+    assert_same_result(resp, want, name)
+    assert list(resp.token_ids[: len(PROMPT_IDS)]) == PROMPT_IDS
+    assert resp.prompt_length == len(PROMPT_IDS)
+    assert resp.steps == s["steps"]
+    assert resp.elapsed_ms >= 0 and resp.queue_ms >= 0
+
+
+def test_generate_defaults_match_cli(stubs, gen_stub, cli):
+    # every unset field takes its documented default (128 / 128 / 32, greedy, low confidence)
+    resp = gen_stub.Generate(stubs.pb.GenerateRequest(prompt_ids=[5, 6, 7]), timeout=60)
+    want = cli.generate(prompt_ids=[5, 6, 7])
+    assert_same_result(resp, want, "defaults")
+    assert len(resp.generated_ids) == 128 and resp.steps == 128
+
+
+def test_generate_chat_prompt_matches_cli(stubs, gen_stub, cli):
+    s = dict(gen_length=16, steps=8, block_length=8)
+    text = "What is a diffusion language model?"
+    resp = gen_stub.Generate(stubs.pb.GenerateRequest(prompt=text, chat=True, **s), timeout=60)
+    want = cli.generate(prompt=text, chat=True, **s)
+    assert_same_result(resp, want, "chat")
+
+
+def test_generate_plain_text_prompt_matches_cli(stubs, gen_stub, cli):
+    s = dict(gen_length=16, steps=16, block_length=8, temperature=0.9, seed=3)
+    text = "Once upon a time"
+    resp = gen_stub.Generate(stubs.pb.GenerateRequest(prompt=text, **s), timeout=60)
+    want = cli.generate(prompt=text, **s)
+    assert_same_result(resp, want, "text prompt")
+
+
+def test_generate_exactly_max_sequence_length(stubs, gen_stub, model_config):
+    # prompt + gen == max_sequence_length is allowed
+    max_len = model_config["max_sequence_length"]
+    gen = 64
+    prompt = [(7 * i) % 300 + 1 for i in range(max_len - gen)]
+    resp = gen_stub.Generate(
+        stubs.pb.GenerateRequest(prompt_ids=prompt, gen_length=gen, steps=4, block_length=gen), timeout=60)
+    assert len(resp.token_ids) == max_len
+    assert list(resp.token_ids[: len(prompt)]) == prompt
+
+
+def test_concurrent_generates_match_cli(stubs, gen_stub, cli):
+    # requests that share the running batch must not change each other's results
+    names = list(SETTINGS)
+    prompts = {n: [10 + i, 20 + i, 30 + i] for i, n in enumerate(names)}
+    wants = {n: cli.generate(prompt_ids=prompts[n], **cli_kwargs(SETTINGS[n])) for n in names}
+
+    def run(n):
+        return gen_stub.Generate(make_request(stubs.pb, prompt_ids=prompts[n], **SETTINGS[n]), timeout=60)
+
+    with ThreadPoolExecutor(max_workers=len(names)) as ex:
+        results = dict(zip(names, ex.map(run, names)))
+    for n in names:
+        assert_same_result(results[n], wants[n], f"concurrent {n}")
+
+
+# --------------------------------------------------------------------------- GenerateStream
+
+STREAM_SETTINGS = {
+    "greedy_several_blocks": dict(gen_length=32, steps=16, block_length=8),
+    "random_temperature": dict(gen_length=24, steps=24, block_length=8, remasking=2,
+                               temperature=0.8, seed=99),
+    "more_steps_than_tokens": dict(gen_length=8, steps=16, block_length=8),
+}
+
+
+@pytest.mark.parametrize("name", list(STREAM_SETTINGS))
+def test_generate_stream(name, stubs, gen_stub, cli, model_config):
+    s = STREAM_SETTINGS[name]
+    pb = stubs.pb
+    req = make_request(pb, prompt_ids=PROMPT_IDS, **s)
+    msgs = list(gen_stub.GenerateStream(req, timeout=60))
+    assert msgs, "empty stream"
+
+    kinds = [m.WhichOneof("event") for m in msgs]
+    assert kinds[-1] == "done", f"last message is {kinds[-1]!r}, not done"
+    assert kinds.count("done") == 1, "more than one done message"
+    steps = [m.step for m in msgs[:-1]]
+    assert all(k == "step" for k in kinds[:-1])
+    assert len(steps) == s["steps"], f"{len(steps)} step messages for steps={s['steps']}"
+    assert [u.step for u in steps] == list(range(s["steps"])), "step numbers not 0..N-1 in order"
+
+    p, g, b = len(PROMPT_IDS), s["gen_length"], s["block_length"]
+    steps_per_block = s["steps"] // (g // b)
+    canvas = list(PROMPT_IDS) + [model_config["mask_token_id"]] * g
+    committed = set()
+    for u in steps:
+        assert len(u.positions) == len(u.tokens) == len(u.confidences), f"step {u.step}: lengths differ"
+        block = u.step // steps_per_block
+        for pos, tok, conf in zip(u.positions, u.tokens, u.confidences):
+            assert p <= pos < p + g, f"step {u.step}: position {pos} outside the generated region"
+            assert p + block * b <= pos < p + (block + 1) * b, \
+                f"step {u.step}: position {pos} outside its block {block}"
+            assert pos not in committed, f"step {u.step}: position {pos} committed twice"
+            assert tok < model_config["vocab_size"]
+            assert not math.isnan(conf)
+            committed.add(pos)
+            canvas[pos] = tok
+    assert committed == set(range(p, p + g)), "not every generated position was committed"
+
+    done = msgs[-1].done
+    assert canvas == list(done.token_ids), "replaying the step commits does not give done.token_ids"
+    assert done.steps == s["steps"] and done.prompt_length == p
+
+    unary = gen_stub.Generate(req, timeout=60)
+    for f in ("token_ids", "generated_ids"):
+        assert list(getattr(done, f)) == list(getattr(unary, f)), f"stream done.{f} != Generate"
+    assert done.text == unary.text and done.steps == unary.steps
+    assert done.prompt_length == unary.prompt_length
+
+    want = cli.generate(prompt_ids=PROMPT_IDS, **cli_kwargs(s))
+    assert_same_result(done, want, f"stream {name}")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _error_cases(cfg):
+    vocab = cfg["vocab_size"]
+    max_len = cfg["max_sequence_length"]
+    mask = cfg["mask_token_id"]
+    base = dict(prompt_ids=[1, 2, 3], gen_length=8, steps=8, block_length=8)
+
+    def with_(**kw):
+        d = dict(base)
+        for k, v in kw.items():
+            if v is _DROP:
+                d.pop(k, None)
+            else:
+                d[k] = v
+        return d
+
+    return {
+        "gen_length_not_multiple_of_block_length": with_(gen_length=10, steps=10, block_length=4),
+        "steps_not_multiple_of_blocks": with_(gen_length=16, steps=6, block_length=4),
+        "gen_length_zero": with_(gen_length=0),
+        "steps_zero": with_(steps=0),
+        "block_length_zero": with_(block_length=0),
+        "both_prompt_and_prompt_ids": with_(prompt="hello"),
+        "neither_prompt_nor_prompt_ids": with_(prompt_ids=_DROP),
+        # on the wire prompt="" is the same as no prompt; with chat=true the request is distinct
+        "empty_prompt_text_chat": with_(prompt_ids=_DROP, prompt="", chat=True),
+        "token_id_outside_vocabulary": with_(prompt_ids=[1, vocab, 3]),
+        "token_id_u32_max": with_(prompt_ids=[1, 2**32 - 1]),
+        "mask_token_in_prompt": with_(prompt_ids=[1, mask, 3]),
+        "over_max_sequence_length": with_(gen_length=max_len, steps=8, block_length=max_len),
+        "negative_temperature": with_(temperature=-0.5),
+        "nan_temperature": with_(temperature=float("nan")),
+        "negative_cfg_scale": with_(cfg_scale=-1.0),
+        "inf_cfg_scale": with_(cfg_scale=float("inf")),
+        "unknown_remasking": with_(remasking=7),
+    }
+
+
+class _Drop:
+    pass
+
+
+_DROP = _Drop()
+
+ERROR_CASE_NAMES = [
+    "gen_length_not_multiple_of_block_length", "steps_not_multiple_of_blocks", "gen_length_zero",
+    "steps_zero", "block_length_zero", "both_prompt_and_prompt_ids", "neither_prompt_nor_prompt_ids",
+    "empty_prompt_text_chat", "token_id_outside_vocabulary", "token_id_u32_max",
+    "mask_token_in_prompt", "over_max_sequence_length", "negative_temperature", "nan_temperature",
+    "negative_cfg_scale", "inf_cfg_scale", "unknown_remasking",
+]
+
+
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
+@pytest.mark.parametrize("case", ERROR_CASE_NAMES)
+def test_invalid_argument(case, rpc, stubs, gen_stub, model_config):
+    fields = _error_cases(model_config)[case]
+    req = make_request(stubs.pb, **fields)
+    with pytest.raises(grpc.RpcError) as ei:
+        if rpc == "Generate":
+            gen_stub.Generate(req, timeout=30)
+        else:
+            list(gen_stub.GenerateStream(req, timeout=30))
+    err = ei.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{case}: got {err.code()} ({err.details()!r})"
+    assert err.details(), f"{case}: empty error message"
+    assert_still_serving(stubs, gen_stub)
+
+
+def test_stream_invalid_argument_sends_no_messages(stubs, gen_stub):
+    req = make_request(stubs.pb, prompt_ids=[1, 2, 3], gen_length=8, steps=3, block_length=4)
+    it = gen_stub.GenerateStream(req, timeout=30)
+    got = []
+    with pytest.raises(grpc.RpcError) as ei:
+        for m in it:
+            got.append(m)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert got == []
+
+
+# --------------------------------------------------------------------------- deadlines
+
+
+def _long_request(pb, cfg):
+    # the longest canvas the model allows, one step per token: a few seconds of work
+    gen = (cfg["max_sequence_length"] - 32) // 32 * 32
+    return pb.GenerateRequest(prompt_ids=[1, 2, 3], gen_length=gen, steps=gen, block_length=32)
+
+
+@pytest.mark.parametrize("timeout", [0.001, 0.2])
+def test_deadline_exceeded_unary(timeout, stubs, gen_stub, model_config):
+    with pytest.raises(grpc.RpcError) as ei:
+        gen_stub.Generate(_long_request(stubs.pb, model_config), timeout=timeout)
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_still_serving(stubs, gen_stub)
+
+
+def test_deadline_exceeded_stream(stubs, gen_stub, model_config):
+    got = []
+    with pytest.raises(grpc.RpcError) as ei:
+        for m in gen_stub.GenerateStream(_long_request(stubs.pb, model_config), timeout=0.2):
+            got.append(m)
+    assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert all(m.WhichOneof("event") == "step" for m in got)
+    assert_still_serving(stubs, gen_stub)
+
+
+def test_cancelled_stream_leaves_server_serving(stubs, gen_stub, model_config):
+    it = gen_stub.GenerateStream(_long_request(stubs.pb, model_config), timeout=60)
+    first = next(it)
+    assert first.WhichOneof("event") == "step" and first.step.step == 0
+    it.cancel()
+    assert_still_serving(stubs, gen_stub)
+
+
+def test_server_process_alive(server):
+    assert server.proc.poll() is None, f"server exited:\n{server.log()}"
