@@ -1,16 +1,30 @@
 #!/usr/bin/env bash
-# The whole test suite: Rust unit and property tests, the end-to-end CLI tests,
-# and the independent Python reference. `.ci/run` calls exactly this.
+# The whole test suite: Rust unit and property tests, the end-to-end CLI and
+# cluster tests (real processes, a real etcd), the independent Python
+# reference, and the Python gRPC client. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Python packages of the reference tests, when missing.
-if ! python3 -c "import numpy, pytest, tokenizers, jinja2" 2>/dev/null; then
-  python3 -m pip install --quiet -r tests/reference/requirements.txt
+# System packages: etcd for the cluster tests, protoc for etcd-client's build.
+missing=()
+command -v etcd >/dev/null || missing+=(etcd-server etcd-client)
+command -v protoc >/dev/null || missing+=(protobuf-compiler libprotobuf-dev)
+if ((${#missing[@]})); then
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "error: missing system packages: ${missing[*]} (install them with apt-get as root)" >&2
+    exit 2
+  fi
+fi
+
+# Python packages of the reference and gRPC client tests, when missing.
+if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grpc_health" 2>/dev/null; then
+  python3 -m pip install --quiet -r tests/reference/requirements.txt -r tests/grpc/requirements.txt
 fi
 
 # One release build serves the tests and the binary they drive.
 cargo build --release --locked -p remask-cli
 export REMASK_BIN="$PWD/target/release/remask"
 cargo test --release --locked --workspace
-python3 -m pytest -q tests/reference
+python3 -m pytest -q tests/reference tests/grpc

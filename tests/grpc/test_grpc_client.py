@@ -93,7 +93,6 @@ SETTINGS = {
     "explicit_low_confidence": dict(gen_length=16, steps=8, block_length=8, remasking=1),
     "all_options": dict(gen_length=32, steps=16, block_length=16, remasking=2, temperature=1.3,
                         cfg_scale=0.5, seed=12345, logits_eos_inf=True, confidence_eos_eot_inf=True),
-    "more_steps_than_tokens": dict(gen_length=8, steps=16, block_length=8),
 }
 PROMPT_IDS = [1, 2, 3, 17, 99]
 
@@ -166,7 +165,6 @@ STREAM_SETTINGS = {
     "greedy_several_blocks": dict(gen_length=32, steps=16, block_length=8),
     "random_temperature": dict(gen_length=24, steps=24, block_length=8, remasking=2,
                                temperature=0.8, seed=99),
-    "more_steps_than_tokens": dict(gen_length=8, steps=16, block_length=8),
 }
 
 
@@ -246,6 +244,9 @@ def _error_cases(cfg):
         "neither_prompt_nor_prompt_ids": with_(prompt_ids=_DROP),
         # on the wire prompt="" is the same as no prompt; with chat=true the request is distinct
         "empty_prompt_text_chat": with_(prompt_ids=_DROP, prompt="", chat=True),
+        "whitespace_prompt_text": with_(prompt_ids=_DROP, prompt="  \n\t "),
+        # `chat` wraps prompt text; the CLI refuses --chat with --prompt-ids
+        "chat_with_prompt_ids": with_(chat=True),
         "token_id_outside_vocabulary": with_(prompt_ids=[1, vocab, 3]),
         "token_id_u32_max": with_(prompt_ids=[1, 2**32 - 1]),
         "mask_token_in_prompt": with_(prompt_ids=[1, mask, 3]),
@@ -255,6 +256,7 @@ def _error_cases(cfg):
         "negative_cfg_scale": with_(cfg_scale=-1.0),
         "inf_cfg_scale": with_(cfg_scale=float("inf")),
         "unknown_remasking": with_(remasking=7),
+        "more_steps_than_tokens": with_(gen_length=8, steps=16, block_length=8),
     }
 
 
@@ -267,9 +269,9 @@ _DROP = _Drop()
 ERROR_CASE_NAMES = [
     "gen_length_not_multiple_of_block_length", "steps_not_multiple_of_blocks", "gen_length_zero",
     "steps_zero", "block_length_zero", "both_prompt_and_prompt_ids", "neither_prompt_nor_prompt_ids",
-    "empty_prompt_text_chat", "token_id_outside_vocabulary", "token_id_u32_max",
+    "empty_prompt_text_chat", "whitespace_prompt_text", "chat_with_prompt_ids", "token_id_outside_vocabulary", "token_id_u32_max",
     "mask_token_in_prompt", "over_max_sequence_length", "negative_temperature", "nan_temperature",
-    "negative_cfg_scale", "inf_cfg_scale", "unknown_remasking",
+    "negative_cfg_scale", "inf_cfg_scale", "unknown_remasking", "more_steps_than_tokens",
 ]
 
 
@@ -332,6 +334,19 @@ def test_cancelled_stream_leaves_server_serving(stubs, gen_stub, model_config):
     first = next(it)
     assert first.WhichOneof("event") == "step" and first.step.step == 0
     it.cancel()
+    assert_still_serving(stubs, gen_stub)
+
+
+def test_huge_steps_is_refused_and_server_survives(stubs, gen_stub, server):
+    # steps = 2^32 - 1 is "a multiple of the number of blocks" (1 block), but no server can
+    # run it: it must be refused, and must not take the server down.
+    req = stubs.pb.GenerateRequest(prompt_ids=[1, 2, 3], gen_length=8, steps=2**32 - 1, block_length=8)
+    with pytest.raises(grpc.RpcError) as ei:
+        gen_stub.Generate(req, timeout=10)
+    code = ei.value.code()
+    assert server.proc.poll() is None, f"the server died on steps=2^32-1:\n{server.log()}"
+    assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), \
+        f"steps=2^32-1: got {code} ({ei.value.details()!r})"
     assert_still_serving(stubs, gen_stub)
 
 

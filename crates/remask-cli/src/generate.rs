@@ -12,8 +12,11 @@ use std::time::Instant;
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// Checkpoint directory in the Hugging Face layout (default: the embedded default model).
-    #[arg(long, env = "REMASK_MODEL")]
+    #[arg(long, env = "REMASK_MODEL", conflicts_with = "endpoint")]
     pub model: Option<PathBuf>,
+    /// Send the request to a coordinator (host:port or URL) instead of running in process.
+    #[arg(long, env = "REMASK_ENDPOINT")]
+    pub endpoint: Option<String>,
     /// Prompt text.
     #[arg(
         long,
@@ -77,6 +80,9 @@ pub struct GenerateArgs {
 
 #[tracing::instrument(skip_all, fields(gen_length = args.gen_length, steps = args.steps))]
 pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
+    if let Some(endpoint) = &args.endpoint {
+        return crate::remote::run(endpoint, &args);
+    }
     let dir = default_model::resolve(args.model.clone(), globals)?;
     let ckpt = Checkpoint::open(&dir)?;
     let codec = TextCodec::load(&dir)?;

@@ -5,12 +5,14 @@
 //! `REMASK_<FLAG>` (for example `REMASK_MODEL`, `REMASK_GEN_LENGTH`).
 
 mod bench;
+mod cluster_cmd;
 mod default_model;
 mod display;
 mod forward;
 mod generate;
 mod model_cmd;
 mod npy;
+mod remote;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -46,6 +48,12 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write the logits of token sequences to a .npy file.
     Forward(forward::ForwardArgs),
+    /// Serve the gRPC API with an in-process worker holding the whole model.
+    Serve(cluster_cmd::ServeArgs),
+    /// Serve the gRPC API for a cluster of workers (found in etcd or listed).
+    Coordinator(cluster_cmd::CoordinatorArgs),
+    /// Hold a shard of layers for a coordinator.
+    Worker(cluster_cmd::WorkerArgs),
 }
 
 /// A failure and the exit code it maps to: 2 for anything the user can fix
@@ -104,6 +112,9 @@ fn main() -> ExitCode {
         Command::Model { command } => model_cmd::run(command),
         Command::Bench(args) => bench::run(args, &globals),
         Command::Forward(args) => forward::run(args, &globals),
+        Command::Serve(args) => cluster_cmd::serve(args, &globals),
+        Command::Coordinator(args) => cluster_cmd::coordinator(args),
+        Command::Worker(args) => cluster_cmd::worker(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

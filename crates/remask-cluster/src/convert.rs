@@ -43,7 +43,7 @@ pub fn query_to_pb(q: &Query) -> pb::HeadQuery {
 }
 
 pub fn query_from_pb(q: &pb::HeadQuery) -> Query {
-    let o = q.options.clone().unwrap_or_default();
+    let o = q.options.unwrap_or_default();
     Query {
         cond_base: q.cond_base as usize,
         uncond_base: q.uncond_base.map(|b| b as usize),
@@ -52,7 +52,11 @@ pub fn query_from_pb(q: &pb::HeadQuery) -> Query {
         options: PredictOptions {
             temperature: o.temperature,
             cfg_scale: o.cfg_scale,
-            remasking: if o.random_remasking { Remasking::Random } else { Remasking::LowConfidence },
+            remasking: if o.random_remasking {
+                Remasking::Random
+            } else {
+                Remasking::LowConfidence
+            },
             seed: o.seed,
             logits_eos_inf: o.logits_eos_inf,
             confidence_eos_eot_inf: o.confidence_eos_eot_inf,
@@ -88,7 +92,7 @@ pub fn f32_to_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 pub fn bytes_to_f32(b: &[u8]) -> Option<Vec<f32>> {
-    (b.len() % 4 == 0).then(|| {
+    b.len().is_multiple_of(4).then(|| {
         b.chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()

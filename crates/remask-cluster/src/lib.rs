@@ -1,1 +1,26 @@
+//! The remask cluster.
+//!
+//! - `coordinator`: the public gRPC API; owns every request's canvas.
+//! - `scheduler`: step-level continuous batching over the current pipeline.
+//! - `pipeline`: one forward pass through the stages; the layer plan.
+//! - `manager`: live workers to an assigned, loaded pipeline.
+//! - `membership`: workers register in etcd with a lease; the coordinator watches.
+//! - `worker`, `shard`: the worker process and what a stage computes.
+//! - `server`: serving either role with gRPC health and reflection.
 
+pub mod convert;
+pub mod coordinator;
+pub mod manager;
+pub mod membership;
+pub mod pipeline;
+pub mod scheduler;
+pub mod server;
+pub mod shard;
+pub mod worker;
+
+pub use coordinator::{Coordinator, ModelMeta};
+pub use manager::{Manager, static_members};
+pub use pipeline::{Pipeline, StageClient, plan_shards};
+pub use scheduler::{Scheduler, SchedulerConfig};
+pub use shard::ShardRunner;
+pub use worker::WorkerService;

@@ -3,7 +3,9 @@
 //! on the last stage, in (token, confidence) for the queried positions only.
 //! Shared by the worker process and the in-process stage of `remask serve`.
 
-use remask_engine::{Backend, CpuBackend, Llada, Packing, Query, Shard, predict_queries, query_rows};
+use remask_engine::{
+    Backend, CpuBackend, Llada, Packing, Query, Shard, predict_queries, query_rows,
+};
 use remask_model::{Checkpoint, Result};
 use remask_sampler::Prediction;
 
@@ -30,7 +32,11 @@ pub enum ShardError {
     #[error("the first stage needs token ids, not hidden states")]
     NeedsIds,
     #[error("hidden states of {got} values do not match {tokens} tokens x d_model {d_model}")]
-    HiddenSize { got: usize, tokens: usize, d_model: usize },
+    HiddenSize {
+        got: usize,
+        tokens: usize,
+        d_model: usize,
+    },
     #[error("token ids ({ids}) do not match the sequence lengths ({tokens} tokens)")]
     IdsSize { ids: usize, tokens: usize },
     #[error("token id {0} is outside the embedding")]
@@ -62,12 +68,19 @@ impl ShardRunner {
         let packing = Packing::new(lengths.iter().copied());
         let tokens = packing.tokens();
         if lengths.iter().any(|&l| l > c.max_sequence_length) {
-            return Err(ShardError::HiddenSize { got: 0, tokens, d_model: c.d_model });
+            return Err(ShardError::HiddenSize {
+                got: 0,
+                tokens,
+                d_model: c.d_model,
+            });
         }
         let x = match (input, self.model.shard.embedding) {
             (StageInput::Ids(ids), true) => {
                 if ids.len() != tokens {
-                    return Err(ShardError::IdsSize { ids: ids.len(), tokens });
+                    return Err(ShardError::IdsSize {
+                        ids: ids.len(),
+                        tokens,
+                    });
                 }
                 if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.embedding_size()) {
                     return Err(ShardError::TokenOutOfRange(bad));
@@ -76,7 +89,11 @@ impl ShardRunner {
             }
             (StageInput::Hidden(h), false) => {
                 if h.len() != tokens * c.d_model {
-                    return Err(ShardError::HiddenSize { got: h.len(), tokens, d_model: c.d_model });
+                    return Err(ShardError::HiddenSize {
+                        got: h.len(),
+                        tokens,
+                        d_model: c.d_model,
+                    });
                 }
                 self.backend.load_hidden(&h, tokens, c.d_model)
             }
@@ -92,6 +109,10 @@ impl ShardRunner {
             return Err(ShardError::QueryOutOfRange { rows: tokens });
         }
         let logits = self.model.head(&self.backend, &x, Some(&rows));
-        Ok(StageOutput::Predictions(predict_queries(&logits, c.embedding_size(), queries)))
+        Ok(StageOutput::Predictions(predict_queries(
+            &logits,
+            c.embedding_size(),
+            queries,
+        )))
     }
 }

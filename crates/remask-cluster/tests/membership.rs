@@ -28,8 +28,11 @@ async fn wait_for(
     within: Duration,
     pred: impl Fn(&Members) -> bool,
 ) -> Members {
-    match tokio::time::timeout(within, rx.wait_for(|m| pred(m))).await {
-        Ok(Ok(m)) => m.clone(),
+    let res = tokio::time::timeout(within, rx.wait_for(|m| pred(m)))
+        .await
+        .map(|r| r.map(|m| m.clone()));
+    match res {
+        Ok(Ok(m)) => m,
         Ok(Err(_)) => panic!("watcher task ended"),
         Err(_) => panic!("timed out after {within:?}; members: {:?}", *rx.borrow()),
     }

@@ -68,6 +68,10 @@ pub enum InvalidRequest {
         block_length: usize,
     },
     #[error(
+        "steps {steps} is more than gen_length {gen_length}: every step must be able to commit a token"
+    )]
+    TooManySteps { steps: usize, gen_length: usize },
+    #[error(
         "steps {steps} is not a multiple of the number of blocks {blocks} (gen_length / block_length)"
     )]
     StepsNotMultipleOfBlocks { steps: usize, blocks: usize },
@@ -303,6 +307,14 @@ fn validate(prompt: &[u32], c: &SamplerConfig, space: &TokenSpace) -> Result<(),
         return Err(GenNotMultipleOfBlock {
             gen_length: c.gen_length,
             block_length: c.block_length,
+        });
+    }
+    // Also bounds the work of one request: a step that cannot commit is a
+    // forward pass (or a stream message) for nothing.
+    if c.steps > c.gen_length {
+        return Err(TooManySteps {
+            steps: c.steps,
+            gen_length: c.gen_length,
         });
     }
     let blocks = c.gen_length / c.block_length;

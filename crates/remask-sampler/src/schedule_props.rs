@@ -46,6 +46,7 @@ proptest! {
         steps_per_block in 1usize..16,
         seed in any::<u64>(),
     ) {
+        let steps_per_block = steps_per_block.min(block_length);
         let config = SamplerConfig {
             gen_length: block_length * blocks,
             steps: steps_per_block * blocks,
@@ -127,6 +128,11 @@ fn bad_requests_are_refused_with_their_reason() {
             vec![1],
             SamplerConfig { steps: 3, ..ok },
             "not a multiple of the number of blocks",
+        ),
+        (
+            vec![1],
+            SamplerConfig { steps: 16, ..ok },
+            "more than gen_length",
         ),
         (
             vec![1],

@@ -1,0 +1,292 @@
+//! `remask serve`, `remask coordinator`, `remask worker`: the server roles.
+
+use crate::{CliError, CliResult, Globals, default_model};
+use remask_cluster::membership::{Registration, WorkerInfo, watch_members};
+use remask_cluster::{
+    Coordinator, Manager, ModelMeta, Pipeline, Scheduler, SchedulerConfig, ShardRunner,
+    StageClient, WorkerService, plan_shards, server, static_members,
+};
+use remask_engine::Shard;
+use remask_model::{Checkpoint, LladaConfig, TextCodec};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+#[derive(clap::Args)]
+pub struct BatchArgs {
+    /// Requests sharing one forward pass at most.
+    #[arg(long, env = "REMASK_MAX_BATCH", default_value_t = 16)]
+    pub max_batch: usize,
+    /// Requests waiting for a place at most; beyond, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "REMASK_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Checkpoint directory (default: the embedded default model).
+    #[arg(long, env = "REMASK_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Address of the gRPC API.
+    #[arg(long, env = "REMASK_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("discovery").required(true).args(["etcd", "workers"])))]
+pub struct CoordinatorArgs {
+    /// Checkpoint directory; the coordinator reads its config and tokenizer,
+    /// and workers load their shards from the same path unless they have their own --model.
+    #[arg(long, env = "REMASK_MODEL")]
+    pub model: PathBuf,
+    /// Address of the gRPC API.
+    #[arg(long, env = "REMASK_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// etcd endpoints, comma-separated: workers are discovered there.
+    #[arg(long, env = "REMASK_ETCD", value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
+    /// Static worker addresses (host:port), comma-separated, in stage order.
+    #[arg(long, env = "REMASK_WORKERS", value_delimiter = ',')]
+    pub workers: Option<Vec<String>>,
+    /// Pipeline stages: the layers are split into this many contiguous ranges.
+    #[arg(long, env = "REMASK_STAGES", default_value_t = 1)]
+    pub stages: usize,
+    /// Key prefix of this cluster in etcd.
+    #[arg(long, env = "REMASK_CLUSTER_PREFIX", default_value = "/remask")]
+    pub cluster_prefix: String,
+    /// Seconds a worker may take to load its shard.
+    #[arg(long, env = "REMASK_LOAD_TIMEOUT", default_value_t = 600)]
+    pub load_timeout: u64,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+}
+
+#[derive(clap::Args)]
+pub struct WorkerArgs {
+    /// Address of the worker's gRPC API.
+    #[arg(long, env = "REMASK_LISTEN", default_value = "127.0.0.1:50061")]
+    pub listen: SocketAddr,
+    /// etcd endpoints, comma-separated, to register in (omit for static clusters).
+    #[arg(long, env = "REMASK_ETCD", value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
+    /// host:port the coordinator dials (default: the listen address).
+    #[arg(long, env = "REMASK_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Unique, stable id in the cluster (default: the advertised address).
+    #[arg(long, env = "REMASK_WORKER_ID")]
+    pub id: Option<String>,
+    /// Compute backend: cpu.
+    #[arg(long, env = "REMASK_BACKEND", default_value = "cpu")]
+    pub backend: String,
+    /// Checkpoint directory on this machine (default: the coordinator's path).
+    #[arg(long, env = "REMASK_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Key prefix of this cluster in etcd.
+    #[arg(long, env = "REMASK_CLUSTER_PREFIX", default_value = "/remask")]
+    pub cluster_prefix: String,
+    /// Lease time to live in seconds: how fast the cluster notices a dead worker.
+    #[arg(long, env = "REMASK_LEASE_TTL", default_value_t = 3)]
+    pub lease_ttl: i64,
+}
+
+fn runtime() -> CliResult<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Internal(e.into()))
+}
+
+/// Ctrl-C or SIGTERM (what Kubernetes sends): stop accepting, finish, and
+/// let a worker revoke its etcd lease so it leaves the cluster at once.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("remask: shutting down");
+}
+
+fn model_meta(dir: &Path) -> CliResult<ModelMeta> {
+    if !dir.join("config.json").is_file() {
+        return Err(remask_model::ModelError::NotADirectory(dir.to_path_buf()).into());
+    }
+    let config = LladaConfig::from_file(&dir.join("config.json"))?;
+    let codec = TextCodec::load(dir)?;
+    let special = codec.special_tokens(&config)?;
+    Ok(ModelMeta {
+        dir: dir.display().to_string(),
+        random_weights: default_model::is_random(&config),
+        config,
+        codec: Arc::new(codec),
+        special,
+    })
+}
+
+fn check_batch(b: &BatchArgs) -> CliResult {
+    if b.max_batch == 0 || b.max_queue == 0 {
+        return Err(CliError::Usage(
+            "--max-batch and --max-queue must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Coordinator and an in-process worker holding the whole model.
+pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
+    check_batch(&args.batch)?;
+    let dir = default_model::resolve(args.model, globals)?;
+    let meta = model_meta(&dir)?;
+    let ckpt = Checkpoint::open(&dir)?;
+    let shard = Shard::full(&ckpt.config);
+    let runner = ShardRunner::load(&ckpt, shard.clone())?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let pipeline = Pipeline {
+            stages: vec![StageClient::Local(Arc::new(runner))],
+            shards: vec![shard],
+        };
+        let (_pipeline_tx, pipeline_rx) = watch::channel(Some(Arc::new(pipeline)));
+        let (failures_tx, _failures_rx) = mpsc::unbounded_channel();
+        let listener = server::bind(args.listen).await?;
+        let coordinator = start_coordinator(meta, &args.batch, pipeline_rx, failures_tx, 1);
+        eprintln!(
+            "remask serve: {} on {} (in-process worker)",
+            dir.display(),
+            listener.local_addr().map_err(anyhow::Error::from)?
+        );
+        server::serve_coordinator(listener, coordinator, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+fn start_coordinator(
+    meta: ModelMeta,
+    batch: &BatchArgs,
+    pipeline: watch::Receiver<Option<Arc<Pipeline>>>,
+    failures: mpsc::UnboundedSender<remask_cluster::pipeline::StageFailure>,
+    stages: usize,
+) -> Arc<Coordinator> {
+    let scheduler = Scheduler::start(
+        SchedulerConfig {
+            max_batch: batch.max_batch,
+            max_queue: batch.max_queue,
+        },
+        pipeline.clone(),
+        failures,
+        meta.codec.clone(),
+    );
+    Arc::new(Coordinator {
+        meta,
+        scheduler,
+        pipeline,
+        stages,
+    })
+}
+
+/// The coordinator of a cluster of workers.
+pub fn coordinator(args: CoordinatorArgs) -> CliResult {
+    check_batch(&args.batch)?;
+    let meta = model_meta(&args.model)?;
+    let n_layers = meta.config.n_layers;
+    if args.stages == 0 || args.stages > n_layers {
+        return Err(CliError::Usage(format!(
+            "--stages must be between 1 and the model's {n_layers} layers, got {}",
+            args.stages
+        )));
+    }
+    if let Some(w) = &args.workers
+        && w.len() < args.stages
+    {
+        return Err(CliError::Usage(format!(
+            "--workers lists {} addresses for {} stages",
+            w.len(),
+            args.stages
+        )));
+    }
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let members = match (&args.etcd, &args.workers) {
+            (Some(etcd), _) => watch_members(etcd.clone(), args.cluster_prefix.clone()),
+            (None, Some(workers)) => static_members(workers),
+            (None, None) => unreachable!("clap requires one"),
+        };
+        let (pipeline_tx, pipeline_rx) = watch::channel(None);
+        let (failures_tx, failures_rx) = mpsc::unbounded_channel();
+        let model = args.model.display().to_string();
+        let manager = Manager::new(
+            model,
+            plan_shards(n_layers, args.stages),
+            members,
+            failures_rx,
+            pipeline_tx,
+            Duration::from_secs(args.load_timeout),
+        );
+        tokio::spawn(manager.run());
+        let listener = server::bind(args.listen).await?;
+        let coordinator =
+            start_coordinator(meta, &args.batch, pipeline_rx, failures_tx, args.stages);
+        eprintln!(
+            "remask coordinator: {} stages on {}",
+            args.stages,
+            listener.local_addr().map_err(anyhow::Error::from)?
+        );
+        server::serve_coordinator(listener, coordinator, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// A worker: serves the Worker API and, with --etcd, registers itself.
+pub fn worker(args: WorkerArgs) -> CliResult {
+    if args.backend != "cpu" {
+        return Err(CliError::Usage(format!(
+            "backend '{}' is not available in this build: use --backend cpu",
+            args.backend
+        )));
+    }
+    if args.lease_ttl < 1 {
+        return Err(CliError::Usage(
+            "--lease-ttl must be at least 1 second".into(),
+        ));
+    }
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let listener = server::bind(args.listen).await?;
+        let bound = listener.local_addr().map_err(anyhow::Error::from)?;
+        let advertise = args.advertise.clone().unwrap_or_else(|| bound.to_string());
+        let id = args.id.clone().unwrap_or_else(|| advertise.clone());
+        let info = WorkerInfo {
+            id: id.clone(),
+            addr: format!("http://{advertise}"),
+            backend: args.backend.clone(),
+            devices: Vec::new(),
+        };
+        let registration = match &args.etcd {
+            Some(etcd) => Some(
+                Registration::register(etcd, &args.cluster_prefix, info, args.lease_ttl)
+                    .await
+                    .map_err(|e| CliError::Usage(e.to_string()))?,
+            ),
+            None => None,
+        };
+        eprintln!("remask worker {id}: listening on {bound}");
+        let service = WorkerService::new(id, args.model.clone());
+        let result = server::serve_worker(listener, service, shutdown_signal()).await;
+        if let Some(r) = registration {
+            r.deregister().await;
+        }
+        result?;
+        Ok(())
+    })
+}

@@ -1,0 +1,105 @@
+//! `remask generate --endpoint URL`: the same request through a coordinator's
+//! gRPC API, printing the same JSON as the in-process path.
+
+use crate::generate::GenerateArgs;
+use crate::{CliError, CliResult};
+use remask_proto::v1 as pb;
+use remask_proto::v1::generation_client::GenerationClient;
+use remask_sampler::Remasking;
+use std::time::Instant;
+use tonic::Code;
+
+fn status_error(s: tonic::Status) -> CliError {
+    match s.code() {
+        Code::InvalidArgument | Code::ResourceExhausted => {
+            CliError::Usage(format!("invalid request: {}", s.message()))
+        }
+        _ => CliError::Internal(anyhow::anyhow!("{}: {}", s.code(), s.message())),
+    }
+}
+
+pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
+    let request = pb::GenerateRequest {
+        prompt: args.prompt.clone().unwrap_or_default(),
+        chat: args.chat,
+        prompt_ids: args.prompt_ids.clone().unwrap_or_default(),
+        gen_length: Some(
+            u32::try_from(args.gen_length)
+                .map_err(|_| CliError::Usage("--gen-length is too large".into()))?,
+        ),
+        steps: Some(
+            u32::try_from(args.steps)
+                .map_err(|_| CliError::Usage("--steps is too large".into()))?,
+        ),
+        block_length: Some(
+            u32::try_from(args.block_length)
+                .map_err(|_| CliError::Usage("--block-length is too large".into()))?,
+        ),
+        remasking: match args.remasking {
+            Remasking::LowConfidence => pb::Remasking::LowConfidence,
+            Remasking::Random => pb::Remasking::Random,
+        } as i32,
+        temperature: args.temperature,
+        cfg_scale: args.cfg_scale,
+        seed: args.seed,
+        logits_eos_inf: args.logits_eos_inf,
+        confidence_eos_eot_inf: args.confidence_eos_eot_inf,
+    };
+    let url = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Internal(e.into()))?;
+    rt.block_on(async {
+        let mut client = GenerationClient::connect(url.clone())
+            .await
+            .map_err(|e| CliError::Usage(format!("cannot connect to {url}: {e}")))?
+            .max_decoding_message_size(64 << 20);
+        let info = client
+            .model_info(pb::ModelInfoRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let start = Instant::now();
+        let done = client
+            .generate(request)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let wall_ms = start.elapsed().as_secs_f64() * 1e3;
+        let prompt_ids = &done.token_ids[..done.prompt_length as usize];
+        if args.json {
+            let out = serde_json::json!({
+                "token_ids": done.token_ids,
+                "prompt_ids": prompt_ids,
+                "generated_ids": done.generated_ids,
+                "text": done.text,
+                "steps": done.steps,
+                "gen_length": args.gen_length,
+                "block_length": args.block_length,
+                "elapsed_ms": done.elapsed_ms,
+                "queue_ms": done.queue_ms,
+                "forward_ms": done.forward_ms,
+                "compute_ms": done.compute_ms,
+                "wall_ms": wall_ms,
+                "model": info.model,
+                "endpoint": url,
+                "random_weights": info.random_weights,
+            });
+            println!("{out}");
+        } else {
+            if info.random_weights {
+                eprintln!(
+                    "remask: note: {} has random weights: the text is noise",
+                    info.model
+                );
+            }
+            println!("{}", done.text);
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,117 @@
+//! Serving a coordinator or a worker: the service itself plus gRPC health and
+//! server reflection (v1 and v1alpha, so both grpcurl and buf can list it).
+
+use crate::coordinator::Coordinator;
+use crate::pipeline::{MAX_MESSAGE_BYTES, Pipeline};
+use crate::worker::WorkerService;
+use remask_proto::v1::generation_server::GenerationServer;
+use remask_proto::worker::worker_server::WorkerServer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+const GENERATION_SERVICE: &str = "remask.v1.Generation";
+const WORKER_SERVICE: &str = "remask.worker.v1.Worker";
+
+fn reflection_v1() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(remask_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+fn reflection_v1alpha() -> anyhow::Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(remask_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?)
+}
+
+/// Serves the Generation API until `shutdown` resolves. Health follows the
+/// pipeline: SERVING while every stage has a worker, NOT_SERVING otherwise.
+pub async fn serve_coordinator(
+    listener: tokio::net::TcpListener,
+    coordinator: Arc<Coordinator>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let mut pipeline: watch::Receiver<Option<Arc<Pipeline>>> = coordinator.pipeline.clone();
+    tokio::spawn(async move {
+        loop {
+            let status = if pipeline.borrow_and_update().is_some() {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            reporter
+                .set_service_status(GENERATION_SERVICE, status)
+                .await;
+            if pipeline.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let incoming = incoming(listener);
+    Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection_v1()?)
+        .add_service(reflection_v1alpha()?)
+        .add_service(GenerationServer::from_arc(coordinator))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Serves the Worker API until `shutdown` resolves.
+pub async fn serve_worker(
+    listener: tokio::net::TcpListener,
+    worker: WorkerService,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    reporter
+        .set_service_status(WORKER_SERVICE, ServingStatus::Serving)
+        .await;
+    let incoming = incoming(listener);
+    Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health)
+        .add_service(reflection_v1()?)
+        .add_service(reflection_v1alpha()?)
+        .add_service(
+            WorkerServer::new(worker)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Accepted connections with Nagle's algorithm off: a step is a chain of
+/// small request/response exchanges, and delayed ACKs would add ~40 ms to each.
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Binds `addr`, with a message that says what to do when it is taken.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e} (is another process using it?)"))
+}

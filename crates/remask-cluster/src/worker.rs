@@ -1,0 +1,146 @@
+//! The worker process: holds one shard and runs forward passes for the
+//! coordinator. It loads whatever shard it is told to (`LoadShard`), so a
+//! worker can be re-assigned to another stage without a restart.
+
+use crate::convert::{
+    bytes_to_f32, f32_to_bytes, predictions_to_pb, query_from_pb, shard_from_pb, shard_to_pb,
+};
+use crate::shard::{ShardRunner, StageInput, StageOutput};
+use remask_model::Checkpoint;
+use remask_proto::worker as pb;
+use remask_proto::worker::worker_server::Worker;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::RwLock;
+use tonic::{Request, Response, Status};
+
+struct Loaded {
+    runner: Arc<ShardRunner>,
+    generation: u64,
+    model: String,
+}
+
+pub struct WorkerService {
+    id: String,
+    /// `--model` of the worker, which wins over the coordinator's path.
+    model_override: Option<PathBuf>,
+    loaded: RwLock<Option<Loaded>>,
+}
+
+impl WorkerService {
+    pub fn new(id: String, model_override: Option<PathBuf>) -> Self {
+        WorkerService {
+            id,
+            model_override,
+            loaded: RwLock::new(None),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    #[tracing::instrument(skip_all, fields(worker = %self.id))]
+    async fn load_shard(
+        &self,
+        request: Request<pb::LoadShardRequest>,
+    ) -> Result<Response<pb::LoadShardResponse>, Status> {
+        let req = request.into_inner();
+        let spec = req
+            .shard
+            .ok_or_else(|| Status::invalid_argument("LoadShard needs a shard"))?;
+        let shard = shard_from_pb(&spec);
+        let dir = self
+            .model_override
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&req.model));
+        let start = Instant::now();
+        // Drop the old shard first: two copies of a large stage may not fit.
+        *self.loaded.write().await = None;
+        let dir2 = dir.clone();
+        let runner = tokio::task::spawn_blocking(move || {
+            let ckpt = Checkpoint::open(&dir2)?;
+            if shard.layers.end > ckpt.config.n_layers || shard.layers.start > shard.layers.end {
+                return Err(remask_model::ModelError::InvalidConfig(format!(
+                    "shard layers {:?} do not fit a model of {} layers",
+                    shard.layers, ckpt.config.n_layers
+                )));
+            }
+            ShardRunner::load(&ckpt, shard)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("load task failed: {e}")))?
+        .map_err(|e| Status::failed_precondition(format!("cannot load {}: {e}", dir.display())))?;
+        let load_ms = start.elapsed().as_secs_f64() * 1e3;
+        tracing::info!(generation = req.generation, layers = ?runner.shard().layers, load_ms, "shard loaded");
+        *self.loaded.write().await = Some(Loaded {
+            runner: Arc::new(runner),
+            generation: req.generation,
+            model: dir.display().to_string(),
+        });
+        Ok(Response::new(pb::LoadShardResponse { load_ms }))
+    }
+
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        let req = request.into_inner();
+        let runner = {
+            let loaded = self.loaded.read().await;
+            let loaded = loaded
+                .as_ref()
+                .ok_or_else(|| Status::failed_precondition("no shard is loaded"))?;
+            if loaded.generation != req.generation {
+                return Err(Status::failed_precondition(format!(
+                    "assignment {} is loaded, not {}",
+                    loaded.generation, req.generation
+                )));
+            }
+            loaded.runner.clone()
+        };
+        let input = if runner.shard().embedding {
+            StageInput::Ids(req.token_ids)
+        } else {
+            StageInput::Hidden(
+                bytes_to_f32(&req.hidden)
+                    .ok_or_else(|| Status::invalid_argument("hidden states are not f32"))?,
+            )
+        };
+        let lengths: Vec<usize> = req.lengths.iter().map(|&l| l as usize).collect();
+        let queries: Vec<_> = req.queries.iter().map(query_from_pb).collect();
+        let start = Instant::now();
+        let output = tokio::task::spawn_blocking(move || runner.run(&lengths, input, &queries))
+            .await
+            .map_err(|e| Status::internal(format!("compute task failed: {e}")))?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let compute_ms = start.elapsed().as_secs_f64() * 1e3;
+        let response = match output {
+            StageOutput::Hidden(h) => pb::ForwardResponse {
+                hidden: f32_to_bytes(&h),
+                predictions: Vec::new(),
+                compute_ms,
+            },
+            StageOutput::Predictions(p) => pb::ForwardResponse {
+                hidden: Vec::new(),
+                predictions: p.iter().map(|p| predictions_to_pb(p)).collect(),
+                compute_ms,
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let loaded = self.loaded.read().await;
+        Ok(Response::new(pb::StatusResponse {
+            id: self.id.clone(),
+            backend: "cpu".into(),
+            shard: loaded.as_ref().map(|l| shard_to_pb(l.runner.shard())),
+            generation: loaded.as_ref().map_or(0, |l| l.generation),
+            model: loaded.as_ref().map(|l| l.model.clone()).unwrap_or_default(),
+        }))
+    }
+}
