@@ -272,19 +272,41 @@ pub fn worker(args: WorkerArgs) -> CliResult {
             backend: args.backend.clone(),
             devices: Vec::new(),
         };
-        let registration = match &args.etcd {
-            Some(etcd) => Some(
-                Registration::register(etcd, &args.cluster_prefix, info, args.lease_ttl)
-                    .await
-                    .map_err(|e| CliError::Usage(e.to_string()))?,
-            ),
-            None => None,
-        };
+        // Register in the background, retrying while etcd is not reachable
+        // yet (in Kubernetes, workers may start before etcd does).
+        let registration = args.etcd.clone().map(|etcd| {
+            let prefix = args.cluster_prefix.clone();
+            let ttl = args.lease_ttl;
+            tokio::spawn(async move {
+                let mut backoff = Duration::from_millis(200);
+                loop {
+                    match Registration::register(&etcd, &prefix, info.clone(), ttl).await {
+                        Ok(r) => {
+                            tracing::info!(key = r.key(), "registered in etcd");
+                            return r;
+                        }
+                        Err(e) => {
+                            eprintln!(
+                                "remask worker: cannot register yet: {e}; retrying in {backoff:?}"
+                            );
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            })
+        });
         eprintln!("remask worker {id}: listening on {bound}");
         let service = WorkerService::new(id, args.model.clone());
         let result = server::serve_worker(listener, service, shutdown_signal()).await;
-        if let Some(r) = registration {
-            r.deregister().await;
+        if let Some(task) = registration {
+            if task.is_finished() {
+                if let Ok(r) = task.await {
+                    r.deregister().await;
+                }
+            } else {
+                task.abort();
+            }
         }
         result?;
         Ok(())

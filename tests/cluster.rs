@@ -1,0 +1,1055 @@
+//! End-to-end cluster tests: real `remask worker`, `remask coordinator` and
+//! `remask serve` processes on loopback (with a real etcd where the cluster
+//! discovers its workers), driven by `remask generate --endpoint`.
+//!
+//! The contract checked here: a request through any cluster gives exactly the
+//! ids of the in-process `remask generate --model` with the same settings
+//! (also when requests share forward passes); a worker that dies fails the
+//! requests in flight with UNAVAILABLE at once and the cluster serves again as
+//! soon as a worker can take its stage; a cluster missing a stage answers
+//! UNAVAILABLE at once instead of hanging.
+//!
+//! The binary is `$REMASK_BIN`, or `target/<profile>/remask` next to this test
+//! executable (build it first: `cargo build --release -p remask-cli`). etcd is
+//! `$ETCD_BIN`, `etcd` on PATH, or /usr/bin/etcd.
+//!
+//! Every child process lives in a guard that kills it on Drop, so a failing
+//! test leaves nothing running. Servers listen on `127.0.0.1:0` (a free port
+//! chosen by the kernel, so parallel tests never race for a port) and the test
+//! reads the bound address from the line each role prints on stderr.
+
+#[path = "support/etcd.rs"]
+mod etcd;
+
+use etcd::Etcd;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// A `generate` that does not finish within this fails its test instead of hanging the run.
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a server may take to print its listening line.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a fresh cluster may take to serve its first request.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// A request to a cluster missing a stage must fail within this.
+const FAIL_FAST: Duration = Duration::from_secs(3);
+/// Lease TTL of the workers whose death the tests wait for (seconds).
+const LEASE_TTL: &str = "2";
+/// The readiness probe: a tiny request that every preset accepts.
+const PROBE: &str = "--prompt-ids 1,2,3 --gen-length 4 --steps 4 --block-length 4";
+
+// ---------------------------------------------------------------------------
+// Harness: the binary, scratch dirs, checkpoints
+// ---------------------------------------------------------------------------
+
+/// The `remask` binary under test.
+fn bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("REMASK_BIN") {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "REMASK_BIN={} is not a file",
+                path.display()
+            );
+            return path;
+        }
+        // This test executable is target/<profile>/deps/cluster-<hash>.
+        let exe = std::env::current_exe().expect("the test executable's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test executable lives in target/<profile>/deps/");
+        let path = profile_dir.join(format!("remask{}", std::env::consts::EXE_SUFFIX));
+        assert!(
+            path.is_file(),
+            "{} does not exist: run `cargo build --release -p remask-cli` first \
+             (`cargo build -p remask-cli` for a debug test run), or set REMASK_BIN",
+            path.display()
+        );
+        path
+    })
+}
+
+/// A directory for the whole test process: the shared checkpoints, a scratch
+/// cache and the servers' logs. Never deleted (statics are not dropped).
+fn process_dir() -> &'static Path {
+    static DIR: OnceLock<TempDir> = OnceLock::new();
+    DIR.get_or_init(|| TempDir::with_prefix("remask-cluster-tests-").expect("a temp dir"))
+        .path()
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+/// `remask ARGS` with every inherited `REMASK_*` variable removed (the CLI
+/// reads them as flag defaults), a scratch `REMASK_CACHE_DIR`, no colours.
+fn command(args: &[String]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).stdin(Stdio::null());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("REMASK_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("REMASK_CACHE_DIR", process_dir().join("cache"))
+        .env("NO_COLOR", "1");
+    cmd
+}
+
+/// An argument list: the words of `words` (split on whitespace), then `rest`
+/// verbatim (paths, values with spaces).
+fn argv(words: &str, rest: &[&str]) -> Vec<String> {
+    words
+        .split_whitespace()
+        .chain(rest.iter().copied())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A checkpoint of `preset` (f32), made once per test binary and shared read-only.
+fn checkpoint(preset: &'static str) -> &'static Path {
+    static MODELS: OnceLock<std::sync::Mutex<BTreeMap<&'static str, &'static Path>>> =
+        OnceLock::new();
+    let models = MODELS.get_or_init(Default::default);
+    let mut models = models.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(dir) = models.get(preset) {
+        return dir;
+    }
+    let dir: &'static Path = Box::leak(process_dir().join(preset).into_boxed_path());
+    let out = Pending::spawn(&argv(
+        &format!("model init --preset {preset} --dtype f32 --out"),
+        &[path_str(dir)],
+    ))
+    .wait();
+    assert!(
+        out.status.success(),
+        "model init failed\n{}",
+        describe(&out)
+    );
+    models.insert(preset, dir);
+    dir
+}
+
+/// The `tiny` preset: 2 layers.
+fn tiny() -> &'static Path {
+    checkpoint("tiny")
+}
+
+/// The `small` preset: 4 layers, enough for 3 stages.
+fn small() -> &'static Path {
+    checkpoint("small")
+}
+
+// ---------------------------------------------------------------------------
+// Harness: short-lived children (generate)
+// ---------------------------------------------------------------------------
+
+/// A running `remask` whose stdout and stderr are collected; killed on Drop.
+struct Pending {
+    args: String,
+    child: Child,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+    done: bool,
+}
+
+impl Pending {
+    fn spawn(args: &[String]) -> Pending {
+        let mut child = command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin().display()));
+        fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+            thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = pipe.read_to_end(&mut buf);
+                buf
+            })
+        }
+        let stdout = drain(child.stdout.take().expect("piped stdout"));
+        let stderr = drain(child.stderr.take().expect("piped stderr"));
+        Pending {
+            args: args.join(" "),
+            child,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            done: false,
+        }
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The output once the child exits, or None if it is still running after `limit`.
+    fn wait_timeout(&mut self, limit: Duration) -> Option<Output> {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for remask") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        self.done = true;
+        Some(Output {
+            status,
+            stdout: self
+                .stdout
+                .take()
+                .map(|h| h.join().unwrap_or_default())
+                .unwrap_or_default(),
+            stderr: self
+                .stderr
+                .take()
+                .map(|h| h.join().unwrap_or_default())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// The output; panics if the child runs past [`TIMEOUT`].
+    fn wait(mut self) -> Output {
+        match self.wait_timeout(TIMEOUT) {
+            Some(out) => out,
+            None => panic!("`remask {}` did not finish within {TIMEOUT:?}", self.args),
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    )
+}
+
+/// Parses a successful `--json` output.
+fn parse_json(out: &Output) -> Result<Value, String> {
+    if !out.status.success() {
+        return Err(format!("remask failed\n{}", describe(out)));
+    }
+    let text = stdout(out);
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() != 1 {
+        return Err(format!("expected one line of JSON\n{}", describe(out)));
+    }
+    serde_json::from_str(lines[0])
+        .map_err(|e| format!("stdout is not JSON: {e}\n{}", describe(out)))
+}
+
+// ---------------------------------------------------------------------------
+// Harness: servers (worker, coordinator, serve)
+// ---------------------------------------------------------------------------
+
+/// Where one test's servers write their stderr; dumped into failure messages.
+struct Logs {
+    dir: PathBuf,
+}
+
+impl Logs {
+    fn new(test: &str) -> Logs {
+        let dir = process_dir().join("logs").join(test);
+        std::fs::create_dir_all(&dir).expect("a log dir");
+        Logs { dir }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        self.dir.join(format!(
+            "{:02}-{name}.log",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    /// The tail of every server log of the test.
+    fn dump(&self) -> String {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort();
+        let mut out = String::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            let tail: String = {
+                let chars: Vec<char> = text.chars().collect();
+                chars[chars.len().saturating_sub(3000)..].iter().collect()
+            };
+            out.push_str(&format!("\n--- {} ---\n{tail}", f.display()));
+        }
+        out
+    }
+}
+
+/// A long-running `remask` server; killed (SIGKILL) on Drop.
+struct Server {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    /// The bound address, host:port.
+    addr: String,
+    exited: Option<ExitStatus>,
+}
+
+impl Server {
+    /// Starts `remask ARGS` and waits for the line starting with `marker` that
+    /// ends in `on ADDR`; panics (with the log) if it exits or does not print it.
+    fn start(
+        logs: &Logs,
+        name: &str,
+        marker: &str,
+        args: &[String],
+        envs: &[(&str, &str)],
+    ) -> Server {
+        let log = logs.file(name);
+        let file = File::create(&log).expect("a server log");
+        let child = command(args)
+            .envs(envs.iter().copied())
+            .stdout(file.try_clone().expect("a log handle"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin().display()));
+        let mut server = Server {
+            name: name.to_string(),
+            child,
+            log,
+            addr: String::new(),
+            exited: None,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let text = server.log();
+            let addr = text
+                .lines()
+                .filter(|l| l.starts_with(marker))
+                .find_map(|l| {
+                    l.rfind(" on ").map(|i| {
+                        l[i + 4..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                });
+            if let Some(addr) = addr.filter(|a| !a.is_empty()) {
+                server.addr = addr;
+                return server;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!(
+                    "`remask {}` ({name}) exited with {status} before listening\n{text}",
+                    args.join(" ")
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "`remask {}` ({name}) did not print `{marker} ... on ADDR` within {START_TIMEOUT:?}\n{text}",
+                    args.join(" ")
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, like a crash.
+    fn crash(&mut self) {
+        let _ = self.child.kill();
+        self.exited = self.child.wait().ok();
+    }
+
+    /// SIGTERM (a graceful stop) and the exit status, or None if it is still
+    /// running after `limit`.
+    fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {} failed", self.child.id());
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exited = Some(status);
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `remask worker` with id `id`, registering in `etcd` (lease TTL [`LEASE_TTL`]) if given.
+fn worker(logs: &Logs, id: &str, etcd: Option<&Etcd>) -> Server {
+    let mut args = argv("worker --listen 127.0.0.1:0 --id", &[id]);
+    if let Some(etcd) = etcd {
+        args.extend(argv("--lease-ttl", &[LEASE_TTL, "--etcd", &etcd.endpoint]));
+    }
+    Server::start(logs, id, &format!("remask worker {id}:"), &args, &[])
+}
+
+/// `remask coordinator --stages N` with `discovery` (`--etcd URL` or `--workers A,B`).
+/// Logs at info level for `remask_cluster`, so the stage assignments can be read.
+fn coordinator(logs: &Logs, model: &Path, stages: usize, discovery: &[&str]) -> Server {
+    let mut args = argv(
+        &format!("coordinator --listen 127.0.0.1:0 --stages {stages} --model"),
+        &[path_str(model)],
+    );
+    args.extend(discovery.iter().map(|s| s.to_string()));
+    Server::start(
+        logs,
+        "coordinator",
+        "remask coordinator:",
+        &args,
+        &[("REMASK_LOG", "remask_cluster=info,warn")],
+    )
+}
+
+/// `remask serve`: a coordinator with an in-process worker.
+fn serve(logs: &Logs, model: &Path) -> Server {
+    let args = argv("serve --listen 127.0.0.1:0 --model", &[path_str(model)]);
+    Server::start(logs, "serve", "remask serve:", &args, &[])
+}
+
+/// Drops ANSI escape sequences (in case the log has colours despite NO_COLOR).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Stage -> worker id, from the coordinator's `stage assigned stage=S worker=ID`
+/// log lines (the latest assignment of each stage wins).
+fn assignments(coordinator: &Server) -> BTreeMap<usize, String> {
+    let mut map = BTreeMap::new();
+    for line in strip_ansi(&coordinator.log()).lines() {
+        if !line.contains("stage assigned") {
+            continue;
+        }
+        let field = |name: &str| {
+            line.split_whitespace().find_map(|t| {
+                t.strip_prefix(name)
+                    .map(|v| v.trim_matches('"').to_string())
+            })
+        };
+        if let (Some(stage), Some(worker)) = (field("stage="), field("worker="))
+            && let Ok(stage) = stage.parse()
+        {
+            map.insert(stage, worker);
+        }
+    }
+    map
+}
+
+// ---------------------------------------------------------------------------
+// Harness: requests
+// ---------------------------------------------------------------------------
+
+/// `remask generate --json --model MODEL REQUEST`: the in-process reference.
+fn local(model: &Path, request: &[String]) -> Value {
+    let mut args = argv("generate --json --model", &[path_str(model)]);
+    args.extend(request.iter().cloned());
+    let out = Pending::spawn(&args).wait();
+    parse_json(&out).unwrap_or_else(|e| panic!("in-process `remask {}`: {e}", args.join(" ")))
+}
+
+fn remote_args(endpoint: &str, request: &[String]) -> Vec<String> {
+    let mut args = argv("generate --json --endpoint", &[endpoint]);
+    args.extend(request.iter().cloned());
+    args
+}
+
+/// `remask generate --json --endpoint ENDPOINT REQUEST`.
+fn remote(endpoint: &str, request: &[String]) -> Output {
+    Pending::spawn(&remote_args(endpoint, request)).wait()
+}
+
+/// A successful remote request's JSON; panics with the servers' logs otherwise.
+fn remote_json(logs: &Logs, endpoint: &str, request: &[String]) -> Value {
+    let out = remote(endpoint, request);
+    parse_json(&out).unwrap_or_else(|e| {
+        panic!(
+            "`remask {}`: {e}\n=== server logs ==={}",
+            remote_args(endpoint, request).join(" "),
+            logs.dump()
+        )
+    })
+}
+
+/// The fields of a result that must not depend on where it was computed.
+const SAME_FIELDS: [&str; 8] = [
+    "token_ids",
+    "prompt_ids",
+    "generated_ids",
+    "text",
+    "steps",
+    "gen_length",
+    "block_length",
+    "random_weights",
+];
+
+/// Panics unless `got` (through a cluster) holds the same result as `want` (in process).
+fn assert_same(what: &str, got: &Value, want: &Value) {
+    for key in SAME_FIELDS {
+        assert!(
+            !want[key].is_null(),
+            "{what}: the in-process JSON lacks {key}: {want}"
+        );
+        assert_eq!(
+            got[key], want[key],
+            "{what}: {key} differs from the in-process result\n  cluster:    {got}\n  in-process: {want}"
+        );
+    }
+}
+
+/// Polls `endpoint` with [`PROBE`] until a request succeeds; returns the time it took.
+fn wait_serving(logs: &Logs, endpoint: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    let probe = argv(PROBE, &[]);
+    loop {
+        let out = remote(endpoint, &probe);
+        if out.status.success() {
+            return start.elapsed();
+        }
+        if start.elapsed() > within {
+            panic!(
+                "{endpoint} does not serve within {within:?}; last probe:\n{}\n=== server logs ==={}",
+                describe(&out),
+                logs.dump()
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One probe: it must fail within [`FAIL_FAST`] with exit 1 and "unavailable"
+/// on stderr. Returns how long it took.
+fn assert_unavailable_fast(logs: &Logs, endpoint: &str, when: &str) -> Duration {
+    let start = Instant::now();
+    let mut pending = Pending::spawn(&remote_args(endpoint, &argv(PROBE, &[])));
+    let Some(out) = pending.wait_timeout(FAIL_FAST) else {
+        panic!(
+            "{when}: a request to {endpoint} is still running after {FAIL_FAST:?} \
+             (expected UNAVAILABLE at once)\n=== server logs ==={}",
+            logs.dump()
+        );
+    };
+    let took = start.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{when}: expected exit 1 (UNAVAILABLE)\n{}\n=== server logs ==={}",
+        describe(&out),
+        logs.dump()
+    );
+    assert!(
+        stderr(&out).to_lowercase().contains("unavailable"),
+        "{when}: expected \"unavailable\" on stderr\n{}",
+        describe(&out)
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{when}: expected nothing on stdout\n{}",
+        describe(&out)
+    );
+    took
+}
+
+/// Sampler configurations for the equivalence tests: (name, request arguments).
+fn sampler_configs() -> Vec<(&'static str, Vec<String>)> {
+    vec![
+        (
+            "greedy, one block",
+            argv(
+                "--prompt-ids 1,2,3,4,5 --gen-length 16 --steps 16 --block-length 16",
+                &[],
+            ),
+        ),
+        (
+            "greedy, four blocks",
+            argv(
+                "--prompt-ids 7,8,9 --gen-length 32 --steps 16 --block-length 8",
+                &[],
+            ),
+        ),
+        (
+            "steps == gen_length",
+            argv(
+                "--prompt-ids 11,12 --gen-length 24 --steps 24 --block-length 8",
+                &[],
+            ),
+        ),
+        (
+            "temperature 0.8 seed 3",
+            argv(
+                "--prompt-ids 1,2,3 --gen-length 16 --steps 8 --block-length 16 --temperature 0.8 --seed 3",
+                &[],
+            ),
+        ),
+        (
+            "cfg_scale 1.5",
+            argv(
+                "--prompt-ids 4,5,6,7 --gen-length 16 --steps 16 --block-length 8 --cfg-scale 1.5",
+                &[],
+            ),
+        ),
+        (
+            "random remasking seed 5",
+            argv(
+                "--prompt-ids 3,1,4,1,5 --gen-length 16 --steps 8 --block-length 8 --remasking random --seed 5",
+                &[],
+            ),
+        ),
+        (
+            "chat prompt",
+            argv(
+                "--chat --gen-length 16 --steps 16 --block-length 16 --prompt",
+                &["What is a masked diffusion model?"],
+            ),
+        ),
+        (
+            "everything at once",
+            argv(
+                "--gen-length 24 --steps 12 --block-length 8 --temperature 0.5 --seed 17 \
+                 --cfg-scale 0.7 --remasking random --logits-eos-inf --confidence-eos-eot-inf --prompt",
+                &["plain text prompt"],
+            ),
+        ),
+    ]
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+/// etcd + a 3-stage coordinator + 3 workers: every sampler configuration gives
+/// the in-process ids.
+#[test]
+fn etcd_cluster_matches_in_process() {
+    let logs = Logs::new("etcd_cluster_matches_in_process");
+    let model = small();
+    let etcd = Etcd::start();
+    let _workers: Vec<Server> = (0..3)
+        .map(|i| worker(&logs, &format!("w{i}"), Some(&etcd)))
+        .collect();
+    let coord = coordinator(&logs, model, 3, &["--etcd", &etcd.endpoint]);
+    let ready = wait_serving(&logs, &coord.addr, READY_TIMEOUT);
+    eprintln!("etcd cluster (3 stages) serving after {ready:?}");
+
+    let assigned = assignments(&coord);
+    let mut ids: Vec<&String> = assigned.values().collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        (assigned.len(), ids.len()),
+        (3, 3),
+        "expected 3 stages on 3 distinct workers, got {assigned:?}\n{}",
+        logs.dump()
+    );
+
+    for (name, request) in sampler_configs() {
+        let want = local(model, &request);
+        let got = remote_json(&logs, &coord.addr, &request);
+        assert_same(name, &got, &want);
+        assert_eq!(
+            got["model"], want["model"],
+            "{name}: the model path differs"
+        );
+    }
+}
+
+/// A static cluster (`--workers A,B`, workers without etcd): the in-process ids.
+#[test]
+fn static_cluster_matches_in_process() {
+    let logs = Logs::new("static_cluster_matches_in_process");
+    let model = small();
+    let a = worker(&logs, "s0", None);
+    let b = worker(&logs, "s1", None);
+    let list = format!("{},{}", a.addr, b.addr);
+    let coord = coordinator(&logs, model, 2, &["--workers", &list]);
+    let ready = wait_serving(&logs, &coord.addr, READY_TIMEOUT);
+    eprintln!("static cluster (2 stages) serving after {ready:?}");
+
+    let assigned = assignments(&coord);
+    assert_eq!(
+        assigned,
+        BTreeMap::from([
+            (0, "static-0000".to_string()),
+            (1, "static-0001".to_string())
+        ]),
+        "stage i goes to the i-th listed worker\n{}",
+        logs.dump()
+    );
+    for (name, request) in sampler_configs().into_iter().take(2) {
+        let want = local(model, &request);
+        let got = remote_json(&logs, &coord.addr, &request);
+        assert_same(name, &got, &want);
+    }
+}
+
+/// 8 concurrent requests of different lengths and settings to one `serve`
+/// share forward passes; each gets exactly its solo in-process result.
+#[test]
+fn concurrent_requests_get_their_solo_results() {
+    let logs = Logs::new("concurrent_requests_get_their_solo_results");
+    let model = small();
+    let server = serve(&logs, model);
+    let requests: Vec<Vec<String>> = vec![
+        argv(
+            "--prompt-ids 1,2,3 --gen-length 8 --steps 8 --block-length 8",
+            &[],
+        ),
+        argv(
+            "--prompt-ids 1,2,3,4,5,6,7,8,9,10 --gen-length 16 --steps 8 --block-length 4",
+            &[],
+        ),
+        argv(
+            "--prompt-ids 5,4,3,2,1 --gen-length 24 --steps 12 --block-length 8 --temperature 0.7 --seed 11",
+            &[],
+        ),
+        argv(
+            "--prompt-ids 21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40 \
+             --gen-length 32 --steps 32 --block-length 32 --cfg-scale 1.5",
+            &[],
+        ),
+        argv(
+            "--prompt-ids 42 --gen-length 40 --steps 20 --block-length 20 --remasking random --seed 9",
+            &[],
+        ),
+        argv(
+            "--prompt-ids 100,200,300,400,500,600,700 --gen-length 48 --steps 24 --block-length 16 \
+             --temperature 1.0 --seed 2 --cfg-scale 0.5",
+            &[],
+        ),
+        argv(
+            "--gen-length 56 --steps 28 --block-length 8 --prompt",
+            &["a longer plain prompt that the tokenizer splits into several tokens"],
+        ),
+        argv(
+            "--chat --gen-length 64 --steps 32 --block-length 32 --logits-eos-inf --prompt",
+            &["hello"],
+        ),
+    ];
+    let solo: Vec<Value> = requests.iter().map(|r| local(model, r)).collect();
+    wait_serving(&logs, &server.addr, READY_TIMEOUT);
+
+    let start = Instant::now();
+    let pending: Vec<Pending> = requests
+        .iter()
+        .map(|r| Pending::spawn(&remote_args(&server.addr, r)))
+        .collect();
+    let outputs: Vec<Output> = pending.into_iter().map(Pending::wait).collect();
+    let wall = start.elapsed();
+    eprintln!("8 concurrent requests done in {wall:?}");
+    let mut busy_ms = 0.0;
+    for (i, (out, want)) in outputs.iter().zip(&solo).enumerate() {
+        let got = parse_json(out).unwrap_or_else(|e| {
+            panic!(
+                "concurrent request {i} (`{}`): {e}\n=== server logs ==={}",
+                requests[i].join(" "),
+                logs.dump()
+            )
+        });
+        eprintln!(
+            "concurrent request {i}: gen_length {}, elapsed {:.0} ms, queue {:.0} ms",
+            got["gen_length"],
+            got["elapsed_ms"].as_f64().unwrap_or(0.0),
+            got["queue_ms"].as_f64().unwrap_or(0.0)
+        );
+        busy_ms += got["elapsed_ms"].as_f64().unwrap_or(0.0);
+        assert_same(&format!("concurrent request {i}"), &got, want);
+    }
+    // Served one after the other, the requests' server-side times would add up to
+    // less than the wall time: more means they shared forward passes.
+    assert!(
+        busy_ms > wall.as_secs_f64() * 1e3,
+        "the requests did not overlap (sum of elapsed_ms {busy_ms:.0} ms, wall {wall:?}): \
+         this run did not exercise batching"
+    );
+}
+
+/// kill -9 of a worker mid-request: the request fails with UNAVAILABLE at once,
+/// new requests fail fast while its stage is empty, and a new worker restores
+/// service with the in-process ids.
+#[test]
+fn worker_crash_fails_in_flight_then_recovers() {
+    let logs = Logs::new("worker_crash_fails_in_flight_then_recovers");
+    let model = small();
+    let check = argv(
+        "--prompt-ids 9,8,7,6 --gen-length 16 --steps 8 --block-length 8",
+        &[],
+    );
+    let want = local(model, &check);
+
+    let etcd = Etcd::start();
+    let mut workers = [
+        worker(&logs, "w0", Some(&etcd)),
+        worker(&logs, "w1", Some(&etcd)),
+    ];
+    let coord = coordinator(&logs, model, 2, &["--etcd", &etcd.endpoint]);
+    wait_serving(&logs, &coord.addr, READY_TIMEOUT);
+    let assigned = assignments(&coord);
+    let victim_id = assigned
+        .get(&1)
+        .unwrap_or_else(|| {
+            panic!(
+                "no stage 1 assignment in the log: {assigned:?}\n{}",
+                logs.dump()
+            )
+        })
+        .clone();
+    let survivor_id = assigned.get(&0).cloned().unwrap_or_default();
+    assert_ne!(
+        victim_id, survivor_id,
+        "one worker holds both stages: {assigned:?}"
+    );
+    let victim = workers
+        .iter()
+        .position(|w| w.name == victim_id)
+        .unwrap_or_else(|| panic!("stage 1 is on an unknown worker {victim_id}"));
+
+    // A long request (512 steps over 515 positions: many seconds).
+    let long = argv(
+        "--prompt-ids 1,2,3 --gen-length 512 --steps 512 --block-length 32",
+        &[],
+    );
+    let mut in_flight = Pending::spawn(&remote_args(&coord.addr, &long));
+    thread::sleep(Duration::from_millis(1500));
+    assert!(
+        in_flight.is_running(),
+        "the long request finished before the crash: make it longer\n{:?}",
+        in_flight.wait_timeout(Duration::ZERO).map(|o| describe(&o))
+    );
+
+    workers[victim].crash();
+    let killed_at = Instant::now();
+    let Some(out) = in_flight.wait_timeout(Duration::from_secs(5)) else {
+        panic!(
+            "the in-flight request still runs 5 s after its stage-1 worker was killed\n=== server logs ==={}",
+            logs.dump()
+        );
+    };
+    let failed_after = killed_at.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the in-flight request must fail with exit 1\n{}",
+        describe(&out)
+    );
+    assert!(
+        stderr(&out).to_lowercase().contains("unavailable"),
+        "the in-flight request must fail with UNAVAILABLE\n{}",
+        describe(&out)
+    );
+    eprintln!("in-flight request failed {failed_after:?} after the kill");
+
+    // No replacement yet: fail fast, before and after the dead worker's lease
+    // expires (TTL 2 s) and while the coordinator retries it.
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut probes = 0;
+    while Instant::now() < until || probes < 3 {
+        let took = assert_unavailable_fast(&logs, &coord.addr, "stage 1 has no worker");
+        eprintln!("probe without stage 1 failed in {took:?}");
+        probes += 1;
+        thread::sleep(Duration::from_millis(500));
+    }
+
+    let started = Instant::now();
+    let _replacement = worker(&logs, "w2", Some(&etcd));
+    let back = wait_serving(&logs, &coord.addr, Duration::from_secs(15));
+    eprintln!(
+        "serving again {back:?} after the probe loop, {:?} after the new worker started",
+        started.elapsed()
+    );
+    let got = remote_json(&logs, &coord.addr, &check);
+    assert_same("after recovery", &got, &want);
+    let assigned = assignments(&coord);
+    assert_eq!(
+        assigned,
+        BTreeMap::from([(0, survivor_id), (1, "w2".to_string())]),
+        "stage 0 stays on its worker; stage 1 goes to the new one\n{}",
+        logs.dump()
+    );
+}
+
+/// 3 workers for 2 stages: SIGTERM of an assigned worker hands its stage to
+/// the spare within 5 s; SIGTERM of another leaves the cluster UNAVAILABLE.
+#[test]
+fn spare_worker_takes_over() {
+    let logs = Logs::new("spare_worker_takes_over");
+    let model = small();
+    let check = argv(
+        "--prompt-ids 2,7,1,8 --gen-length 16 --steps 16 --block-length 8",
+        &[],
+    );
+    let want = local(model, &check);
+
+    let etcd = Etcd::start();
+    let mut workers: Vec<Server> = (0..3)
+        .map(|i| worker(&logs, &format!("w{i}"), Some(&etcd)))
+        .collect();
+    let coord = coordinator(&logs, model, 2, &["--etcd", &etcd.endpoint]);
+    wait_serving(&logs, &coord.addr, READY_TIMEOUT);
+    let before = assignments(&coord);
+    assert_eq!(
+        before.len(),
+        2,
+        "expected 2 assigned stages: {before:?}\n{}",
+        logs.dump()
+    );
+    let spare = workers
+        .iter()
+        .map(|w| w.name.clone())
+        .find(|id| !before.values().any(|a| a == id))
+        .unwrap_or_else(|| panic!("no spare worker: {before:?}"));
+    let index = |workers: &[Server], id: &str| {
+        workers
+            .iter()
+            .position(|w| w.name == id)
+            .expect("a known worker")
+    };
+
+    // Terminate the stage-0 worker: its lease is revoked, the spare takes stage 0.
+    let first = before[&0].clone();
+    let terminated_at = Instant::now();
+    let i = index(&workers, &first);
+    let status = workers[i].terminate(Duration::from_secs(10));
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "worker {first} still runs 10 s after SIGTERM (graceful shutdown hangs)\n=== server logs ==={}",
+            logs.dump()
+        )
+    });
+    assert!(
+        status.success(),
+        "worker {first} exited with {status} after SIGTERM\n{}",
+        logs.dump()
+    );
+    let left = Duration::from_secs(5).saturating_sub(terminated_at.elapsed());
+    wait_serving(&logs, &coord.addr, left);
+    eprintln!(
+        "serving {:?} after SIGTERM of the stage-0 worker",
+        terminated_at.elapsed()
+    );
+    let got = remote_json(&logs, &coord.addr, &check);
+    assert_same("after the spare took over", &got, &want);
+    let after = assignments(&coord);
+    assert_eq!(
+        after,
+        BTreeMap::from([(0, spare.clone()), (1, before[&1].clone())]),
+        "the spare takes stage 0, stage 1 stays\n{}",
+        logs.dump()
+    );
+
+    // Terminate the stage-1 worker: no spare left, so the cluster stops serving
+    // (soon: the lease is revoked on a graceful stop) and says so at once.
+    let second = before[&1].clone();
+    let i = index(&workers, &second);
+    let status = workers[i].terminate(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "worker {second} after SIGTERM: {status:?}\n{}",
+        logs.dump()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = remote(&coord.addr, &argv(PROBE, &[]));
+        if !out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still serving 5 s after the only worker of stage 1 stopped\n{}",
+            logs.dump()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_unavailable_fast(&logs, &coord.addr, "one worker left for two stages");
+}
+
+/// A coordinator whose stages have no workers answers UNAVAILABLE at once,
+/// still does with one worker for two stages, and serves once both are there.
+#[test]
+fn unavailable_without_workers() {
+    let logs = Logs::new("unavailable_without_workers");
+    let model = tiny();
+    let etcd = Etcd::start();
+    let coord = coordinator(&logs, model, 2, &["--etcd", &etcd.endpoint]);
+    let took = assert_unavailable_fast(&logs, &coord.addr, "no workers");
+    eprintln!("request without workers failed in {took:?}");
+
+    let _w0 = worker(&logs, "w0", Some(&etcd));
+    // Give the coordinator time to see (and load) the first worker.
+    thread::sleep(Duration::from_millis(1000));
+    assert_unavailable_fast(&logs, &coord.addr, "one worker for two stages");
+
+    let _w1 = worker(&logs, "w1", Some(&etcd));
+    let ready = wait_serving(&logs, &coord.addr, Duration::from_secs(15));
+    eprintln!("serving {ready:?} after the second worker registered");
+    let request = argv(
+        "--prompt-ids 1,2,3,4 --gen-length 16 --steps 8 --block-length 8",
+        &[],
+    );
+    let got = remote_json(&logs, &coord.addr, &request);
+    assert_same("two workers", &got, &local(model, &request));
+}
