@@ -1053,3 +1053,119 @@ fn unavailable_without_workers() {
     let got = remote_json(&logs, &coord.addr, &request);
     assert_same("two workers", &got, &local(model, &request));
 }
+
+/// PEM files of a test PKI: a CA and a leaf it signed for 127.0.0.1/localhost.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn pki(dir: &Path, name: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} test CA"));
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let write = |file: &str, text: String| {
+        let path = dir.join(format!("{name}-{file}"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    Pki {
+        ca: write("ca.pem", ca.pem()),
+        cert: write("cert.pem", leaf.pem()),
+        key: write("key.pem", key.serialize_pem()),
+    }
+}
+
+/// Mutual TLS: the coordinator serves clients over TLS and reaches a worker
+/// that accepts only certificates of the cluster CA; a coordinator with a
+/// certificate from another CA, or without TLS, is refused by the worker.
+#[test]
+fn mutual_tls_between_coordinator_and_workers() {
+    let logs = Logs::new("mutual_tls");
+    let dir = tempfile::tempdir().unwrap();
+    let good = pki(dir.path(), "cluster");
+    let rogue = pki(dir.path(), "rogue");
+    let tls = |p: &Pki, ca: &Path| {
+        vec![
+            "--tls-cert".to_string(),
+            path_str(&p.cert).to_string(),
+            "--tls-key".to_string(),
+            path_str(&p.key).to_string(),
+            "--tls-ca".to_string(),
+            path_str(ca).to_string(),
+        ]
+    };
+    let mut args = argv("worker --listen 127.0.0.1:0 --id tls-worker", &[]);
+    args.extend(tls(&good, &good.ca));
+    let worker = Server::start(&logs, "tls-worker", "remask worker tls-worker:", &args, &[]);
+
+    let start_coordinator = |name: &str, extra: Vec<String>| {
+        let mut args = argv("coordinator --listen 127.0.0.1:0 --stages 1 --model", &[path_str(tiny())]);
+        args.extend(argv("--workers", &[&worker.addr]));
+        args.extend(extra);
+        Server::start(&logs, name, "remask coordinator:", &args, &[("REMASK_LOG", "remask_cluster=info,warn")])
+    };
+    let request = argv("--prompt-ids 1,2,3 --gen-length 8 --steps 8 --block-length 8", &[]);
+    let want = local(tiny(), &request);
+
+    // The right certificates: served over TLS, same result as in process.
+    let coordinator = start_coordinator("tls-coordinator", tls(&good, &good.ca));
+    let endpoint = format!("https://{}", coordinator.addr);
+    let mut with_ca = request.clone();
+    with_ca.extend(argv("--tls-ca", &[path_str(&good.ca)]));
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let got = loop {
+        let out = remote(&endpoint, &with_ca);
+        if out.status.success() {
+            break parse_json(&out).unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the TLS cluster does not serve: {}\n=== logs ==={}",
+            describe(&out),
+            logs.dump()
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_same("over mutual TLS", &got, &want);
+    // A client that does not speak TLS, or does not trust the CA, gets nothing.
+    let plain = remote(&format!("http://{}", coordinator.addr), &request);
+    assert!(!plain.status.success(), "plaintext to a TLS coordinator succeeded");
+    let mut wrong_ca = request.clone();
+    wrong_ca.extend(argv("--tls-ca", &[path_str(&rogue.ca)]));
+    let untrusted = remote(&endpoint, &wrong_ca);
+    assert!(!untrusted.status.success(), "a client trusting another CA connected");
+    drop(coordinator);
+
+    // A coordinator whose certificate another CA signed is refused by the
+    // worker: the cluster never serves.
+    let rogue_coordinator = start_coordinator("rogue-coordinator", tls(&rogue, &good.ca));
+    let endpoint = format!("https://{}", rogue_coordinator.addr);
+    let mut rogue_client = request.clone();
+    rogue_client.extend(argv("--tls-ca", &[path_str(&rogue.ca)]));
+    thread::sleep(Duration::from_millis(1500));
+    let out = remote(&endpoint, &rogue_client);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(stderr(&out).to_lowercase().contains("unavailable"), "{}", describe(&out));
+    assert!(
+        rogue_coordinator.log().contains("cannot load the shard"),
+        "the worker should have refused the rogue coordinator:\n{}",
+        rogue_coordinator.log()
+    );
+    drop(rogue_coordinator);
+
+    // Without TLS the coordinator cannot reach the worker at all.
+    let plain_coordinator = start_coordinator("plain-coordinator", Vec::new());
+    thread::sleep(Duration::from_millis(1500));
+    assert_unavailable_fast(&logs, &plain_coordinator.addr, "a plaintext coordinator and a TLS worker");
+}

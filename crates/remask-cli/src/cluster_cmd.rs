@@ -1,7 +1,11 @@
 //! `remask serve`, `remask coordinator`, `remask worker`: the server roles.
 
 use crate::{CliError, CliResult, Globals, default_model};
+use remask_cluster::auth::ApiKeys;
+use remask_cluster::coordinator::model_name;
 use remask_cluster::membership::{Registration, WorkerInfo, watch_members};
+use remask_cluster::metrics::Metrics;
+use remask_cluster::tls::TlsFiles;
 use remask_cluster::{
     Coordinator, Manager, ModelMeta, Pipeline, Scheduler, SchedulerConfig, ShardRunner,
     StageClient, WorkerService, plan_shards, server, static_members,
@@ -24,6 +28,51 @@ pub struct BatchArgs {
     pub max_queue: usize,
 }
 
+/// What clients see: the HTTP API and API keys.
+#[derive(clap::Args)]
+pub struct FrontArgs {
+    /// Address of the OpenAI-compatible HTTP API (also /health and /metrics); off when unset.
+    #[arg(long, env = "REMASK_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// A client API key (repeat the flag, or comma-separate in REMASK_API_KEY);
+    /// with any key set, requests need `Authorization: Bearer <key>`.
+    #[arg(long = "api-key", env = "REMASK_API_KEY", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// A file of client API keys, one per line.
+    #[arg(long, env = "REMASK_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+}
+
+/// TLS from PEM files.
+#[derive(clap::Args, Clone)]
+pub struct TlsArgs {
+    /// Certificate (PEM) this process presents: to clients, and between
+    /// coordinator and workers.
+    #[arg(long, env = "REMASK_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "REMASK_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) of the cluster: workers accept only coordinators with a
+    /// certificate it signed, and the coordinator only such workers.
+    #[arg(long, env = "REMASK_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+        }
+    }
+}
+
+fn tls_usage(e: remask_cluster::tls::TlsError) -> CliError {
+    CliError::Usage(e.to_string())
+}
+
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// Checkpoint directory (default: the embedded default model).
@@ -32,6 +81,10 @@ pub struct ServeArgs {
     /// Address of the gRPC API.
     #[arg(long, env = "REMASK_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub front: FrontArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub batch: BatchArgs,
 }
@@ -62,6 +115,10 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "REMASK_LOAD_TIMEOUT", default_value_t = 600)]
     pub load_timeout: u64,
     #[command(flatten)]
+    pub front: FrontArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
     pub batch: BatchArgs,
 }
 
@@ -91,6 +148,8 @@ pub struct WorkerArgs {
     /// Lease time to live in seconds: how fast the cluster notices a dead worker.
     #[arg(long, env = "REMASK_LEASE_TTL", default_value_t = 3)]
     pub lease_ttl: i64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 fn runtime() -> CliResult<tokio::runtime::Runtime> {
@@ -151,6 +210,7 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     let ckpt = Checkpoint::open(&dir)?;
     let shard = Shard::full(&ckpt.config);
     let runner = ShardRunner::load(&ckpt, shard.clone())?;
+    let public_tls = args.tls.files().public_server().map_err(tls_usage)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let pipeline = Pipeline {
@@ -160,24 +220,51 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
         let (_pipeline_tx, pipeline_rx) = watch::channel(Some(Arc::new(pipeline)));
         let (failures_tx, _failures_rx) = mpsc::unbounded_channel();
         let listener = server::bind(args.listen).await?;
-        let coordinator = start_coordinator(meta, &args.batch, pipeline_rx, failures_tx, 1);
+        let http = bind_http(&args.front).await?;
+        let metrics = Arc::new(Metrics::new(&model_name(&meta.dir)));
+        metrics.workers.get_or_create(metrics.model()).set(1);
+        metrics.shard_coverage.get_or_create(metrics.model()).set(1.0);
+        let coordinator = start_coordinator(meta, &args.batch, &args.front, pipeline_rx, failures_tx, 1, metrics)?;
         eprintln!(
-            "remask serve: {} on {} (in-process worker)",
+            "remask serve: {} on {}{} (in-process worker)",
             dir.display(),
-            listener.local_addr().map_err(anyhow::Error::from)?
+            listener.local_addr().map_err(anyhow::Error::from)?,
+            http_note(&http),
         );
-        server::serve_coordinator(listener, coordinator, shutdown_signal()).await?;
+        server::serve_coordinator(listener, http, public_tls, coordinator, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+async fn bind_http(front: &FrontArgs) -> CliResult<Option<tokio::net::TcpListener>> {
+    match front.http_listen {
+        Some(addr) => Ok(Some(server::bind(addr).await?)),
+        None => Ok(None),
+    }
+}
+
+fn http_note(http: &Option<tokio::net::TcpListener>) -> String {
+    http.as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| format!(", HTTP on {a}"))
+        .unwrap_or_default()
 }
 
 fn start_coordinator(
     meta: ModelMeta,
     batch: &BatchArgs,
+    front: &FrontArgs,
     pipeline: watch::Receiver<Option<Arc<Pipeline>>>,
     failures: mpsc::UnboundedSender<remask_cluster::pipeline::StageFailure>,
     stages: usize,
-) -> Arc<Coordinator> {
+    metrics: Arc<Metrics>,
+) -> CliResult<Arc<Coordinator>> {
+    let api_keys = ApiKeys::load(&front.api_keys, front.api_key_file.as_deref()).map_err(|e| {
+        CliError::Usage(format!(
+            "cannot read --api-key-file {}: {e}",
+            front.api_key_file.as_deref().unwrap_or(Path::new("")).display()
+        ))
+    })?;
     let scheduler = Scheduler::start(
         SchedulerConfig {
             max_batch: batch.max_batch,
@@ -186,13 +273,16 @@ fn start_coordinator(
         pipeline.clone(),
         failures,
         meta.codec.clone(),
+        metrics.clone(),
     );
-    Arc::new(Coordinator {
+    Ok(Arc::new(Coordinator {
         meta,
         scheduler,
         pipeline,
         stages,
-    })
+        metrics,
+        api_keys,
+    }))
 }
 
 /// The coordinator of a cluster of workers.
@@ -215,16 +305,20 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
             args.stages
         )));
     }
+    let tls = args.tls.files();
+    let public_tls = tls.public_server().map_err(tls_usage)?;
+    let worker_tls = tls.worker_client().map_err(tls_usage)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let members = match (&args.etcd, &args.workers) {
             (Some(etcd), _) => watch_members(etcd.clone(), args.cluster_prefix.clone()),
-            (None, Some(workers)) => static_members(workers),
+            (None, Some(workers)) => static_members(workers, worker_tls.is_some()),
             (None, None) => unreachable!("clap requires one"),
         };
         let (pipeline_tx, pipeline_rx) = watch::channel(None);
         let (failures_tx, failures_rx) = mpsc::unbounded_channel();
         let model = args.model.display().to_string();
+        let metrics = Arc::new(Metrics::new(&model_name(&meta.dir)));
         let manager = Manager::new(
             model,
             plan_shards(n_layers, args.stages),
@@ -232,17 +326,28 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
             failures_rx,
             pipeline_tx,
             Duration::from_secs(args.load_timeout),
+            metrics.clone(),
+            worker_tls,
         );
         tokio::spawn(manager.run());
         let listener = server::bind(args.listen).await?;
-        let coordinator =
-            start_coordinator(meta, &args.batch, pipeline_rx, failures_tx, args.stages);
-        eprintln!(
-            "remask coordinator: {} stages on {}",
+        let http = bind_http(&args.front).await?;
+        let coordinator = start_coordinator(
+            meta,
+            &args.batch,
+            &args.front,
+            pipeline_rx,
+            failures_tx,
             args.stages,
-            listener.local_addr().map_err(anyhow::Error::from)?
+            metrics,
+        )?;
+        eprintln!(
+            "remask coordinator: {} stages on {}{}",
+            args.stages,
+            listener.local_addr().map_err(anyhow::Error::from)?,
+            http_note(&http),
         );
-        server::serve_coordinator(listener, coordinator, shutdown_signal()).await?;
+        server::serve_coordinator(listener, http, public_tls, coordinator, shutdown_signal()).await?;
         Ok(())
     })
 }
@@ -260,6 +365,7 @@ pub fn worker(args: WorkerArgs) -> CliResult {
             "--lease-ttl must be at least 1 second".into(),
         ));
     }
+    let tls = args.tls.files().worker_server().map_err(tls_usage)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let listener = server::bind(args.listen).await?;
@@ -268,7 +374,7 @@ pub fn worker(args: WorkerArgs) -> CliResult {
         let id = args.id.clone().unwrap_or_else(|| advertise.clone());
         let info = WorkerInfo {
             id: id.clone(),
-            addr: format!("http://{advertise}"),
+            addr: format!("{}://{advertise}", if tls.is_some() { "https" } else { "http" }),
             backend: args.backend.clone(),
             devices: Vec::new(),
         };
@@ -298,7 +404,7 @@ pub fn worker(args: WorkerArgs) -> CliResult {
         });
         eprintln!("remask worker {id}: listening on {bound}");
         let service = WorkerService::new(id, args.model.clone());
-        let result = server::serve_worker(listener, service, shutdown_signal()).await;
+        let result = server::serve_worker(listener, tls, service, shutdown_signal()).await;
         if let Some(task) = registration {
             if task.is_finished() {
                 if let Ok(r) = task.await {

@@ -17,6 +17,12 @@ pub struct GenerateArgs {
     /// Send the request to a coordinator (host:port or URL) instead of running in process.
     #[arg(long, env = "REMASK_ENDPOINT")]
     pub endpoint: Option<String>,
+    /// API key for --endpoint (sent as `authorization: Bearer <key>`).
+    #[arg(long, env = "REMASK_API_KEY", requires = "endpoint", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// CA (PEM) to verify an https:// --endpoint with.
+    #[arg(long, env = "REMASK_TLS_CA", requires = "endpoint")]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Prompt text.
     #[arg(
         long,

@@ -31,6 +31,9 @@ struct Cli {
     /// (default: the user's cache directory, e.g. ~/.cache/remask).
     #[arg(long, global = true, env = "REMASK_CACHE_DIR")]
     cache_dir: Option<std::path::PathBuf>,
+    /// Log lines on stderr as text or as one JSON object each (level via REMASK_LOG).
+    #[arg(long, global = true, env = "REMASK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -87,13 +90,16 @@ pub struct Globals {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REMASK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REMASK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+        .with_env_filter(filter);
+    if cli.log_format == "json" {
+        logs.json().with_current_span(true).init();
+    } else {
+        logs.init();
+    }
     if let Some(n) = cli.threads {
         if n == 0 {
             eprintln!("error: --threads must be at least 1");

@@ -11,11 +11,23 @@ use tonic::Code;
 
 fn status_error(s: tonic::Status) -> CliError {
     match s.code() {
-        Code::InvalidArgument | Code::ResourceExhausted => {
+        Code::InvalidArgument | Code::ResourceExhausted | Code::Unauthenticated => {
             CliError::Usage(format!("invalid request: {}", s.message()))
         }
         _ => CliError::Internal(anyhow::anyhow!("{}: {}", s.code(), s.message())),
     }
+}
+
+/// The request, with the API key as `authorization` metadata when given.
+fn with_key<T>(key: Option<&str>, message: T) -> CliResult<tonic::Request<T>> {
+    let mut r = tonic::Request::new(message);
+    if let Some(key) = key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .map_err(|_| CliError::Usage("--api-key has characters a header cannot carry".into()))?;
+        r.metadata_mut().insert("authorization", value);
+    }
+    Ok(r)
 }
 
 pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
@@ -55,18 +67,28 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
         .build()
         .map_err(|e| CliError::Internal(e.into()))?;
     rt.block_on(async {
-        let mut client = GenerationClient::connect(url.clone())
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+            .map_err(|e| CliError::Usage(format!("bad --endpoint {url}: {e}")))?;
+        let tls = remask_cluster::tls::TlsFiles { ca: args.tls_ca.clone(), ..Default::default() };
+        if let Some(config) = tls.client().map_err(|e| CliError::Usage(e.to_string()))? {
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| CliError::Usage(format!("TLS: {e}")))?;
+        }
+        let channel = endpoint
+            .connect()
             .await
-            .map_err(|e| CliError::Usage(format!("cannot connect to {url}: {e}")))?
+            .map_err(|e| CliError::Usage(format!("cannot connect to {url}: {e}")))?;
+        let mut client = GenerationClient::new(channel)
             .max_decoding_message_size(64 << 20);
         let info = client
-            .model_info(pb::ModelInfoRequest {})
+            .model_info(with_key(args.api_key.as_deref(), pb::ModelInfoRequest {})?)
             .await
             .map_err(status_error)?
             .into_inner();
         let start = Instant::now();
         let done = client
-            .generate(request)
+            .generate(with_key(args.api_key.as_deref(), request)?)
             .await
             .map_err(status_error)?
             .into_inner();

@@ -2,6 +2,8 @@
 //! it validates the request, lays out the canvas, and hands it to the
 //! scheduler, which runs the denoising steps on the current pipeline.
 
+use crate::auth::ApiKeys;
+use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::scheduler::{Event, Job, Scheduler};
 use remask_model::{LladaConfig, Message, SpecialTokens, TextCodec};
@@ -29,6 +31,8 @@ pub struct Coordinator {
     pub scheduler: Scheduler,
     pub pipeline: watch::Receiver<Option<Arc<Pipeline>>>,
     pub stages: usize,
+    pub metrics: Arc<Metrics>,
+    pub api_keys: ApiKeys,
 }
 
 impl Coordinator {
@@ -93,30 +97,51 @@ impl Coordinator {
         Canvas::new(&prompt, config, space).map_err(|e| invalid(e.to_string()))
     }
 
+    pub fn is_ready(&self) -> bool {
+        self.pipeline.borrow().is_some()
+    }
+
+    /// The name clients use for the model (the checkpoint directory's name).
+    pub fn model_name(&self) -> String {
+        model_name(&self.meta.dir)
+    }
+
+    /// Queues a canvas; its events (steps if `stream`, then the result or an
+    /// error) arrive on the returned channel.
+    pub fn start(
+        &self,
+        canvas: Canvas,
+        stream: bool,
+        deadline: Option<Instant>,
+    ) -> Result<mpsc::UnboundedReceiver<Result<Event, Status>>, Status> {
+        if !self.is_ready() {
+            return Err(Status::unavailable(
+                "the cluster has no complete set of shards: waiting for workers",
+            ));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.scheduler.submit(Job::new(canvas, tx, stream, deadline))?;
+        Ok(rx)
+    }
+
     #[allow(clippy::type_complexity)]
     fn submit<T>(
         &self,
         request: &Request<T>,
         canvas: Canvas,
         stream: bool,
-    ) -> Result<
-        (
-            mpsc::UnboundedReceiver<Result<Event, Status>>,
-            Option<Instant>,
-        ),
-        Status,
-    > {
-        if self.pipeline.borrow().is_none() {
-            return Err(Status::unavailable(
-                "the cluster has no complete set of shards: waiting for workers",
-            ));
-        }
+    ) -> Result<(mpsc::UnboundedReceiver<Result<Event, Status>>, Option<Instant>), Status> {
         let deadline = grpc_timeout(request.metadata()).map(|t| Instant::now() + t);
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.scheduler
-            .submit(Job::new(canvas, tx, stream, deadline))?;
-        Ok((rx, deadline))
+        Ok((self.start(canvas, stream, deadline)?, deadline))
     }
+}
+
+/// The last component of a checkpoint path.
+pub fn model_name(dir: &str) -> String {
+    std::path::Path::new(dir)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.to_string())
 }
 
 /// How much earlier than the client's deadline a unary call gives up.

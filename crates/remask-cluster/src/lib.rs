@@ -8,14 +8,18 @@
 //! - `worker`, `shard`: the worker process and what a stage computes.
 //! - `server`: serving either role with gRPC health and reflection.
 
+pub mod auth;
 pub mod convert;
 pub mod coordinator;
+pub mod http;
 pub mod manager;
 pub mod membership;
+pub mod metrics;
 pub mod pipeline;
 pub mod scheduler;
 pub mod server;
 pub mod shard;
+pub mod tls;
 pub mod worker;
 
 pub use coordinator::{Coordinator, ModelMeta};

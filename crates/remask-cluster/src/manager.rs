@@ -7,6 +7,7 @@
 
 use crate::convert::shard_to_pb;
 use crate::membership::{Members, WorkerInfo};
+use crate::metrics::Metrics;
 use crate::pipeline::{MAX_MESSAGE_BYTES, Pipeline, StageClient, StageFailure};
 use remask_engine::Shard;
 use remask_proto::worker as pb;
@@ -15,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// How long a worker that failed is passed over before it is tried again.
 const COOLDOWN: Duration = Duration::from_secs(1);
@@ -38,6 +39,8 @@ pub struct Manager {
     cooldown: HashMap<String, Instant>,
     next_generation: u64,
     load_timeout: Duration,
+    metrics: Arc<Metrics>,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Manager {
@@ -48,6 +51,8 @@ impl Manager {
         failures: mpsc::UnboundedReceiver<StageFailure>,
         pipeline: watch::Sender<Option<Arc<Pipeline>>>,
         load_timeout: Duration,
+        metrics: Arc<Metrics>,
+        tls: Option<ClientTlsConfig>,
     ) -> Self {
         let slots = shards.iter().map(|_| None).collect();
         Manager {
@@ -60,6 +65,8 @@ impl Manager {
             cooldown: HashMap::new(),
             next_generation: 1,
             load_timeout,
+            metrics,
+            tls,
         }
     }
 
@@ -143,10 +150,14 @@ impl Manager {
             generation,
         };
         let timeout = self.load_timeout;
+        let tls = self.tls.clone();
         async move {
             let result = async {
-                let channel = Endpoint::from_shared(worker.addr.clone())
-                    .map_err(|e| e.to_string())?
+                let mut endpoint = Endpoint::from_shared(worker.addr.clone()).map_err(|e| e.to_string())?;
+                if let Some(tls) = tls.filter(|_| worker.addr.starts_with("https://")) {
+                    endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+                }
+                let channel = endpoint
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
                     .connect()
@@ -172,6 +183,12 @@ impl Manager {
     }
 
     fn publish(&self) {
+        let filled = self.slots.iter().flatten().count();
+        let m = &self.metrics;
+        m.workers.get_or_create(m.model()).set(filled as i64);
+        m.shard_coverage
+            .get_or_create(m.model())
+            .set(filled as f64 / self.slots.len() as f64);
         let pipeline = self
             .slots
             .iter()
@@ -217,7 +234,7 @@ fn generations(p: &Pipeline) -> Vec<u64> {
 
 /// Static membership (`--workers host:port,...`): the listed addresses, in
 /// order, each its own id.
-pub fn static_members(addrs: &[String]) -> watch::Receiver<Members> {
+pub fn static_members(addrs: &[String], tls: bool) -> watch::Receiver<Members> {
     let members: Members = addrs
         .iter()
         .enumerate()
@@ -225,7 +242,7 @@ pub fn static_members(addrs: &[String]) -> watch::Receiver<Members> {
             let addr = if a.contains("://") {
                 a.clone()
             } else {
-                format!("http://{a}")
+                format!("{}://{a}", if tls { "https" } else { "http" })
             };
             // Ids sort in list order, so stage i goes to the i-th worker.
             let id = format!("static-{i:04}");

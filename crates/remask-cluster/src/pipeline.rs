@@ -9,6 +9,7 @@
 //! sees every failure directly and no worker needs to know another.
 
 use crate::convert::{bytes_to_f32, f32_to_bytes, predictions_from_pb, query_to_pb};
+use crate::metrics::Metrics;
 use crate::shard::{ShardRunner, StageInput, StageOutput};
 use remask_engine::{Shard, StepBatch};
 use remask_proto::worker as pb;
@@ -77,6 +78,7 @@ impl Pipeline {
     pub async fn step(
         &self,
         batch: &StepBatch,
+        metrics: &Metrics,
     ) -> Result<(Vec<Vec<Prediction>>, StepTiming), StageFailure> {
         let start = Instant::now();
         let mut compute_ms = 0.0;
@@ -94,6 +96,7 @@ impl Pipeline {
                 worker: stage.worker_id().to_string(),
                 message,
             };
+            let stage_start = Instant::now();
             let output = match stage {
                 StageClient::Local(runner) => {
                     let runner = runner.clone();
@@ -144,6 +147,10 @@ impl Pipeline {
                     }
                 }
             };
+            metrics
+                .stage_forward_time
+                .get_or_create(&metrics.stage(i, stage.worker_id()))
+                .observe(stage_start.elapsed().as_secs_f64());
             input = match output {
                 StageOutput::Hidden(h) if i < last => StageInput::Hidden(h),
                 StageOutput::Predictions(p) if i == last => {

@@ -5,6 +5,7 @@
 //! and streams what was committed. A request joins at the next step boundary
 //! and leaves when its canvas is complete, cancelled, or past its deadline.
 
+use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, StageFailure};
 use remask_engine::StepBatch;
 use remask_model::TextCodec;
@@ -76,9 +77,16 @@ impl Scheduler {
         pipeline: watch::Receiver<Option<Arc<Pipeline>>>,
         failures: mpsc::UnboundedSender<StageFailure>,
         codec: Arc<TextCodec>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let (queue, rx) = mpsc::channel(config.max_queue.max(1));
-        tokio::spawn(run(rx, config.max_batch.max(1), pipeline, failures, codec));
+        let ctx = Context {
+            pipeline,
+            failures,
+            codec,
+            metrics,
+        };
+        tokio::spawn(run(rx, config.max_batch.max(1), ctx));
         Scheduler {
             queue,
             max_queue: config.max_queue,
@@ -98,15 +106,30 @@ impl Scheduler {
     }
 }
 
-async fn run(
-    mut queue: mpsc::Receiver<Job>,
-    max_batch: usize,
+/// What the scheduling loop works with besides the jobs.
+struct Context {
     pipeline: watch::Receiver<Option<Arc<Pipeline>>>,
     failures: mpsc::UnboundedSender<StageFailure>,
     codec: Arc<TextCodec>,
-) {
+    metrics: Arc<Metrics>,
+}
+
+impl Context {
+    fn abort(&self, job: Job, status: Status) {
+        self.metrics
+            .request_success
+            .get_or_create(&self.metrics.finished("abort"))
+            .inc();
+        let _ = job.events.send(Err(status));
+    }
+}
+
+async fn run(mut queue: mpsc::Receiver<Job>, max_batch: usize, ctx: Context) {
     let mut running: Vec<Job> = Vec::new();
     loop {
+        let m = &ctx.metrics;
+        m.waiting.get_or_create(m.model()).set(queue.len() as i64);
+        m.running.get_or_create(m.model()).set(running.len() as i64);
         while running.len() < max_batch {
             match queue.try_recv() {
                 Ok(job) => running.push(admit(job)),
@@ -124,33 +147,34 @@ async fn run(
         // Cancelled requests (the caller went away) and expired deadlines
         // free their place here, at the step boundary.
         let now = Instant::now();
-        running.retain(|job| {
+        for job in std::mem::take(&mut running) {
             if job.events.is_closed() {
                 tracing::debug!("request cancelled by the client");
-                return false;
-            }
-            if job.deadline.is_some_and(|d| d <= now) {
-                let _ = job.events.send(Err(Status::deadline_exceeded(format!(
+                ctx.abort(job, Status::cancelled("cancelled"));
+            } else if job.deadline.is_some_and(|d| d <= now) {
+                let status = Status::deadline_exceeded(format!(
                     "deadline exceeded after {} of {} steps",
                     job.canvas.step(),
                     job.canvas.config().steps
-                ))));
-                return false;
+                ));
+                ctx.abort(job, status);
+            } else {
+                running.push(job);
             }
-            true
-        });
+        }
         if running.is_empty() {
             continue;
         }
-        let Some(pipeline) = pipeline.borrow().clone() else {
+        let Some(pipeline) = ctx.pipeline.borrow().clone() else {
             for job in running.drain(..) {
-                let _ = job.events.send(Err(Status::unavailable(
-                    "the cluster has no complete set of shards: waiting for workers",
-                )));
+                ctx.abort(
+                    job,
+                    Status::unavailable("the cluster has no complete set of shards: waiting for workers"),
+                );
             }
             continue;
         };
-        step(&mut running, &pipeline, &failures, &codec).await;
+        step(&mut running, &pipeline, &ctx).await;
     }
 }
 
@@ -160,12 +184,9 @@ fn admit(mut job: Job) -> Job {
 }
 
 #[tracing::instrument(skip_all, fields(requests = running.len()))]
-async fn step(
-    running: &mut Vec<Job>,
-    pipeline: &Pipeline,
-    failures: &mpsc::UnboundedSender<StageFailure>,
-    codec: &TextCodec,
-) {
+async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) {
+    let started = Instant::now();
+    let m = &ctx.metrics;
     let plans: Vec<StepPlan> = running.iter().map(|j| j.canvas.plan()).collect();
     // Steps that commit nothing (more steps than masks) need no forward pass.
     let active: Vec<usize> = (0..running.len())
@@ -178,7 +199,7 @@ async fn step(
             .map(|&i| (&running[i].canvas, &plans[i]))
             .collect();
         let batch = StepBatch::new(&requests);
-        match pipeline.step(&batch).await {
+        match pipeline.step(&batch, m).await {
             Ok((preds, timing)) => {
                 for (&i, p) in active.iter().zip(preds) {
                     predictions[i] = Some(p);
@@ -189,11 +210,10 @@ async fn step(
             Err(failure) => {
                 tracing::warn!(%failure, "forward pass failed; failing the running requests");
                 for job in running.drain(..) {
-                    let _ = job.events.send(Err(Status::unavailable(format!(
-                        "a worker failed during the request: {failure}"
-                    ))));
+                    let status = Status::unavailable(format!("a worker failed during the request: {failure}"));
+                    ctx.abort(job, status);
                 }
-                let _ = failures.send(failure);
+                let _ = ctx.failures.send(failure);
                 return;
             }
         }
@@ -209,6 +229,9 @@ async fn step(
             ]
         });
         let committed = job.canvas.commit(plan, &preds);
+        if plan.transfer > 0 {
+            m.tokens_per_step.get_or_create(m.model()).observe(committed.len() as f64);
+        }
         if job.stream {
             let _ = job.events.send(Ok(Event::Step(pb::StepUpdate {
                 step: plan.step as u32,
@@ -218,11 +241,20 @@ async fn step(
             })));
         }
     }
+    m.step_time.get_or_create(m.model()).observe(started.elapsed().as_secs_f64());
     running.retain(|job| {
         if !job.canvas.is_done() {
             return true;
         }
-        let _ = job.events.send(finish(job, codec));
+        let c = &job.canvas;
+        let reason = if c.generated().contains(&c.predict_options().eos) { "stop" } else { "length" };
+        m.request_success.get_or_create(&m.finished(reason)).inc();
+        m.prompt_tokens.get_or_create(m.model()).inc_by(c.prompt_len() as u64);
+        m.generation_tokens.get_or_create(m.model()).inc_by(c.generated().len() as u64);
+        m.e2e_latency.get_or_create(m.model()).observe(job.queued_at.elapsed().as_secs_f64());
+        let admitted = job.admitted_at.unwrap_or(job.queued_at);
+        m.queue_time.get_or_create(m.model()).observe((admitted - job.queued_at).as_secs_f64());
+        let _ = job.events.send(finish(job, &ctx.codec));
         false
     });
 }

@@ -37,13 +37,26 @@ fn reflection_v1alpha() -> anyhow::Result<
         .build_v1alpha()?)
 }
 
-/// Serves the Generation API until `shutdown` resolves. Health follows the
-/// pipeline: SERVING while every stage has a worker, NOT_SERVING otherwise.
+/// Serves the Generation API (and, with `http`, the OpenAI-compatible HTTP
+/// API) until `shutdown` resolves. Health follows the pipeline: SERVING while
+/// every stage has a worker, NOT_SERVING otherwise.
 pub async fn serve_coordinator(
     listener: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     coordinator: Arc<Coordinator>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    if let Some(http) = http {
+        let router = crate::http::router(coordinator.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(http, router).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "the HTTP server stopped");
+            }
+        });
+    }
     let (reporter, health) = tonic_health::server::health_reporter();
     let mut pipeline: watch::Receiver<Option<Arc<Pipeline>>> = coordinator.pipeline.clone();
     tokio::spawn(async move {
@@ -63,12 +76,23 @@ pub async fn serve_coordinator(
         }
     });
     let incoming = incoming(listener);
-    Server::builder()
-        .tcp_nodelay(true)
+    builder(tls)?
         .add_service(health)
         .add_service(reflection_v1()?)
         .add_service(reflection_v1alpha()?)
-        .add_service(GenerationServer::from_arc(coordinator))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            GenerationServer::from_arc(coordinator.clone()),
+            move |request: tonic::Request<()>| {
+                let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+                if coordinator.api_keys.allows(auth) {
+                    Ok(request)
+                } else {
+                    Err(tonic::Status::unauthenticated(
+                        "missing or invalid API key: send `authorization: Bearer <key>` metadata",
+                    ))
+                }
+            },
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
@@ -77,6 +101,7 @@ pub async fn serve_coordinator(
 /// Serves the Worker API until `shutdown` resolves.
 pub async fn serve_worker(
     listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     worker: WorkerService,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -88,8 +113,7 @@ pub async fn serve_worker(
         .set_service_status(WORKER_SERVICE, ServingStatus::Serving)
         .await;
     let incoming = incoming(listener);
-    Server::builder()
-        .tcp_nodelay(true)
+    builder(tls)?
         .add_service(health)
         .add_service(reflection_v1()?)
         .add_service(reflection_v1alpha()?)
@@ -101,6 +125,16 @@ pub async fn serve_worker(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+fn builder(tls: Option<tonic::transport::ServerTlsConfig>) -> anyhow::Result<Server> {
+    let builder = Server::builder().tcp_nodelay(true);
+    Ok(match tls {
+        Some(config) => builder
+            .tls_config(config)
+            .map_err(|e| anyhow::anyhow!("invalid TLS configuration: {e}"))?,
+        None => builder,
+    })
 }
 
 /// Accepted connections with Nagle's algorithm off: a step is a chain of

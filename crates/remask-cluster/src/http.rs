@@ -1,0 +1,407 @@
+//! The OpenAI-compatible HTTP API, next to gRPC on the coordinator:
+//! `POST /v1/completions`, `POST /v1/chat/completions` (with `stream: true` as
+//! server-sent events), `GET /v1/models`, `GET /health`, `GET /metrics`.
+//!
+//! A diffusion model does not write left to right, so a stream cannot send
+//! each token as it is produced. Each denoising step is one event: its
+//! `text` (or `delta.content`) is what the step made final at the end of the
+//! committed prefix of the answer (the longest run of committed tokens from
+//! its start), so concatenating the events gives the answer as OpenAI clients
+//! expect; the event's `remask` field carries everything the step committed,
+//! anywhere in the canvas (`step`, `positions`, `tokens`).
+
+use crate::coordinator::Coordinator;
+use crate::scheduler::Event;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use remask_model::Message;
+use remask_proto::v1 as pb;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Code, Status};
+
+pub fn router(coordinator: Arc<Coordinator>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route_layer(middleware::from_fn_with_state(coordinator.clone(), require_key));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(coordinator)
+}
+
+/// An error in OpenAI's shape.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            code: None,
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}})
+    }
+}
+
+impl From<Status> for ApiError {
+    fn from(s: Status) -> Self {
+        let (status, kind, code) = match s.code() {
+            Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key")),
+            Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("queue_full")),
+            Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("unavailable")),
+            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "server_error", Some("timeout")),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+        };
+        ApiError {
+            status,
+            message: s.message().to_string(),
+            kind,
+            code,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+async fn require_key(
+    State(c): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if c.api_keys.allows(auth) {
+        next.run(request).await
+    } else {
+        ApiError::from(Status::unauthenticated(
+            "missing or invalid API key: send `Authorization: Bearer <key>`",
+        ))
+        .into_response()
+    }
+}
+
+async fn health(State(c): State<Arc<Coordinator>>) -> Response {
+    if c.is_ready() {
+        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+    } else {
+        let body = json!({"status": "unavailable", "reason": "the cluster has no complete set of shards"});
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        c.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn models(State(c): State<Arc<Coordinator>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": c.model_name(), "object": "model", "created": 0, "owned_by": "remask"}],
+    }))
+}
+
+/// Sampler fields of both endpoints: OpenAI's, plus remask's own as extra
+/// fields (`steps`, `block_length`, `remasking`, `cfg_scale`, ...).
+#[derive(Deserialize, Default)]
+struct Sampling {
+    model: Option<String>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f64>,
+    seed: Option<u64>,
+    n: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    steps: Option<u32>,
+    block_length: Option<u32>,
+    remasking: Option<String>,
+    cfg_scale: Option<f64>,
+    #[serde(default)]
+    logits_eos_inf: bool,
+    #[serde(default)]
+    confidence_eos_eot_inf: bool,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: Value,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Value,
+}
+
+impl Sampling {
+    /// A gRPC request for `prompt_ids`; defaults: 128 tokens, one step per
+    /// token, blocks of 32 when that divides the length, greedy.
+    fn request(&self, c: &Coordinator, prompt_ids: Vec<u32>) -> Result<pb::GenerateRequest, ApiError> {
+        if let Some(m) = &self.model
+            && *m != c.model_name()
+        {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: format!("model '{m}' is not served here; GET /v1/models lists '{}'", c.model_name()),
+                kind: "invalid_request_error",
+                code: Some("model_not_found"),
+            });
+        }
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad_request("only n = 1 is supported"));
+        }
+        let gen_length = self.max_completion_tokens.or(self.max_tokens).unwrap_or(128);
+        let block_length = self
+            .block_length
+            .unwrap_or(if gen_length % 32 == 0 { 32 } else { gen_length });
+        let remasking = match self.remasking.as_deref() {
+            None | Some("low_confidence") => pb::Remasking::LowConfidence,
+            Some("random") => pb::Remasking::Random,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown remasking '{other}': expected 'low_confidence' or 'random'"
+                )));
+            }
+        };
+        Ok(pb::GenerateRequest {
+            prompt_ids,
+            gen_length: Some(gen_length),
+            steps: Some(self.steps.unwrap_or(gen_length)),
+            block_length: Some(block_length),
+            remasking: remasking as i32,
+            temperature: self.temperature.unwrap_or(0.0),
+            cfg_scale: self.cfg_scale.unwrap_or(0.0),
+            seed: self.seed.unwrap_or(0),
+            logits_eos_inf: self.logits_eos_inf,
+            confidence_eos_eot_inf: self.confidence_eos_eot_inf,
+            ..Default::default()
+        })
+    }
+}
+
+fn text_of(v: &Value, what: &str) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        // Content parts: [{"type": "text", "text": ...}, ...]
+        Value::Array(parts) if what == "content" => parts
+            .iter()
+            .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                (Some("text"), Some(t)) => Ok(t.to_string()),
+                _ => Err(ApiError::bad_request("only text content parts are supported")),
+            })
+            .collect(),
+        _ => Err(ApiError::bad_request(format!("{what} must be a string"))),
+    }
+}
+
+async fn completions(State(c): State<Arc<Coordinator>>, body: axum::body::Bytes) -> Response {
+    let result = async {
+        let req: CompletionRequest = parse(&body)?;
+        let prompt_ids = match &req.prompt {
+            Value::Array(items) if items.iter().all(Value::is_u64) => {
+                items.iter().map(|v| v.as_u64().unwrap_or(u64::MAX).min(u32::MAX as u64) as u32).collect()
+            }
+            Value::Array(items) if items.len() == 1 => encode(&c, &text_of(&items[0], "prompt")?)?,
+            Value::Array(_) => return Err(ApiError::bad_request("prompt must be one string (batches are not supported)")),
+            other => encode(&c, &text_of(other, "prompt")?)?,
+        };
+        let grpc = req.sampling.request(&c, prompt_ids)?;
+        run(c.clone(), grpc, req.sampling.stream, Kind::Completion).await
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_completions(State(c): State<Arc<Coordinator>>, body: axum::body::Bytes) -> Response {
+    let result = async {
+        let req: ChatRequest = parse(&body)?;
+        if req.messages.is_empty() {
+            return Err(ApiError::bad_request("messages is empty"));
+        }
+        let messages = req
+            .messages
+            .iter()
+            .map(|m| Ok(Message { role: m.role.clone(), content: text_of(&m.content, "content")? }))
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let prompt_ids = c
+            .meta
+            .codec
+            .encode_chat(&messages)
+            .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))?;
+        let grpc = req.sampling.request(&c, prompt_ids)?;
+        run(c.clone(), grpc, req.sampling.stream, Kind::Chat).await
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn encode(c: &Coordinator, text: &str) -> Result<Vec<u32>, ApiError> {
+    if text.trim().is_empty() {
+        return Err(ApiError::bad_request("the prompt is empty"));
+    }
+    c.meta
+        .codec
+        .encode(text)
+        .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}")))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn finish_reason(c: &Coordinator, done: &pb::GenerateResponse) -> &'static str {
+    if done.generated_ids.contains(&c.meta.special.eos) { "stop" } else { "length" }
+}
+
+fn usage(done: &pb::GenerateResponse) -> Value {
+    let (p, g) = (done.prompt_length, done.generated_ids.len() as u32);
+    json!({"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g})
+}
+
+async fn run(c: Arc<Coordinator>, grpc: pb::GenerateRequest, stream: bool, kind: Kind) -> Result<Response, ApiError> {
+    let canvas = c.canvas(&grpc)?;
+    let prompt_len = canvas.prompt_len();
+    let mut generated = canvas.generated().to_vec();
+    let mut events = c.start(canvas, stream, None)?;
+    let id = format!("{}-{:x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, rand_id());
+    let (created, model) = (now(), c.model_name());
+    if !stream {
+        while let Some(event) = events.recv().await {
+            if let Event::Done(done) = event? {
+                let choice = match kind {
+                    Kind::Completion => json!({"index": 0, "text": done.text, "logprobs": null, "finish_reason": finish_reason(&c, &done)}),
+                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": finish_reason(&c, &done)}),
+                };
+                let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+                return Ok(Json(json!({
+                    "id": id, "object": object, "created": created, "model": model,
+                    "choices": [choice], "usage": usage(&done),
+                }))
+                .into_response());
+            }
+        }
+        return Err(Status::internal("the request ended without a result").into());
+    }
+
+    let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let chunk = move |delta: &str, finish: Option<&str>, extra: Value| {
+        let choice = match kind {
+            Kind::Completion => json!({"index": 0, "text": delta, "logprobs": null, "finish_reason": finish}),
+            Kind::Chat => json!({"index": 0, "delta": {"role": "assistant", "content": delta}, "finish_reason": finish}),
+        };
+        let mut v = json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]});
+        if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
+            o.extend(e);
+        }
+        SseEvent::default().data(v.to_string())
+    };
+    let mask = c.meta.special.mask;
+    let codec = c.meta.codec.clone();
+    let c2 = c.clone();
+    let stream = async_stream_events(move |tx| async move {
+        let mut sent = String::new();
+        while let Some(event) = events.recv().await {
+            match event {
+                Ok(Event::Step(s)) => {
+                    for (&p, &t) in s.positions.iter().zip(&s.tokens) {
+                        if let Some(slot) = (p as usize).checked_sub(prompt_len).and_then(|i| generated.get_mut(i)) {
+                            *slot = t;
+                        }
+                    }
+                    let prefix = generated.iter().position(|&t| t == mask).unwrap_or(generated.len());
+                    let text = codec.decode(&generated[..prefix], true).unwrap_or_default();
+                    let delta = text.strip_prefix(sent.as_str()).unwrap_or("").to_string();
+                    if !delta.is_empty() {
+                        sent = text;
+                    }
+                    let extra = json!({"remask": {"step": s.step, "positions": s.positions, "tokens": s.tokens}});
+                    if tx.send(chunk(&delta, None, extra)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Done(done)) => {
+                    let rest = done.text.strip_prefix(sent.as_str()).unwrap_or("");
+                    let extra = json!({"usage": usage(&done)});
+                    let _ = tx.send(chunk(rest, Some(finish_reason(&c2, &done)), extra)).await;
+                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+                    return;
+                }
+                Err(status) => {
+                    let _ = tx.send(SseEvent::default().data(ApiError::from(status).body().to_string())).await;
+                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Sse::new(stream).into_response())
+}
+
+/// A stream fed by a task; the task ends (and the request is cancelled at
+/// the next step boundary) when the client goes away.
+fn async_stream_events<F, Fut>(f: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<SseEvent>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
+}
