@@ -17,7 +17,9 @@
 # helm 3; `helm template` of each, validated with `kubernetes-validate --strict` against
 # Kubernetes 1.27 and 1.37 and cross-checked (selectors, ports, volumes, the remask flags
 # that must agree between coordinator and workers); helm 3 and 4 render alike; the value
-# sets in helm/remask/ci/invalid/ are rejected with the expected message; the package.
+# sets in helm/remask/ci/invalid/ are rejected with the expected message; NOTES.txt renders;
+# the package leaves ci/invalid out; and, when target/release/remask exists, every flag the
+# files pass to `remask coordinator`/`worker` is in its --help (or listed as pending below).
 #
 # Usage: scripts/check-deploy.sh   (prints `check-deploy: N checks passed` and exits 0,
 # or lists the failures and exits 1)
@@ -589,6 +591,17 @@ must_fail() {
   grep -qiF -- "$expect" "$WORK/err" || { echo "rejected, but the message lacks \"$expect\":"; cat "$WORK/err"; return 1; }
 }
 
+nonempty() { [[ -s $1 ]] || { cat "$2"; return 1; }; }
+notes_render() {
+  "$HELM" install rel "$CHART" --dry-run=client -n remask -f "$1" >"$WORK/notes" &&
+    grep -q "port-forward svc/" "$WORK/notes"
+}
+refuses_kube() { ! "$HELM" template rel "$CHART" --kube-version "$1"; }
+package_ok() {
+  "$HELM" package "$CHART" -d "$WORK/pkg" >/dev/null || return 1
+  if tar tzf "$WORK"/pkg/remask-*.tgz | grep "ci/invalid/"; then return 1; fi
+}
+
 echo "check-deploy: $($HELM version --short), $($HELM3 version --short), kubernetes-validate $KV_VERSION (Kubernetes ${K8S_VERSIONS[*]})"
 
 echo "Dockerfile"
@@ -611,8 +624,7 @@ for f in deploy/k8s/*.yaml; do
   check "kubernetes-validate --strict $f" kv "$f"
 done
 "$KUBECTL" kustomize deploy/k8s >"$WORK/k8s.yaml" 2>"$WORK/k8s.err" || true
-check "kubectl kustomize deploy/k8s builds" \
-  bash -c '[[ -s $1 ]] || { cat "$2"; exit 1; }' _ "$WORK/k8s.yaml" "$WORK/k8s.err"
+check "kubectl kustomize deploy/k8s builds" nonempty "$WORK/k8s.yaml" "$WORK/k8s.err"
 check "deploy/k8s (all files): kubernetes-validate and cross-checks" validate "$WORK/k8s.yaml"
 
 echo "helm chart"
@@ -627,19 +639,17 @@ for values in "$CHART"/ci/*.yaml; do
   check "helm template ($set_name) | kubernetes-validate --strict, cross-checks" \
     validate "$out" "${externals[@]}"
   check "helm 3 and helm 4 render ($set_name) alike" diff -u "$out" "$out.h3"
+  check "NOTES.txt renders ($set_name)" notes_render "$values"
 done
 check "helm template at Kubernetes 1.27 (the oldest kubeVersion allowed)" \
   "$HELM" template rel "$CHART" --kube-version 1.27.0
-check "helm template refuses Kubernetes 1.26 (no native gRPC probes)" \
-  bash -c '! "$1" template rel "$2" --kube-version 1.26.0' _ "$HELM" "$CHART"
+check "helm template refuses Kubernetes 1.26 (no native gRPC probes)" refuses_kube 1.26.0
 for values in "$CHART"/ci/invalid/*.yaml; do
   set_name=$(basename "$values" .yaml)
   check "rejected by helm 4: $set_name" must_fail "$HELM" "$values"
   check "rejected by helm 3: $set_name" must_fail "$HELM3" "$values"
 done
-check "helm package (ci/invalid left out)" bash -c '
-  "$1" package "$2" -d "$3" >/dev/null && ! tar tzf "$3"/remask-*.tgz | grep -q "ci/invalid/"' \
-  _ "$HELM" "$CHART" "$WORK"
+check "helm package (ci/invalid left out)" package_ok
 
 BIN=${REMASK_BIN:-target/release/remask}
 if [[ -x $BIN ]]; then

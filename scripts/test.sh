@@ -27,4 +27,6 @@ fi
 cargo build --release --locked -p remask-cli
 export REMASK_BIN="$PWD/target/release/remask"
 cargo test --release --locked --workspace
+# Dockerfile, compose, Kubernetes manifests and the Helm chart, offline.
+scripts/check-deploy.sh
 python3 -m pytest -q tests/reference tests/grpc

@@ -1119,7 +1119,9 @@ fn mutual_tls_between_coordinator_and_workers() {
     let want = local(tiny(), &request);
 
     // The right certificates: served over TLS, same result as in process.
-    let coordinator = start_coordinator("tls-coordinator", tls(&good, &good.ca));
+    let mut extra = tls(&good, &good.ca);
+    extra.extend(argv("--http-listen 127.0.0.1:0", &[]));
+    let coordinator = start_coordinator("tls-coordinator", extra);
     let endpoint = format!("https://{}", coordinator.addr);
     let mut with_ca = request.clone();
     with_ca.extend(argv("--tls-ca", &[path_str(&good.ca)]));
@@ -1138,6 +1140,25 @@ fn mutual_tls_between_coordinator_and_workers() {
         thread::sleep(Duration::from_millis(100));
     };
     assert_same("over mutual TLS", &got, &want);
+    // The HTTP API is served over TLS with the same certificate.
+    let log = coordinator.log();
+    let http = log
+        .split("HTTP on ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("no HTTP address in the coordinator's log:\n{log}"));
+    let curl = |extra: &[&str]| {
+        Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(extra)
+            .arg(format!("https://{http}/health"))
+            .output()
+            .expect("curl")
+    };
+    let ok = curl(&["--cacert", path_str(&good.ca)]);
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "200", "HTTPS /health with the CA");
+    let refused = curl(&["--cacert", path_str(&rogue.ca)]);
+    assert_ne!(String::from_utf8_lossy(&refused.stdout), "200", "HTTPS trusted by another CA");
     // A client that does not speak TLS, or does not trust the CA, gets nothing.
     let plain = remote(&format!("http://{}", coordinator.addr), &request);
     assert!(!plain.status.success(), "plaintext to a TLS coordinator succeeded");

@@ -210,7 +210,8 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     let ckpt = Checkpoint::open(&dir)?;
     let shard = Shard::full(&ckpt.config);
     let runner = ShardRunner::load(&ckpt, shard.clone())?;
-    let public_tls = args.tls.files().public_server().map_err(tls_usage)?;
+    let tls_files = args.tls.files();
+    tls_files.public_server().map_err(tls_usage)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let pipeline = Pipeline {
@@ -226,12 +227,12 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
         metrics.shard_coverage.get_or_create(metrics.model()).set(1.0);
         let coordinator = start_coordinator(meta, &args.batch, &args.front, pipeline_rx, failures_tx, 1, metrics)?;
         eprintln!(
-            "remask serve: {} on {}{} (in-process worker)",
+            "remask serve: {} with an in-process worker{}; gRPC on {}",
             dir.display(),
-            listener.local_addr().map_err(anyhow::Error::from)?,
             http_note(&http),
+            listener.local_addr().map_err(anyhow::Error::from)?,
         );
-        server::serve_coordinator(listener, http, public_tls, coordinator, shutdown_signal()).await?;
+        server::serve_coordinator(listener, http, &tls_files, coordinator, shutdown_signal()).await?;
         Ok(())
     })
 }
@@ -305,9 +306,9 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
             args.stages
         )));
     }
-    let tls = args.tls.files();
-    let public_tls = tls.public_server().map_err(tls_usage)?;
-    let worker_tls = tls.worker_client().map_err(tls_usage)?;
+    let tls_files = args.tls.files();
+    tls_files.public_server().map_err(tls_usage)?;
+    let worker_tls = tls_files.worker_client().map_err(tls_usage)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let members = match (&args.etcd, &args.workers) {
@@ -342,12 +343,12 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
             metrics,
         )?;
         eprintln!(
-            "remask coordinator: {} stages on {}{}",
+            "remask coordinator: {} stages{}; gRPC on {}",
             args.stages,
-            listener.local_addr().map_err(anyhow::Error::from)?,
             http_note(&http),
+            listener.local_addr().map_err(anyhow::Error::from)?,
         );
-        server::serve_coordinator(listener, http, public_tls, coordinator, shutdown_signal()).await?;
+        server::serve_coordinator(listener, http, &tls_files, coordinator, shutdown_signal()).await?;
         Ok(())
     })
 }

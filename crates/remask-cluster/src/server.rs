@@ -43,19 +43,36 @@ fn reflection_v1alpha() -> anyhow::Result<
 pub async fn serve_coordinator(
     listener: tokio::net::TcpListener,
     http: Option<tokio::net::TcpListener>,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls_files: &crate::tls::TlsFiles,
     coordinator: Arc<Coordinator>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let tls = tls_files.public_server()?;
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     if let Some(http) = http {
         let router = crate::http::router(coordinator.clone());
         let stop = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(http, router).with_graceful_shutdown(stop).await {
-                tracing::error!(error = %e, "the HTTP server stopped");
+        // TLS on the HTTP API too, with the same certificate as gRPC.
+        let https = match tls {
+            Some(_) => Some(crate::tls::HttpsListener::new(http, tls_files)?),
+            None => {
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(http, router).with_graceful_shutdown(stop).await {
+                        tracing::error!(error = %e, "the HTTP server stopped");
+                    }
+                });
+                None
             }
-        });
+        };
+        if let Some(https) = https {
+            let router = crate::http::router(coordinator.clone());
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(https, router).with_graceful_shutdown(stop).await {
+                    tracing::error!(error = %e, "the HTTPS server stopped");
+                }
+            });
+        }
     }
     let (reporter, health) = tonic_health::server::health_reporter();
     let mut pipeline: watch::Receiver<Option<Arc<Pipeline>>> = coordinator.pipeline.clone();
