@@ -26,35 +26,9 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 // Harness
 // ---------------------------------------------------------------------------
 
-/// The `remask` binary under test.
-fn bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os("REMASK_BIN") {
-            let path = PathBuf::from(path);
-            assert!(
-                path.is_file(),
-                "REMASK_BIN={} is not a file",
-                path.display()
-            );
-            return path;
-        }
-        // This test executable is target/<profile>/deps/cli-<hash>.
-        let exe = std::env::current_exe().expect("the test executable's path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test executable lives in target/<profile>/deps/");
-        let path = profile_dir.join(format!("remask{}", std::env::consts::EXE_SUFFIX));
-        assert!(
-            path.is_file(),
-            "{} does not exist: run `cargo build --release -p remask-cli` first \
-             (`cargo build -p remask-cli` for a debug test run), or set REMASK_BIN",
-            path.display()
-        );
-        path
-    })
-}
+#[path = "support/bin.rs"]
+mod support_bin;
+use support_bin::bin;
 
 /// A directory for the whole test process: the shared tiny checkpoint and a
 /// scratch cache. It is never deleted (statics are not dropped), one per run.

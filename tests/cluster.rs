@@ -51,35 +51,9 @@ const PROBE: &str = "--prompt-ids 1,2,3 --gen-length 4 --steps 4 --block-length 
 // Harness: the binary, scratch dirs, checkpoints
 // ---------------------------------------------------------------------------
 
-/// The `remask` binary under test.
-fn bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os("REMASK_BIN") {
-            let path = PathBuf::from(path);
-            assert!(
-                path.is_file(),
-                "REMASK_BIN={} is not a file",
-                path.display()
-            );
-            return path;
-        }
-        // This test executable is target/<profile>/deps/cluster-<hash>.
-        let exe = std::env::current_exe().expect("the test executable's path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("the test executable lives in target/<profile>/deps/");
-        let path = profile_dir.join(format!("remask{}", std::env::consts::EXE_SUFFIX));
-        assert!(
-            path.is_file(),
-            "{} does not exist: run `cargo build --release -p remask-cli` first \
-             (`cargo build -p remask-cli` for a debug test run), or set REMASK_BIN",
-            path.display()
-        );
-        path
-    })
-}
+#[path = "support/bin.rs"]
+mod support_bin;
+use support_bin::bin;
 
 /// A directory for the whole test process: the shared checkpoints, a scratch
 /// cache and the servers' logs. Never deleted (statics are not dropped).
@@ -1110,12 +1084,24 @@ fn mutual_tls_between_coordinator_and_workers() {
     let worker = Server::start(&logs, "tls-worker", "remask worker tls-worker:", &args, &[]);
 
     let start_coordinator = |name: &str, extra: Vec<String>| {
-        let mut args = argv("coordinator --listen 127.0.0.1:0 --stages 1 --model", &[path_str(tiny())]);
+        let mut args = argv(
+            "coordinator --listen 127.0.0.1:0 --stages 1 --model",
+            &[path_str(tiny())],
+        );
         args.extend(argv("--workers", &[&worker.addr]));
         args.extend(extra);
-        Server::start(&logs, name, "remask coordinator:", &args, &[("REMASK_LOG", "remask_cluster=info,warn")])
+        Server::start(
+            &logs,
+            name,
+            "remask coordinator:",
+            &args,
+            &[("REMASK_LOG", "remask_cluster=info,warn")],
+        )
     };
-    let request = argv("--prompt-ids 1,2,3 --gen-length 8 --steps 8 --block-length 8", &[]);
+    let request = argv(
+        "--prompt-ids 1,2,3 --gen-length 8 --steps 8 --block-length 8",
+        &[],
+    );
     let want = local(tiny(), &request);
 
     // The right certificates: served over TLS, same result as in process.
@@ -1156,16 +1142,30 @@ fn mutual_tls_between_coordinator_and_workers() {
             .expect("curl")
     };
     let ok = curl(&["--cacert", path_str(&good.ca)]);
-    assert_eq!(String::from_utf8_lossy(&ok.stdout), "200", "HTTPS /health with the CA");
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout),
+        "200",
+        "HTTPS /health with the CA"
+    );
     let refused = curl(&["--cacert", path_str(&rogue.ca)]);
-    assert_ne!(String::from_utf8_lossy(&refused.stdout), "200", "HTTPS trusted by another CA");
+    assert_ne!(
+        String::from_utf8_lossy(&refused.stdout),
+        "200",
+        "HTTPS trusted by another CA"
+    );
     // A client that does not speak TLS, or does not trust the CA, gets nothing.
     let plain = remote(&format!("http://{}", coordinator.addr), &request);
-    assert!(!plain.status.success(), "plaintext to a TLS coordinator succeeded");
+    assert!(
+        !plain.status.success(),
+        "plaintext to a TLS coordinator succeeded"
+    );
     let mut wrong_ca = request.clone();
     wrong_ca.extend(argv("--tls-ca", &[path_str(&rogue.ca)]));
     let untrusted = remote(&endpoint, &wrong_ca);
-    assert!(!untrusted.status.success(), "a client trusting another CA connected");
+    assert!(
+        !untrusted.status.success(),
+        "a client trusting another CA connected"
+    );
     drop(coordinator);
 
     // A coordinator whose certificate another CA signed is refused by the
@@ -1177,7 +1177,11 @@ fn mutual_tls_between_coordinator_and_workers() {
     thread::sleep(Duration::from_millis(1500));
     let out = remote(&endpoint, &rogue_client);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    assert!(stderr(&out).to_lowercase().contains("unavailable"), "{}", describe(&out));
+    assert!(
+        stderr(&out).to_lowercase().contains("unavailable"),
+        "{}",
+        describe(&out)
+    );
     assert!(
         rogue_coordinator.log().contains("cannot load the shard"),
         "the worker should have refused the rogue coordinator:\n{}",
@@ -1188,5 +1192,9 @@ fn mutual_tls_between_coordinator_and_workers() {
     // Without TLS the coordinator cannot reach the worker at all.
     let plain_coordinator = start_coordinator("plain-coordinator", Vec::new());
     thread::sleep(Duration::from_millis(1500));
-    assert_unavailable_fast(&logs, &plain_coordinator.addr, "a plaintext coordinator and a TLS worker");
+    assert_unavailable_fast(
+        &logs,
+        &plain_coordinator.addr,
+        "a plaintext coordinator and a TLS worker",
+    );
 }

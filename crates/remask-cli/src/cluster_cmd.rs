@@ -36,7 +36,12 @@ pub struct FrontArgs {
     pub http_listen: Option<SocketAddr>,
     /// A client API key (repeat the flag, or comma-separate in REMASK_API_KEY);
     /// with any key set, requests need `Authorization: Bearer <key>`.
-    #[arg(long = "api-key", env = "REMASK_API_KEY", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "api-key",
+        env = "REMASK_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub api_keys: Vec<String>,
     /// A file of client API keys, one per line.
     #[arg(long, env = "REMASK_API_KEY_FILE")]
@@ -224,15 +229,27 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
         let http = bind_http(&args.front).await?;
         let metrics = Arc::new(Metrics::new(&model_name(&meta.dir)));
         metrics.workers.get_or_create(metrics.model()).set(1);
-        metrics.shard_coverage.get_or_create(metrics.model()).set(1.0);
-        let coordinator = start_coordinator(meta, &args.batch, &args.front, pipeline_rx, failures_tx, 1, metrics)?;
+        metrics
+            .shard_coverage
+            .get_or_create(metrics.model())
+            .set(1.0);
+        let coordinator = start_coordinator(
+            meta,
+            &args.batch,
+            &args.front,
+            pipeline_rx,
+            failures_tx,
+            1,
+            metrics,
+        )?;
         eprintln!(
             "remask serve: {} with an in-process worker{}; gRPC on {}",
             dir.display(),
             http_note(&http),
             listener.local_addr().map_err(anyhow::Error::from)?,
         );
-        server::serve_coordinator(listener, http, &tls_files, coordinator, shutdown_signal()).await?;
+        server::serve_coordinator(listener, http, &tls_files, coordinator, shutdown_signal())
+            .await?;
         Ok(())
     })
 }
@@ -263,7 +280,11 @@ fn start_coordinator(
     let api_keys = ApiKeys::load(&front.api_keys, front.api_key_file.as_deref()).map_err(|e| {
         CliError::Usage(format!(
             "cannot read --api-key-file {}: {e}",
-            front.api_key_file.as_deref().unwrap_or(Path::new("")).display()
+            front
+                .api_key_file
+                .as_deref()
+                .unwrap_or(Path::new(""))
+                .display()
         ))
     })?;
     let scheduler = Scheduler::start(
@@ -348,7 +369,8 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
             http_note(&http),
             listener.local_addr().map_err(anyhow::Error::from)?,
         );
-        server::serve_coordinator(listener, http, &tls_files, coordinator, shutdown_signal()).await?;
+        server::serve_coordinator(listener, http, &tls_files, coordinator, shutdown_signal())
+            .await?;
         Ok(())
     })
 }
@@ -375,7 +397,10 @@ pub fn worker(args: WorkerArgs) -> CliResult {
         let id = args.id.clone().unwrap_or_else(|| advertise.clone());
         let info = WorkerInfo {
             id: id.clone(),
-            addr: format!("{}://{advertise}", if tls.is_some() { "https" } else { "http" }),
+            addr: format!(
+                "{}://{advertise}",
+                if tls.is_some() { "https" } else { "http" }
+            ),
             backend: args.backend.clone(),
             devices: Vec::new(),
         };

@@ -18,7 +18,12 @@ pub struct GenerateArgs {
     #[arg(long, env = "REMASK_ENDPOINT")]
     pub endpoint: Option<String>,
     /// API key for --endpoint (sent as `authorization: Bearer <key>`).
-    #[arg(long, env = "REMASK_API_KEY", requires = "endpoint", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "REMASK_API_KEY",
+        requires = "endpoint",
+        hide_env_values = true
+    )]
     pub api_key: Option<String>,
     /// CA (PEM) to verify an https:// --endpoint with.
     #[arg(long, env = "REMASK_TLS_CA", requires = "endpoint")]

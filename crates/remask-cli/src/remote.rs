@@ -22,9 +22,9 @@ fn status_error(s: tonic::Status) -> CliError {
 fn with_key<T>(key: Option<&str>, message: T) -> CliResult<tonic::Request<T>> {
     let mut r = tonic::Request::new(message);
     if let Some(key) = key {
-        let value = format!("Bearer {key}")
-            .parse()
-            .map_err(|_| CliError::Usage("--api-key has characters a header cannot carry".into()))?;
+        let value = format!("Bearer {key}").parse().map_err(|_| {
+            CliError::Usage("--api-key has characters a header cannot carry".into())
+        })?;
         r.metadata_mut().insert("authorization", value);
     }
     Ok(r)
@@ -69,7 +69,10 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
     rt.block_on(async {
         let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone())
             .map_err(|e| CliError::Usage(format!("bad --endpoint {url}: {e}")))?;
-        let tls = remask_cluster::tls::TlsFiles { ca: args.tls_ca.clone(), ..Default::default() };
+        let tls = remask_cluster::tls::TlsFiles {
+            ca: args.tls_ca.clone(),
+            ..Default::default()
+        };
         if let Some(config) = tls.client().map_err(|e| CliError::Usage(e.to_string()))? {
             endpoint = endpoint
                 .tls_config(config)
@@ -79,8 +82,7 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
             .connect()
             .await
             .map_err(|e| CliError::Usage(format!("cannot connect to {url}: {e}")))?;
-        let mut client = GenerationClient::new(channel)
-            .max_decoding_message_size(64 << 20);
+        let mut client = GenerationClient::new(channel).max_decoding_message_size(64 << 20);
         let info = client
             .model_info(with_key(args.api_key.as_deref(), pb::ModelInfoRequest {})?)
             .await

@@ -42,7 +42,9 @@ impl ApiKeys {
         };
         // Compare against every key in constant time per key, so the
         // response time does not tell how much of a key was right.
-        self.keys.iter().fold(false, |ok, k| ok | constant_time_eq(k.as_bytes(), key.trim().as_bytes()))
+        self.keys.iter().fold(false, |ok, k| {
+            ok | constant_time_eq(k.as_bytes(), key.trim().as_bytes())
+        })
     }
 }
 

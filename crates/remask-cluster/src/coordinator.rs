@@ -120,7 +120,8 @@ impl Coordinator {
             ));
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        self.scheduler.submit(Job::new(canvas, tx, stream, deadline))?;
+        self.scheduler
+            .submit(Job::new(canvas, tx, stream, deadline))?;
         Ok(rx)
     }
 
@@ -130,7 +131,13 @@ impl Coordinator {
         request: &Request<T>,
         canvas: Canvas,
         stream: bool,
-    ) -> Result<(mpsc::UnboundedReceiver<Result<Event, Status>>, Option<Instant>), Status> {
+    ) -> Result<
+        (
+            mpsc::UnboundedReceiver<Result<Event, Status>>,
+            Option<Instant>,
+        ),
+        Status,
+    > {
         let deadline = grpc_timeout(request.metadata()).map(|t| Instant::now() + t);
         Ok((self.start(canvas, stream, deadline)?, deadline))
     }

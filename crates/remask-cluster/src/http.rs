@@ -34,7 +34,10 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route_layer(middleware::from_fn_with_state(coordinator.clone(), require_key));
+        .route_layer(middleware::from_fn_with_state(
+            coordinator.clone(),
+            require_key,
+        ));
     Router::new()
         .merge(v1)
         .route("/health", get(health))
@@ -69,10 +72,24 @@ impl From<Status> for ApiError {
     fn from(s: Status) -> Self {
         let (status, kind, code) = match s.code() {
             Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
-            Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "invalid_request_error", Some("invalid_api_key")),
-            Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", Some("queue_full")),
-            Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("unavailable")),
-            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "server_error", Some("timeout")),
+            Code::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
+            Code::ResourceExhausted => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("queue_full"),
+            ),
+            Code::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("unavailable"),
+            ),
+            Code::DeadlineExceeded => {
+                (StatusCode::GATEWAY_TIMEOUT, "server_error", Some("timeout"))
+            }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         };
         ApiError {
@@ -96,7 +113,9 @@ async fn require_key(
     request: Request,
     next: Next,
 ) -> Response {
-    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     if c.api_keys.allows(auth) {
         next.run(request).await
     } else {
@@ -111,14 +130,18 @@ async fn health(State(c): State<Arc<Coordinator>>) -> Response {
     if c.is_ready() {
         (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
     } else {
-        let body = json!({"status": "unavailable", "reason": "the cluster has no complete set of shards"});
+        let body =
+            json!({"status": "unavailable", "reason": "the cluster has no complete set of shards"});
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
 
 async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         c.metrics.render(),
     )
         .into_response()
@@ -176,13 +199,20 @@ struct ChatMessage {
 impl Sampling {
     /// A gRPC request for `prompt_ids`; defaults: 128 tokens, one step per
     /// token, blocks of 32 when that divides the length, greedy.
-    fn request(&self, c: &Coordinator, prompt_ids: Vec<u32>) -> Result<pb::GenerateRequest, ApiError> {
+    fn request(
+        &self,
+        c: &Coordinator,
+        prompt_ids: Vec<u32>,
+    ) -> Result<pb::GenerateRequest, ApiError> {
         if let Some(m) = &self.model
             && *m != c.model_name()
         {
             return Err(ApiError {
                 status: StatusCode::NOT_FOUND,
-                message: format!("model '{m}' is not served here; GET /v1/models lists '{}'", c.model_name()),
+                message: format!(
+                    "model '{m}' is not served here; GET /v1/models lists '{}'",
+                    c.model_name()
+                ),
                 kind: "invalid_request_error",
                 code: Some("model_not_found"),
             });
@@ -190,10 +220,17 @@ impl Sampling {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad_request("only n = 1 is supported"));
         }
-        let gen_length = self.max_completion_tokens.or(self.max_tokens).unwrap_or(128);
+        let gen_length = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(128);
         let block_length = self
             .block_length
-            .unwrap_or(if gen_length % 32 == 0 { 32 } else { gen_length });
+            .unwrap_or(if gen_length.is_multiple_of(32) {
+                32
+            } else {
+                gen_length
+            });
         let remasking = match self.remasking.as_deref() {
             None | Some("low_confidence") => pb::Remasking::LowConfidence,
             Some("random") => pb::Remasking::Random,
@@ -225,9 +262,16 @@ fn text_of(v: &Value, what: &str) -> Result<String, ApiError> {
         // Content parts: [{"type": "text", "text": ...}, ...]
         Value::Array(parts) if what == "content" => parts
             .iter()
-            .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                (Some("text"), Some(t)) => Ok(t.to_string()),
-                _ => Err(ApiError::bad_request("only text content parts are supported")),
+            .map(|p| {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(t)) => Ok(t.to_string()),
+                    _ => Err(ApiError::bad_request(
+                        "only text content parts are supported",
+                    )),
+                }
             })
             .collect(),
         _ => Err(ApiError::bad_request(format!("{what} must be a string"))),
@@ -238,11 +282,16 @@ async fn completions(State(c): State<Arc<Coordinator>>, body: axum::body::Bytes)
     let result = async {
         let req: CompletionRequest = parse(&body)?;
         let prompt_ids = match &req.prompt {
-            Value::Array(items) if items.iter().all(Value::is_u64) => {
-                items.iter().map(|v| v.as_u64().unwrap_or(u64::MAX).min(u32::MAX as u64) as u32).collect()
-            }
+            Value::Array(items) if items.iter().all(Value::is_u64) => items
+                .iter()
+                .map(|v| v.as_u64().unwrap_or(u64::MAX).min(u32::MAX as u64) as u32)
+                .collect(),
             Value::Array(items) if items.len() == 1 => encode(&c, &text_of(&items[0], "prompt")?)?,
-            Value::Array(_) => return Err(ApiError::bad_request("prompt must be one string (batches are not supported)")),
+            Value::Array(_) => {
+                return Err(ApiError::bad_request(
+                    "prompt must be one string (batches are not supported)",
+                ));
+            }
             other => encode(&c, &text_of(other, "prompt")?)?,
         };
         let grpc = req.sampling.request(&c, prompt_ids)?;
@@ -261,13 +310,17 @@ async fn chat_completions(State(c): State<Arc<Coordinator>>, body: axum::body::B
         let messages = req
             .messages
             .iter()
-            .map(|m| Ok(Message { role: m.role.clone(), content: text_of(&m.content, "content")? }))
+            .map(|m| {
+                Ok(Message {
+                    role: m.role.clone(),
+                    content: text_of(&m.content, "content")?,
+                })
+            })
             .collect::<Result<Vec<_>, ApiError>>()?;
-        let prompt_ids = c
-            .meta
-            .codec
-            .encode_chat(&messages)
-            .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))?;
+        let prompt_ids =
+            c.meta.codec.encode_chat(&messages).map_err(|e| {
+                ApiError::bad_request(format!("cannot apply the chat template: {e}"))
+            })?;
         let grpc = req.sampling.request(&c, prompt_ids)?;
         run(c.clone(), grpc, req.sampling.stream, Kind::Chat).await
     }
@@ -276,7 +329,8 @@ async fn chat_completions(State(c): State<Arc<Coordinator>>, body: axum::body::B
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn encode(c: &Coordinator, text: &str) -> Result<Vec<u32>, ApiError> {
@@ -296,11 +350,17 @@ enum Kind {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn finish_reason(c: &Coordinator, done: &pb::GenerateResponse) -> &'static str {
-    if done.generated_ids.contains(&c.meta.special.eos) { "stop" } else { "length" }
+    if done.generated_ids.contains(&c.meta.special.eos) {
+        "stop"
+    } else {
+        "length"
+    }
 }
 
 fn usage(done: &pb::GenerateResponse) -> Value {
@@ -308,21 +368,42 @@ fn usage(done: &pb::GenerateResponse) -> Value {
     json!({"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g})
 }
 
-async fn run(c: Arc<Coordinator>, grpc: pb::GenerateRequest, stream: bool, kind: Kind) -> Result<Response, ApiError> {
+async fn run(
+    c: Arc<Coordinator>,
+    grpc: pb::GenerateRequest,
+    stream: bool,
+    kind: Kind,
+) -> Result<Response, ApiError> {
     let canvas = c.canvas(&grpc)?;
     let prompt_len = canvas.prompt_len();
     let mut generated = canvas.generated().to_vec();
     let mut events = c.start(canvas, stream, None)?;
-    let id = format!("{}-{:x}", if kind == Kind::Chat { "chatcmpl" } else { "cmpl" }, rand_id());
+    let id = format!(
+        "{}-{:x}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        rand_id()
+    );
     let (created, model) = (now(), c.model_name());
     if !stream {
         while let Some(event) = events.recv().await {
             if let Event::Done(done) = event? {
                 let choice = match kind {
-                    Kind::Completion => json!({"index": 0, "text": done.text, "logprobs": null, "finish_reason": finish_reason(&c, &done)}),
-                    Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": finish_reason(&c, &done)}),
+                    Kind::Completion => {
+                        json!({"index": 0, "text": done.text, "logprobs": null, "finish_reason": finish_reason(&c, &done)})
+                    }
+                    Kind::Chat => {
+                        json!({"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": finish_reason(&c, &done)})
+                    }
                 };
-                let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+                let object = if kind == Kind::Chat {
+                    "chat.completion"
+                } else {
+                    "text_completion"
+                };
                 return Ok(Json(json!({
                     "id": id, "object": object, "created": created, "model": model,
                     "choices": [choice], "usage": usage(&done),
@@ -333,11 +414,19 @@ async fn run(c: Arc<Coordinator>, grpc: pb::GenerateRequest, stream: bool, kind:
         return Err(Status::internal("the request ended without a result").into());
     }
 
-    let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let object = if kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let chunk = move |delta: &str, finish: Option<&str>, extra: Value| {
         let choice = match kind {
-            Kind::Completion => json!({"index": 0, "text": delta, "logprobs": null, "finish_reason": finish}),
-            Kind::Chat => json!({"index": 0, "delta": {"role": "assistant", "content": delta}, "finish_reason": finish}),
+            Kind::Completion => {
+                json!({"index": 0, "text": delta, "logprobs": null, "finish_reason": finish})
+            }
+            Kind::Chat => {
+                json!({"index": 0, "delta": {"role": "assistant", "content": delta}, "finish_reason": finish})
+            }
         };
         let mut v = json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]});
         if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
@@ -354,11 +443,17 @@ async fn run(c: Arc<Coordinator>, grpc: pb::GenerateRequest, stream: bool, kind:
             match event {
                 Ok(Event::Step(s)) => {
                     for (&p, &t) in s.positions.iter().zip(&s.tokens) {
-                        if let Some(slot) = (p as usize).checked_sub(prompt_len).and_then(|i| generated.get_mut(i)) {
+                        if let Some(slot) = (p as usize)
+                            .checked_sub(prompt_len)
+                            .and_then(|i| generated.get_mut(i))
+                        {
                             *slot = t;
                         }
                     }
-                    let prefix = generated.iter().position(|&t| t == mask).unwrap_or(generated.len());
+                    let prefix = generated
+                        .iter()
+                        .position(|&t| t == mask)
+                        .unwrap_or(generated.len());
                     let text = codec.decode(&generated[..prefix], true).unwrap_or_default();
                     let delta = text.strip_prefix(sent.as_str()).unwrap_or("").to_string();
                     if !delta.is_empty() {
@@ -372,12 +467,16 @@ async fn run(c: Arc<Coordinator>, grpc: pb::GenerateRequest, stream: bool, kind:
                 Ok(Event::Done(done)) => {
                     let rest = done.text.strip_prefix(sent.as_str()).unwrap_or("");
                     let extra = json!({"usage": usage(&done)});
-                    let _ = tx.send(chunk(rest, Some(finish_reason(&c2, &done)), extra)).await;
+                    let _ = tx
+                        .send(chunk(rest, Some(finish_reason(&c2, &done)), extra))
+                        .await;
                     let _ = tx.send(SseEvent::default().data("[DONE]")).await;
                     return;
                 }
                 Err(status) => {
-                    let _ = tx.send(SseEvent::default().data(ApiError::from(status).body().to_string())).await;
+                    let _ = tx
+                        .send(SseEvent::default().data(ApiError::from(status).body().to_string()))
+                        .await;
                     let _ = tx.send(SseEvent::default().data("[DONE]")).await;
                     return;
                 }
@@ -402,6 +501,10 @@ where
 fn rand_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.finish()
 }

@@ -44,6 +44,7 @@ pub struct Manager {
 }
 
 impl Manager {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: String,
         shards: Vec<Shard>,
@@ -153,7 +154,8 @@ impl Manager {
         let tls = self.tls.clone();
         async move {
             let result = async {
-                let mut endpoint = Endpoint::from_shared(worker.addr.clone()).map_err(|e| e.to_string())?;
+                let mut endpoint =
+                    Endpoint::from_shared(worker.addr.clone()).map_err(|e| e.to_string())?;
                 if let Some(tls) = tls.filter(|_| worker.addr.starts_with("https://")) {
                     endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
                 }

@@ -76,18 +76,66 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("remask:num_requests_running", "Requests in the running batch", m.running.clone());
-        r.register("remask:num_requests_waiting", "Requests waiting for a place in the batch", m.waiting.clone());
-        r.register("remask:prompt_tokens", "Prompt tokens of finished requests", m.prompt_tokens.clone());
-        r.register("remask:generation_tokens", "Generated tokens of finished requests", m.generation_tokens.clone());
-        r.register("remask:request_success", "Finished requests by finish reason", m.request_success.clone());
-        r.register("remask:e2e_request_latency_seconds", "Request latency from arrival to result", m.e2e_latency.clone());
-        r.register("remask:request_queue_time_seconds", "Time waiting for a place in the batch", m.queue_time.clone());
-        r.register("remask:time_per_denoising_step_seconds", "Wall time of one denoising step of the batch", m.step_time.clone());
-        r.register("remask:tokens_committed_per_step", "Tokens a request commits in one step", m.tokens_per_step.clone());
-        r.register("remask:stage_forward_time_seconds", "Forward time of one stage, transfers included", m.stage_forward_time.clone());
-        r.register("remask:workers", "Workers holding a stage", m.workers.clone());
-        r.register("remask:shard_coverage", "Fraction of the stages with a loaded worker", m.shard_coverage.clone());
+        r.register(
+            "remask:num_requests_running",
+            "Requests in the running batch",
+            m.running.clone(),
+        );
+        r.register(
+            "remask:num_requests_waiting",
+            "Requests waiting for a place in the batch",
+            m.waiting.clone(),
+        );
+        r.register(
+            "remask:prompt_tokens",
+            "Prompt tokens of finished requests",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "remask:generation_tokens",
+            "Generated tokens of finished requests",
+            m.generation_tokens.clone(),
+        );
+        r.register(
+            "remask:request_success",
+            "Finished requests by finish reason",
+            m.request_success.clone(),
+        );
+        r.register(
+            "remask:e2e_request_latency_seconds",
+            "Request latency from arrival to result",
+            m.e2e_latency.clone(),
+        );
+        r.register(
+            "remask:request_queue_time_seconds",
+            "Time waiting for a place in the batch",
+            m.queue_time.clone(),
+        );
+        r.register(
+            "remask:time_per_denoising_step_seconds",
+            "Wall time of one denoising step of the batch",
+            m.step_time.clone(),
+        );
+        r.register(
+            "remask:tokens_committed_per_step",
+            "Tokens a request commits in one step",
+            m.tokens_per_step.clone(),
+        );
+        r.register(
+            "remask:stage_forward_time_seconds",
+            "Forward time of one stage, transfers included",
+            m.stage_forward_time.clone(),
+        );
+        r.register(
+            "remask:workers",
+            "Workers holding a stage",
+            m.workers.clone(),
+        );
+        r.register(
+            "remask:shard_coverage",
+            "Fraction of the stages with a loaded worker",
+            m.shard_coverage.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -113,7 +161,8 @@ impl Metrics {
     /// The exposition text for `/metrics`.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
         out
     }
 }

@@ -169,7 +169,9 @@ async fn run(mut queue: mpsc::Receiver<Job>, max_batch: usize, ctx: Context) {
             for job in running.drain(..) {
                 ctx.abort(
                     job,
-                    Status::unavailable("the cluster has no complete set of shards: waiting for workers"),
+                    Status::unavailable(
+                        "the cluster has no complete set of shards: waiting for workers",
+                    ),
                 );
             }
             continue;
@@ -210,7 +212,9 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) {
             Err(failure) => {
                 tracing::warn!(%failure, "forward pass failed; failing the running requests");
                 for job in running.drain(..) {
-                    let status = Status::unavailable(format!("a worker failed during the request: {failure}"));
+                    let status = Status::unavailable(format!(
+                        "a worker failed during the request: {failure}"
+                    ));
                     ctx.abort(job, status);
                 }
                 let _ = ctx.failures.send(failure);
@@ -230,7 +234,9 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) {
         });
         let committed = job.canvas.commit(plan, &preds);
         if plan.transfer > 0 {
-            m.tokens_per_step.get_or_create(m.model()).observe(committed.len() as f64);
+            m.tokens_per_step
+                .get_or_create(m.model())
+                .observe(committed.len() as f64);
         }
         if job.stream {
             let _ = job.events.send(Ok(Event::Step(pb::StepUpdate {
@@ -241,19 +247,33 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) {
             })));
         }
     }
-    m.step_time.get_or_create(m.model()).observe(started.elapsed().as_secs_f64());
+    m.step_time
+        .get_or_create(m.model())
+        .observe(started.elapsed().as_secs_f64());
     running.retain(|job| {
         if !job.canvas.is_done() {
             return true;
         }
         let c = &job.canvas;
-        let reason = if c.generated().contains(&c.predict_options().eos) { "stop" } else { "length" };
+        let reason = if c.generated().contains(&c.predict_options().eos) {
+            "stop"
+        } else {
+            "length"
+        };
         m.request_success.get_or_create(&m.finished(reason)).inc();
-        m.prompt_tokens.get_or_create(m.model()).inc_by(c.prompt_len() as u64);
-        m.generation_tokens.get_or_create(m.model()).inc_by(c.generated().len() as u64);
-        m.e2e_latency.get_or_create(m.model()).observe(job.queued_at.elapsed().as_secs_f64());
+        m.prompt_tokens
+            .get_or_create(m.model())
+            .inc_by(c.prompt_len() as u64);
+        m.generation_tokens
+            .get_or_create(m.model())
+            .inc_by(c.generated().len() as u64);
+        m.e2e_latency
+            .get_or_create(m.model())
+            .observe(job.queued_at.elapsed().as_secs_f64());
         let admitted = job.admitted_at.unwrap_or(job.queued_at);
-        m.queue_time.get_or_create(m.model()).observe((admitted - job.queued_at).as_secs_f64());
+        m.queue_time
+            .get_or_create(m.model())
+            .observe((admitted - job.queued_at).as_secs_f64());
         let _ = job.events.send(finish(job, &ctx.codec));
         false
     });

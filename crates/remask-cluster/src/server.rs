@@ -68,7 +68,10 @@ pub async fn serve_coordinator(
             let router = crate::http::router(coordinator.clone());
             let stop = shutdown.clone();
             tokio::spawn(async move {
-                if let Err(e) = axum::serve(https, router).with_graceful_shutdown(stop).await {
+                if let Err(e) = axum::serve(https, router)
+                    .with_graceful_shutdown(stop)
+                    .await
+                {
                     tracing::error!(error = %e, "the HTTPS server stopped");
                 }
             });
@@ -100,7 +103,10 @@ pub async fn serve_coordinator(
         .add_service(tonic::service::interceptor::InterceptedService::new(
             GenerationServer::from_arc(coordinator.clone()),
             move |request: tonic::Request<()>| {
-                let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+                let auth = request
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok());
                 if coordinator.api_keys.allows(auth) {
                     Ok(request)
                 } else {

@@ -48,13 +48,18 @@ impl TlsFiles {
     }
 
     fn ca(&self) -> Result<Option<Certificate>, TlsError> {
-        self.ca.as_deref().map(|p| Ok(Certificate::from_pem(read(p)?))).transpose()
+        self.ca
+            .as_deref()
+            .map(|p| Ok(Certificate::from_pem(read(p)?)))
+            .transpose()
     }
 
     /// The coordinator's public server: TLS when a certificate is given;
     /// clients authenticate with API keys, not certificates.
     pub fn public_server(&self) -> Result<Option<ServerTlsConfig>, TlsError> {
-        Ok(self.identity()?.map(|id| ServerTlsConfig::new().identity(id)))
+        Ok(self
+            .identity()?
+            .map(|id| ServerTlsConfig::new().identity(id)))
     }
 
     /// A worker's server: mutual TLS, a client certificate signed by the CA
@@ -64,7 +69,9 @@ impl TlsFiles {
             return Ok(None);
         }
         match (self.identity()?, self.ca()?) {
-            (Some(id), Some(ca)) => Ok(Some(ServerTlsConfig::new().identity(id).client_ca_root(ca))),
+            (Some(id), Some(ca)) => {
+                Ok(Some(ServerTlsConfig::new().identity(id).client_ca_root(ca)))
+            }
             _ => Err(TlsError::MutualIncomplete),
         }
     }
@@ -76,7 +83,9 @@ impl TlsFiles {
             return Ok(None);
         }
         match (self.identity()?, self.ca()?) {
-            (Some(id), Some(ca)) => Ok(Some(ClientTlsConfig::new().ca_certificate(ca).identity(id))),
+            (Some(id), Some(ca)) => {
+                Ok(Some(ClientTlsConfig::new().ca_certificate(ca).identity(id)))
+            }
             _ => Err(TlsError::MutualIncomplete),
         }
     }
