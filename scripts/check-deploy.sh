@@ -497,10 +497,9 @@ def check_dockerfile(path, ignore_path):
         err(f"{path}: the default target is not chosen by the CUDA build argument")
 
 # ------------------------------------------------------------------------- flags
-# Flags designed into the deployment files that the remask binary gains in the same wave
-# of work (TLS, tracing, tensor parallelism): allowed to be missing from --help for now.
-PENDING = {"--tls-cert", "--tls-key", "--tls-ca", "--otlp-endpoint", "--devices",
-           "--tensor-parallel", "--http-listen", "--api-key-file", "--log-format"}
+# Flags designed into the deployment files that the binary gains with the CUDA backend
+# (tensor parallelism over GPUs): allowed to be missing from --help until then.
+PENDING = {"--devices", "--tensor-parallel"}
 
 def check_flags(binary, files):
     import subprocess

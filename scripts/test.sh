@@ -19,8 +19,9 @@ if ((${#missing[@]})); then
 fi
 
 # Python packages of the reference and gRPC client tests, when missing.
-if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grpc_health" 2>/dev/null; then
-  python3 -m pip install --quiet -r tests/reference/requirements.txt -r tests/grpc/requirements.txt
+if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grpc_health, openai, requests" 2>/dev/null; then
+  python3 -m pip install --quiet -r tests/reference/requirements.txt -r tests/grpc/requirements.txt \
+    -r tests/http/requirements.txt
 fi
 
 # One release build serves the tests and the binary they drive.
@@ -29,4 +30,4 @@ export REMASK_BIN="$PWD/target/release/remask"
 cargo test --release --locked --workspace
 # Dockerfile, compose, Kubernetes manifests and the Helm chart, offline.
 scripts/check-deploy.sh
-python3 -m pytest -q tests/reference tests/grpc
+python3 -m pytest -q tests/reference tests/grpc tests/http

@@ -1198,3 +1198,81 @@ fn mutual_tls_between_coordinator_and_workers() {
         "a plaintext coordinator and a TLS worker",
     );
 }
+
+/// A stand-in OTLP collector: records the names of the spans it receives.
+#[derive(Default, Clone)]
+struct Collector {
+    spans: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in &request.get_ref().resource_spans {
+            for ss in &rs.scope_spans {
+                spans.extend(ss.spans.iter().map(|s| s.name.clone()));
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// `--otlp-endpoint`: the spans of a request and of its denoising steps reach
+/// an OTLP collector (flushed at the latest when the server stops).
+#[test]
+fn spans_reach_an_otlp_collector() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let logs = Logs::new("otlp");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let collector = Collector::default();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let service = TraceServiceServer::new(collector.clone());
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut args = argv("serve --listen 127.0.0.1:0 --model", &[path_str(tiny())]);
+    args.extend(argv("--otlp-endpoint", &[&format!("http://{addr}")]));
+    let mut server = Server::start(&logs, "serve-otlp", "remask serve:", &args, &[]);
+    let request = argv(
+        "--prompt-ids 1,2,3 --gen-length 8 --steps 4 --block-length 8",
+        &[],
+    );
+    remote_json(&logs, &server.addr, &request);
+    assert!(
+        server.terminate(Duration::from_secs(10)).is_some(),
+        "serve did not stop on SIGTERM"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let spans = collector.spans.lock().unwrap().clone();
+        if spans.iter().any(|s| s == "generate")
+            && spans.iter().filter(|s| *s == "step").count() >= 4
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the collector got {spans:?}, expected a `generate` span and 4 `step` spans\n{}",
+            server.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}

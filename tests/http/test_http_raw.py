@@ -140,11 +140,6 @@ def _read_response(sock) -> tuple[str, bytes]:
     return head, body
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a 401 sent before the request body has arrived leaves the body unread; hyper then closes the "
-    "keep-alive connection after the response without `Connection: close` (hyperium/hyper#2384), so a "
-    "client that reuses the pooled connection fails (the openai client: intermittent APIConnectionError "
-    "'Server disconnected without sending a response' on the request after a 401)"))
 def test_connection_survives_or_is_announced_closed_after_401(server):
     """HTTP/1.1 keep-alive: after a response, the server either serves the next request on the
     same connection or said `Connection: close` in that response (RFC 9112, 9.6)."""

@@ -13,6 +13,7 @@ mod generate;
 mod model_cmd;
 mod npy;
 mod remote;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -34,6 +35,10 @@ struct Cli {
     /// Log lines on stderr as text or as one JSON object each (level via REMASK_LOG).
     #[arg(long, global = true, env = "REMASK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Export tracing spans (requests, denoising steps) to this OTLP/gRPC
+    /// collector, e.g. http://otel-collector:4317.
+    #[arg(long, global = true, env = "REMASK_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,16 +95,13 @@ pub struct Globals {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("REMASK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
-    if cli.log_format == "json" {
-        logs.json().with_current_span(true).init();
-    } else {
-        logs.init();
-    }
+    let _telemetry = match telemetry::init(cli.log_format == "json", cli.otlp_endpoint.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Some(n) = cli.threads {
         if n == 0 {
             eprintln!("error: --threads must be at least 1");

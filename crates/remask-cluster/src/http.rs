@@ -119,10 +119,17 @@ async fn require_key(
     if c.api_keys.allows(auth) {
         next.run(request).await
     } else {
-        ApiError::from(Status::unauthenticated(
+        // The body is not read: close the connection so the client does
+        // not send its next request after unread bytes.
+        let mut response = ApiError::from(Status::unauthenticated(
             "missing or invalid API key: send `Authorization: Bearer <key>`",
         ))
-        .into_response()
+        .into_response();
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        response
     }
 }
 
@@ -455,6 +462,9 @@ async fn run(
                         .position(|&t| t == mask)
                         .unwrap_or(generated.len());
                     let text = codec.decode(&generated[..prefix], true).unwrap_or_default();
+                    // A trailing U+FFFD may be a character whose last bytes are
+                    // not committed yet: hold it back until it is complete.
+                    let text = text.trim_end_matches('\u{FFFD}').to_string();
                     let delta = text.strip_prefix(sent.as_str()).unwrap_or("").to_string();
                     if !delta.is_empty() {
                         sent = text;
