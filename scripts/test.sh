@@ -19,7 +19,7 @@ if ((${#missing[@]})); then
 fi
 
 # Python packages of the reference and gRPC client tests, when missing.
-if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grpc_health, openai, requests" 2>/dev/null; then
+if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grpc_health, grpc_reflection, openai, requests" 2>/dev/null; then
   python3 -m pip install --quiet -r tests/reference/requirements.txt -r tests/grpc/requirements.txt \
     -r tests/http/requirements.txt
 fi

@@ -1276,3 +1276,50 @@ fn spans_reach_an_otlp_collector() {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `--log-format json`: every log line is one JSON object with level,
+/// message and fields (here: the coordinator failing to reach a worker).
+#[test]
+fn json_logs() {
+    let logs = Logs::new("json_logs");
+    let mut args = argv(
+        "coordinator --listen 127.0.0.1:0 --stages 1 --log-format json --model",
+        &[path_str(tiny())],
+    );
+    args.extend(argv("--workers 127.0.0.1:1", &[]));
+    let coordinator = Server::start(
+        &logs,
+        "json-coordinator",
+        "remask coordinator:",
+        &args,
+        &[("REMASK_LOG", "warn")],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = coordinator.log();
+        let records: Vec<Value> = log
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        if let Some(r) = records
+            .iter()
+            .find(|r| r["fields"]["message"] == "cannot load the shard on this worker")
+        {
+            assert_eq!(r["level"], "WARN", "{r}");
+            assert!(
+                r["fields"]["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("127.0.0.1:1")),
+                "{r}"
+            );
+            assert!(r["timestamp"].is_string(), "{r}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no JSON warning in the log:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
