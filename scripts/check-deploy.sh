@@ -499,7 +499,7 @@ def check_dockerfile(path, ignore_path):
 # ------------------------------------------------------------------------- flags
 # Flags designed into the deployment files that the binary gains with the CUDA backend
 # (tensor parallelism over GPUs): allowed to be missing from --help until then.
-PENDING = {"--devices", "--tensor-parallel"}
+PENDING = {"--devices"}
 
 def check_flags(binary, files):
     import subprocess

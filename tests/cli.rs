@@ -919,3 +919,75 @@ fn bench_json_reports_positive_medians() {
         );
     }
 }
+
+/// `--tensor-parallel 2` and `4` (thread ranks) give the ids of one rank.
+#[test]
+fn tensor_parallel_generate_matches_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("small");
+    let out = remask(&[
+        "model",
+        "init",
+        "--preset",
+        "small",
+        "--out",
+        model.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = |tp: &str| {
+        let out = remask(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            "5,6,7",
+            "--gen-length",
+            "16",
+            "--steps",
+            "8",
+            "--block-length",
+            "8",
+            "--temperature",
+            "0.5",
+            "--seed",
+            "3",
+            "--cfg-scale",
+            "0.5",
+            "--tensor-parallel",
+            tp,
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "TP {tp}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["token_ids"].clone()
+    };
+    let one = run("1");
+    assert_eq!(run("2"), one);
+    assert_eq!(run("4"), one);
+    let bad = remask(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        "5",
+        "--tensor-parallel",
+        "3",
+    ]);
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not divisible"));
+}

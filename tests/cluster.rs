@@ -1323,3 +1323,29 @@ fn json_logs() {
         thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Stages and tensor-parallel groups combine: two workers, each splitting
+/// its stage over 2 thread ranks, give the in-process ids.
+#[test]
+fn tensor_parallel_workers_match_in_process() {
+    let logs = Logs::new("tensor_parallel");
+    let start = |id: &str| {
+        let args = argv(
+            &format!("worker --listen 127.0.0.1:0 --tensor-parallel 2 --id {id}"),
+            &[],
+        );
+        Server::start(&logs, id, &format!("remask worker {id}:"), &args, &[])
+    };
+    let (a, b) = (start("tp-a"), start("tp-b"));
+    let workers = format!("{},{}", a.addr, b.addr);
+    let coordinator = coordinator(&logs, small(), 2, &["--workers", &workers]);
+    wait_serving(&logs, &coordinator.addr, READY_TIMEOUT);
+    for (name, request) in sampler_configs().into_iter().take(4) {
+        let got = remote_json(&logs, &coordinator.addr, &request);
+        assert_same(
+            &format!("TP=2 x 2 stages, {name}"),
+            &got,
+            &local(small(), &request),
+        );
+    }
+}

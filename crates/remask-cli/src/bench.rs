@@ -87,7 +87,7 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
         )));
     }
     let special = TextCodec::load(&dir)?.special_tokens(c)?;
-    let engine = Engine::load(CpuBackend, &ckpt)?;
+    let engine = Engine::load(CpuBackend::default(), &ckpt)?;
 
     // Deterministic ids, never the mask.
     let ids: Vec<u32> = (0..args.batch * args.seq_len)

@@ -86,6 +86,9 @@ pub struct ServeArgs {
     /// Address of the gRPC API.
     #[arg(long, env = "REMASK_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Split the model over this many tensor-parallel ranks (threads on the CPU).
+    #[arg(long, env = "REMASK_TENSOR_PARALLEL", default_value_t = 1)]
+    pub tensor_parallel: usize,
     #[command(flatten)]
     pub front: FrontArgs,
     #[command(flatten)]
@@ -153,6 +156,9 @@ pub struct WorkerArgs {
     /// Lease time to live in seconds: how fast the cluster notices a dead worker.
     #[arg(long, env = "REMASK_LEASE_TTL", default_value_t = 3)]
     pub lease_ttl: i64,
+    /// Split each shard over this many tensor-parallel ranks (threads on the CPU).
+    #[arg(long, env = "REMASK_TENSOR_PARALLEL", default_value_t = 1)]
+    pub tensor_parallel: usize,
     #[command(flatten)]
     pub tls: TlsArgs,
 }
@@ -214,7 +220,7 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     let meta = model_meta(&dir)?;
     let ckpt = Checkpoint::open(&dir)?;
     let shard = Shard::full(&ckpt.config);
-    let runner = ShardRunner::load(&ckpt, shard.clone())?;
+    let runner = ShardRunner::load_tp(&ckpt, shard.clone(), args.tensor_parallel)?;
     let tls_files = args.tls.files();
     tls_files.public_server().map_err(tls_usage)?;
     let rt = runtime()?;
@@ -429,7 +435,7 @@ pub fn worker(args: WorkerArgs) -> CliResult {
             })
         });
         eprintln!("remask worker {id}: listening on {bound}");
-        let service = WorkerService::new(id, args.model.clone());
+        let service = WorkerService::new(id, args.model.clone(), args.tensor_parallel);
         let result = server::serve_worker(listener, tls, service, shutdown_signal()).await;
         if let Some(task) = registration {
             if task.is_finished() {

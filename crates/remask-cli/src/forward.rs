@@ -36,7 +36,7 @@ pub fn run(args: ForwardArgs, globals: &Globals) -> CliResult {
             ckpt.config.max_sequence_length
         )));
     }
-    let engine = Engine::load(CpuBackend, &ckpt)?;
+    let engine = Engine::load(CpuBackend::default(), &ckpt)?;
     let ids: Vec<u32> = batch.concat();
     let packing = Packing::new(batch.iter().map(|s| s.len()));
     let logits = engine.model.logits(&engine.backend, &ids, &packing, None);

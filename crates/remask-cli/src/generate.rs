@@ -3,11 +3,14 @@
 use crate::default_model::{self, is_random};
 use crate::display::{LiveCanvas, render};
 use crate::{CliError, CliResult, Globals};
-use remask_engine::{CpuBackend, Engine};
+use remask_engine::{CpuBackend, Engine, TpEngine};
 use remask_model::{Checkpoint, Message, TextCodec};
-use remask_sampler::{Canvas, Remasking, SamplerConfig, TokenSpace};
+use remask_sampler::{Canvas, Prediction, Remasking, SamplerConfig, StepPlan, TokenSpace, denoise};
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// One denoising step's predictions for one canvas.
+type StepFn = dyn Fn(&Canvas, &StepPlan) -> Vec<Prediction>;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -84,6 +87,14 @@ pub struct GenerateArgs {
     /// Commit EOS and end-of-turn predictions last.
     #[arg(long, env = "REMASK_CONFIDENCE_EOS_EOT_INF")]
     pub confidence_eos_eot_inf: bool,
+    /// Split the model over this many tensor-parallel ranks (threads on the CPU).
+    #[arg(
+        long,
+        env = "REMASK_TENSOR_PARALLEL",
+        default_value_t = 1,
+        conflicts_with = "endpoint"
+    )]
+    pub tensor_parallel: usize,
     /// Print one JSON object instead of text.
     #[arg(long, env = "REMASK_JSON")]
     pub json: bool,
@@ -141,18 +152,35 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         );
     }
 
+    if args.tensor_parallel == 0 {
+        return Err(CliError::Usage(
+            "--tensor-parallel must be at least 1".into(),
+        ));
+    }
     let t_load = Instant::now();
-    let engine = Engine::load(CpuBackend, &ckpt)?;
+    // One rank, or a tensor-parallel group of thread ranks: same predictions.
+    let engine: Box<StepFn> = if args.tensor_parallel > 1 {
+        let tp = TpEngine::load(&ckpt, args.tensor_parallel)?;
+        Box::new(move |c, p| tp.predict(&[(c, p)]).pop().unwrap())
+    } else {
+        let one = Engine::load(CpuBackend::default(), &ckpt)?;
+        Box::new(move |c, p| one.predict(&[(c, p)]).pop().unwrap())
+    };
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
 
     let mut live = if args.json { None } else { LiveCanvas::new() };
     let decode = |ids: &[u32]| codec.decode(ids, true).unwrap_or_default();
     let t_gen = Instant::now();
-    engine.generate(&mut canvas, |c, _| {
-        if let Some(live) = live.as_mut() {
-            live.draw(&render(c.generated(), special.mask, decode));
-        }
-    });
+    let done: Result<(), std::convert::Infallible> = denoise(
+        &mut canvas,
+        |c, p| Ok(engine(c, p)),
+        |c, _| {
+            if let Some(live) = live.as_mut() {
+                live.draw(&render(c.generated(), special.mask, decode));
+            }
+        },
+    );
+    done.unwrap_or_else(|never| match never {});
     let elapsed_ms = t_gen.elapsed().as_secs_f64() * 1e3;
     if let Some(live) = live {
         live.finish();

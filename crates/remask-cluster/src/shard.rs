@@ -4,7 +4,8 @@
 //! Shared by the worker process and the in-process stage of `remask serve`.
 
 use remask_engine::{
-    Backend, CpuBackend, Llada, Packing, Query, Shard, predict_queries, query_rows,
+    Backend, CpuBackend, Llada, Packing, Query, Shard, TpEngine, combine_ranks, partial_queries,
+    predict_queries, query_rows,
 };
 use remask_model::{Checkpoint, Result};
 use remask_sampler::Prediction;
@@ -19,10 +20,15 @@ pub enum StageOutput {
     Predictions(Vec<Vec<Prediction>>),
 }
 
-/// A loaded shard on the CPU backend.
+/// A loaded shard on the CPU backend: one rank, or a tensor-parallel group
+/// of thread ranks.
 pub struct ShardRunner {
-    backend: CpuBackend,
-    model: Llada<CpuBackend>,
+    inner: Ranks,
+}
+
+enum Ranks {
+    One(CpuBackend, Box<Llada<CpuBackend>>),
+    Group(TpEngine),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,13 +53,33 @@ pub enum ShardError {
 
 impl ShardRunner {
     pub fn load(ckpt: &Checkpoint, shard: Shard) -> Result<Self> {
-        let backend = CpuBackend;
-        let model = Llada::load(&backend, ckpt, shard)?;
-        Ok(ShardRunner { backend, model })
+        Self::load_tp(ckpt, shard, 1)
+    }
+
+    /// The shard split over `tensor_parallel` ranks (threads on the CPU).
+    pub fn load_tp(ckpt: &Checkpoint, shard: Shard, tensor_parallel: usize) -> Result<Self> {
+        let inner = if tensor_parallel <= 1 {
+            let backend = CpuBackend::default();
+            let model = Llada::load(&backend, ckpt, shard)?;
+            Ranks::One(backend, Box::new(model))
+        } else {
+            Ranks::Group(TpEngine::load_shard(ckpt, shard, tensor_parallel)?)
+        };
+        Ok(ShardRunner { inner })
     }
 
     pub fn shard(&self) -> &Shard {
-        &self.model.shard
+        match &self.inner {
+            Ranks::One(_, m) => &m.shard,
+            Ranks::Group(g) => g.shard(),
+        }
+    }
+
+    fn config(&self) -> &remask_model::LladaConfig {
+        match &self.inner {
+            Ranks::One(_, m) => &m.config,
+            Ranks::Group(g) => g.config(),
+        }
     }
 
     /// Runs the shard. Every input is checked first: a malformed request is an
@@ -64,7 +90,8 @@ impl ShardRunner {
         input: StageInput,
         queries: &[Query],
     ) -> std::result::Result<StageOutput, ShardError> {
-        let c = &self.model.config;
+        let c = self.config();
+        let shard = self.shard();
         let packing = Packing::new(lengths.iter().copied());
         let tokens = packing.tokens();
         if lengths.iter().any(|&l| l > c.max_sequence_length) {
@@ -74,7 +101,7 @@ impl ShardRunner {
                 d_model: c.d_model,
             });
         }
-        let x = match (input, self.model.shard.embedding) {
+        match (&input, shard.embedding) {
             (StageInput::Ids(ids), true) => {
                 if ids.len() != tokens {
                     return Err(ShardError::IdsSize {
@@ -85,7 +112,6 @@ impl ShardRunner {
                 if let Some(&bad) = ids.iter().find(|&&t| t as usize >= c.embedding_size()) {
                     return Err(ShardError::TokenOutOfRange(bad));
                 }
-                self.model.embed(&self.backend, &ids)
             }
             (StageInput::Hidden(h), false) => {
                 if h.len() != tokens * c.d_model {
@@ -95,24 +121,48 @@ impl ShardRunner {
                         d_model: c.d_model,
                     });
                 }
-                self.backend.load_hidden(&h, tokens, c.d_model)
             }
             (StageInput::Ids(_), false) => return Err(ShardError::NeedsHidden),
             (StageInput::Hidden(_), true) => return Err(ShardError::NeedsIds),
-        };
-        let x = self.model.layers(&self.backend, x, &packing);
-        if !self.model.shard.head {
-            return Ok(StageOutput::Hidden(self.backend.to_host(x)));
         }
         let rows = query_rows(queries);
-        if rows.iter().any(|&r| r >= tokens) {
+        if shard.head && rows.iter().any(|&r| r >= tokens) {
             return Err(ShardError::QueryOutOfRange { rows: tokens });
         }
-        let logits = self.model.head(&self.backend, &x, Some(&rows));
-        Ok(StageOutput::Predictions(predict_queries(
-            &logits,
-            c.embedding_size(),
-            queries,
-        )))
+        let d_model = c.d_model;
+        // Every rank runs the same code on its blocks; after the last
+        // all-reduce all ranks hold the same hidden states.
+        let rank = |backend: &CpuBackend, model: &Llada<CpuBackend>| {
+            let x = match &input {
+                StageInput::Ids(ids) => model.embed(backend, ids),
+                StageInput::Hidden(h) => backend.load_hidden(h, tokens, d_model),
+            };
+            let x = model.layers(backend, x, &packing);
+            if model.shard.head {
+                Err(model.head(backend, &x, Some(&rows)))
+            } else {
+                Ok(backend.to_host(x))
+            }
+        };
+        Ok(match &self.inner {
+            Ranks::One(backend, model) => match rank(backend, model) {
+                Ok(hidden) => StageOutput::Hidden(hidden),
+                Err(logits) => {
+                    StageOutput::Predictions(predict_queries(&logits, c.embedding_size(), queries))
+                }
+            },
+            Ranks::Group(group) => {
+                let mut outputs = group.on_ranks(|backend, model| {
+                    rank(backend, model)
+                        .map_err(|logits| partial_queries(&logits, model.vocab.clone(), queries))
+                });
+                if shard.head {
+                    let partials: Vec<_> = outputs.into_iter().filter_map(|o| o.err()).collect();
+                    StageOutput::Predictions(combine_ranks(&partials, queries))
+                } else {
+                    StageOutput::Hidden(outputs.swap_remove(0).unwrap_or_default())
+                }
+            }
+        })
     }
 }

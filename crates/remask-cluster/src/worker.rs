@@ -25,14 +25,17 @@ pub struct WorkerService {
     id: String,
     /// `--model` of the worker, which wins over the coordinator's path.
     model_override: Option<PathBuf>,
+    /// Ranks (threads on the CPU) each shard is split over.
+    tensor_parallel: usize,
     loaded: RwLock<Option<Loaded>>,
 }
 
 impl WorkerService {
-    pub fn new(id: String, model_override: Option<PathBuf>) -> Self {
+    pub fn new(id: String, model_override: Option<PathBuf>, tensor_parallel: usize) -> Self {
         WorkerService {
             id,
             model_override,
+            tensor_parallel: tensor_parallel.max(1),
             loaded: RwLock::new(None),
         }
     }
@@ -58,6 +61,7 @@ impl Worker for WorkerService {
         // Drop the old shard first: two copies of a large stage may not fit.
         *self.loaded.write().await = None;
         let dir2 = dir.clone();
+        let tensor_parallel = self.tensor_parallel;
         let runner = tokio::task::spawn_blocking(move || {
             let ckpt = Checkpoint::open(&dir2)?;
             if shard.layers.end > ckpt.config.n_layers || shard.layers.start > shard.layers.end {
@@ -66,7 +70,7 @@ impl Worker for WorkerService {
                     shard.layers, ckpt.config.n_layers
                 )));
             }
-            ShardRunner::load(&ckpt, shard)
+            ShardRunner::load_tp(&ckpt, shard, tensor_parallel)
         })
         .await
         .map_err(|e| Status::internal(format!("load task failed: {e}")))?

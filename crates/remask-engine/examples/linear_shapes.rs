@@ -13,7 +13,7 @@ fn main() {
         [m, d, f, v] => (m, d, f, v),
         _ => (320, 768, 2048, 32768),
     };
-    let be = CpuBackend;
+    let be = CpuBackend::default();
     let mat = |r: usize, c: usize| Matrix {
         data: (0..r * c)
             .map(|i| ((i % 97) as f32 - 48.0) / 97.0)

@@ -93,6 +93,14 @@ pub trait Backend: Send + Sync {
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
     /// Moves to the host as row-major f32.
     fn to_host(&self, x: Self::Tensor) -> Vec<f32>;
+    /// (rank, world size) of this backend's tensor-parallel group; (0, 1)
+    /// without tensor parallelism.
+    fn rank_world(&self) -> (usize, usize) {
+        (0, 1)
+    }
+    /// Sums `x` over the tensor-parallel group (after the row-parallel
+    /// projections); nothing to do without tensor parallelism.
+    fn all_reduce(&self, _x: &mut Self::Tensor) {}
     /// Hidden states arriving from elsewhere (another pipeline stage).
     fn load_hidden(&self, values: &[f32], rows: usize, cols: usize) -> Self::Tensor;
 }

@@ -2,9 +2,11 @@
 //! (packed, SIMD micro-kernels) on rayon's thread pool.
 
 use crate::backend::{Backend, Heads, Packing};
+use crate::collective::Collective;
 use crate::fastmath;
 use rayon::prelude::*;
 use remask_model::{Result, TensorRef};
+use std::sync::Arc;
 
 /// A row-major f32 matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,8 +26,18 @@ impl Matrix {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+/// The CPU backend; with a collective it is one rank of a tensor-parallel
+/// group (ranks as threads, see `collective.rs`).
+#[derive(Clone, Default)]
+pub struct CpuBackend {
+    comm: Option<Arc<dyn Collective>>,
+}
+
+impl CpuBackend {
+    pub fn with_collective(comm: Arc<dyn Collective>) -> Self {
+        CpuBackend { comm: Some(comm) }
+    }
+}
 
 /// Query rows per attention task: bounds the score buffer to
 /// `QUERY_CHUNK x seq_len` floats per thread for long sequences.
@@ -299,5 +311,15 @@ impl Backend for CpuBackend {
 
     fn load_hidden(&self, values: &[f32], rows: usize, cols: usize) -> Matrix {
         self.upload(values, rows, cols)
+    }
+
+    fn rank_world(&self) -> (usize, usize) {
+        self.comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()))
+    }
+
+    fn all_reduce(&self, x: &mut Matrix) {
+        if let Some(c) = &self.comm {
+            c.all_reduce_sum(&mut x.data);
+        }
     }
 }

@@ -8,10 +8,15 @@
 //! stages run the layers, and the last stage runs the head and the queries.
 
 use crate::backend::{Backend, Packing};
+use crate::collective::thread_group;
+use crate::cpu::CpuBackend;
 use crate::llada::{Llada, Shard};
 use rayon::prelude::*;
 use remask_model::{Checkpoint, Result};
-use remask_sampler::{Canvas, Committed, PredictOptions, Prediction, StepPlan, denoise, predict};
+use remask_sampler::{
+    Canvas, Committed, Partial, PredictOptions, Prediction, StepPlan, combine, denoise, predict,
+    predict_partial,
+};
 
 /// The rows of one request that the sampler asks about.
 #[derive(Clone, Debug, PartialEq)]
@@ -142,4 +147,146 @@ impl<B: Backend> Engine<B> {
         );
         result.unwrap_or_else(|never| match never {})
     }
+}
+
+/// Partials of one vocabulary slice for every queried position, from that
+/// slice's logits of `query_rows(queries)` (see `predict_queries`).
+pub fn partial_queries(
+    logits: &[f32],
+    vocab: std::ops::Range<usize>,
+    queries: &[Query],
+) -> Vec<Vec<Partial>> {
+    let width = vocab.len();
+    let row = |i: usize| &logits[i * width..(i + 1) * width];
+    let mut first = 0;
+    queries
+        .iter()
+        .map(|q| {
+            let n = q.positions.len();
+            let start = first;
+            first += if q.uncond_base.is_some() { 2 * n } else { n };
+            q.positions
+                .par_iter()
+                .enumerate()
+                .map_init(Vec::new, |scratch, (j, &pos)| {
+                    let un = q.uncond_base.map(|_| row(start + n + j));
+                    predict_partial(
+                        row(start + j),
+                        un,
+                        vocab.start,
+                        &q.options,
+                        q.step,
+                        pos as u64,
+                        scratch,
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The whole model split over `world` tensor-parallel ranks, each a thread
+/// with its block of every projection and its slice of the vocabulary. A step
+/// runs all ranks at once (they meet in the all-reduces), each reduces its
+/// vocabulary slice to one `Partial` per position, and the partials are
+/// combined: full logits are never assembled.
+pub struct TpEngine {
+    ranks: Vec<(CpuBackend, Llada<CpuBackend>)>,
+}
+
+impl TpEngine {
+    pub fn load(ckpt: &Checkpoint, world: usize) -> Result<Self> {
+        Self::load_shard(ckpt, Shard::full(&ckpt.config), world)
+    }
+
+    /// One pipeline stage split over `world` ranks: stages and
+    /// tensor-parallel groups combine.
+    pub fn load_shard(ckpt: &Checkpoint, shard: Shard, world: usize) -> Result<Self> {
+        let ranks = thread_group(world.max(1))
+            .into_iter()
+            .map(|rank| {
+                let backend = CpuBackend::with_collective(std::sync::Arc::new(rank));
+                let model = Llada::load(&backend, ckpt, shard.clone())?;
+                Ok((backend, model))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TpEngine { ranks })
+    }
+
+    pub fn shard(&self) -> &Shard {
+        &self.ranks[0].1.shard
+    }
+
+    pub fn config(&self) -> &remask_model::LladaConfig {
+        &self.ranks[0].1.config
+    }
+
+    pub fn world(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// Runs `f` on every rank at once, one thread each (not rayon workers:
+    /// a rank waiting in an all-reduce must not hold a worker the others need).
+    pub fn on_ranks<T: Send>(
+        &self,
+        f: impl Fn(&CpuBackend, &Llada<CpuBackend>) -> T + Sync,
+    ) -> Vec<T> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .ranks
+                .iter()
+                .map(|(backend, model)| s.spawn(|| f(backend, model)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a rank panicked"))
+                .collect()
+        })
+    }
+
+    /// Full logits (for tests and `remask forward`): the ranks' vocabulary
+    /// slices side by side.
+    pub fn logits(&self, ids: &[u32], packing: &Packing, rows: Option<&[usize]>) -> Vec<f32> {
+        let slices = self.on_ranks(|b, m| (m.vocab.clone(), m.logits(b, ids, packing, rows)));
+        let vocab: usize = slices.iter().map(|(v, _)| v.len()).sum();
+        let n = slices[0].1.len() / slices[0].0.len();
+        let mut out = vec![0f32; n * vocab];
+        for (range, part) in &slices {
+            for r in 0..n {
+                out[r * vocab + range.start..r * vocab + range.end]
+                    .copy_from_slice(&part[r * range.len()..(r + 1) * range.len()]);
+            }
+        }
+        out
+    }
+
+    pub fn run(&self, batch: &StepBatch) -> Vec<Vec<Prediction>> {
+        let rows = query_rows(&batch.queries);
+        let packing = batch.packing();
+        let per_rank = self.on_ranks(|b, m| {
+            let logits = m.logits(b, &batch.ids, &packing, Some(&rows));
+            partial_queries(&logits, m.vocab.clone(), &batch.queries)
+        });
+        combine_ranks(&per_rank, &batch.queries)
+    }
+
+    pub fn predict(&self, requests: &[(&Canvas, &StepPlan)]) -> Vec<Vec<Prediction>> {
+        self.run(&StepBatch::new(requests))
+    }
+}
+
+/// Each rank's partials (per query, per position) combined into predictions.
+pub fn combine_ranks(per_rank: &[Vec<Vec<Partial>>], queries: &[Query]) -> Vec<Vec<Prediction>> {
+    queries
+        .iter()
+        .enumerate()
+        .map(|(qi, q)| {
+            (0..q.positions.len())
+                .map(|j| {
+                    let partials: Vec<Partial> = per_rank.iter().map(|r| r[qi][j]).collect();
+                    combine(&partials, &q.options, q.step, q.positions[j] as u64)
+                })
+                .collect()
+        })
+        .collect()
 }

@@ -6,6 +6,7 @@
 //! - `engine`: canvases in, (token, confidence) per masked position out.
 
 pub mod backend;
+pub mod collective;
 pub mod cpu;
 pub mod engine;
 mod fastmath;
@@ -13,7 +14,9 @@ pub mod llada;
 
 pub use backend::{Backend, Heads, Packing};
 pub use cpu::{CpuBackend, Matrix};
-pub use engine::{Engine, Query, StepBatch, predict_queries, query_rows};
+pub use engine::{
+    Engine, Query, StepBatch, TpEngine, combine_ranks, partial_queries, predict_queries, query_rows,
+};
 pub use llada::{Llada, Shard};
 
 #[cfg(test)]

@@ -51,10 +51,53 @@ pub struct Llada<B: Backend> {
     wte: Option<B::Weight>,
     blocks: Vec<Block<B>>,
     ln_f: Option<B::Weight>,
-    /// `model.transformer.ff_out`, or a second copy of `wte` when tied.
+    /// `model.transformer.ff_out`, or a second copy of `wte` when tied; under
+    /// tensor parallelism only this rank's rows (`vocab`).
     head: Option<B::Weight>,
+    /// This rank's slice of the vocabulary (all of it without tensor parallelism).
+    pub vocab: Range<usize>,
+    /// This rank's attention heads.
+    heads: Heads,
     rope_cos: B::Weight,
     rope_sin: B::Weight,
+}
+
+/// Under tensor parallelism a rank holds a block of each projection:
+/// column-parallel (a slice of the output rows: q/k/v by heads, ff_proj and
+/// up_proj by hidden units, the head by vocabulary) or row-parallel (a slice
+/// of the input columns: attn_out, ff_out, whose partial outputs are then
+/// summed over the ranks).
+fn block<B: Backend>(
+    backend: &B,
+    t: remask_model::TensorRef<'_>,
+    rows: Range<usize>,
+    cols: Range<usize>,
+) -> B::Weight {
+    let (n_rows, n_cols) = match t.shape {
+        [n] => (1, *n),
+        [r, c] => (*r, *c),
+        _ => unreachable!("checked 1-D or 2-D"),
+    };
+    if rows == (0..n_rows) && cols == (0..n_cols) {
+        return backend.load_weight(t).expect("dtype checked at open");
+    }
+    let full = t.to_f32();
+    let mut out = Vec::with_capacity(rows.len() * cols.len());
+    for r in rows.clone() {
+        out.extend_from_slice(&full[r * n_cols + cols.start..r * n_cols + cols.end]);
+    }
+    backend.upload(&out, rows.len(), cols.len())
+}
+
+/// `n` split in `world` equal parts, or an error naming what does not divide.
+fn part(what: &str, n: usize, rank: usize, world: usize) -> Result<Range<usize>> {
+    if !n.is_multiple_of(world) {
+        return Err(remask_model::ModelError::Unsupported(format!(
+            "tensor parallelism {world}: {what} ({n}) is not divisible by it"
+        )));
+    }
+    let len = n / world;
+    Ok(rank * len..(rank + 1) * len)
 }
 
 impl<B: Backend> Llada<B> {
@@ -64,7 +107,20 @@ impl<B: Backend> Llada<B> {
         let (d, hd, e) = (c.d_model, c.head_dim(), c.embedding_size());
         let kv = c.n_kv_heads() * hd;
         let mlp = c.mlp_hidden();
+        let (rank, world) = backend.rank_world();
+        let q_heads = part("n_heads", c.n_heads, rank, world)?;
+        let kv_heads = part("n_kv_heads", c.n_kv_heads(), rank, world)?;
+        let (q_rows, kv_rows) = (
+            q_heads.start * hd..q_heads.end * hd,
+            kv_heads.start * hd..kv_heads.end * hd,
+        );
+        let mlp_rows = part("mlp_hidden_size", mlp, rank, world)?;
+        let vocab = part("embedding_size", e, rank, world)?;
         let w = |name: &str, shape: &[usize]| backend.load_weight(ckpt.tensor(name, shape)?);
+        // A block of a checked tensor: rows x cols of it.
+        let wb = |name: &str, shape: &[usize], rows: Range<usize>, cols: Range<usize>| {
+            Ok::<_, remask_model::ModelError>(block(backend, ckpt.tensor(name, shape)?, rows, cols))
+        };
         let wte_name = "model.transformer.wte.weight";
         let wte = shard.embedding.then(|| w(wte_name, &[e, d])).transpose()?;
         let blocks = shard
@@ -74,14 +130,14 @@ impl<B: Backend> Llada<B> {
                 let p = |n: &str| format!("model.transformer.blocks.{i}.{n}.weight");
                 Ok(Block {
                     attn_norm: w(&p("attn_norm"), &[d])?,
-                    q_proj: w(&p("q_proj"), &[d, d])?,
-                    k_proj: w(&p("k_proj"), &[kv, d])?,
-                    v_proj: w(&p("v_proj"), &[kv, d])?,
-                    attn_out: w(&p("attn_out"), &[d, d])?,
+                    q_proj: wb(&p("q_proj"), &[d, d], q_rows.clone(), 0..d)?,
+                    k_proj: wb(&p("k_proj"), &[kv, d], kv_rows.clone(), 0..d)?,
+                    v_proj: wb(&p("v_proj"), &[kv, d], kv_rows.clone(), 0..d)?,
+                    attn_out: wb(&p("attn_out"), &[d, d], 0..d, q_rows.clone())?,
                     ff_norm: w(&p("ff_norm"), &[d])?,
-                    ff_proj: w(&p("ff_proj"), &[mlp, d])?,
-                    up_proj: w(&p("up_proj"), &[mlp, d])?,
-                    ff_out: w(&p("ff_out"), &[d, mlp])?,
+                    ff_proj: wb(&p("ff_proj"), &[mlp, d], mlp_rows.clone(), 0..d)?,
+                    up_proj: wb(&p("up_proj"), &[mlp, d], mlp_rows.clone(), 0..d)?,
+                    ff_out: wb(&p("ff_out"), &[d, mlp], 0..d, mlp_rows.clone())?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -93,13 +149,20 @@ impl<B: Backend> Llada<B> {
             };
             (
                 Some(w("model.transformer.ln_f.weight", &[d])?),
-                Some(w(head_name, &[e, d])?),
+                Some(wb(head_name, &[e, d], vocab.clone(), 0..d)?),
             )
         } else {
             (None, None)
         };
         let (cos, sin) = rope_tables(c.max_sequence_length, hd, c.rope_theta);
+        let heads = Heads {
+            n_heads: q_heads.len(),
+            n_kv_heads: kv_heads.len(),
+            head_dim: hd,
+        };
         Ok(Llada {
+            vocab,
+            heads,
             rope_cos: backend.upload(&cos, c.max_sequence_length, hd / 2),
             rope_sin: backend.upload(&sin, c.max_sequence_length, hd / 2),
             config: c,
@@ -119,13 +182,8 @@ impl<B: Backend> Llada<B> {
 
     /// Runs this shard's layers over packed sequences.
     pub fn layers(&self, backend: &B, mut x: B::Tensor, packing: &Packing) -> B::Tensor {
-        let c = &self.config;
-        let heads = Heads {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads(),
-            head_dim: c.head_dim(),
-        };
-        let eps = c.rms_norm_eps as f32;
+        let heads = self.heads;
+        let eps = self.config.rms_norm_eps as f32;
         let positions = packing.positions();
         for b in &self.blocks {
             let h = backend.rms_norm(&x, &b.attn_norm, eps);
@@ -147,19 +205,24 @@ impl<B: Backend> Llada<B> {
                 &self.rope_sin,
             );
             let a = backend.attention(&q, &k, &v, heads, packing);
-            backend.add_assign(&mut x, &backend.linear(&a, &b.attn_out));
+            let mut o = backend.linear(&a, &b.attn_out);
+            backend.all_reduce(&mut o);
+            backend.add_assign(&mut x, &o);
 
             let h = backend.rms_norm(&x, &b.ff_norm, eps);
             let gate = backend.linear(&h, &b.ff_proj);
             let up = backend.linear(&h, &b.up_proj);
             let f = backend.silu_mul(&gate, &up);
-            backend.add_assign(&mut x, &backend.linear(&f, &b.ff_out));
+            let mut o = backend.linear(&f, &b.ff_out);
+            backend.all_reduce(&mut o);
+            backend.add_assign(&mut x, &o);
         }
         x
     }
 
-    /// Logits of the given rows (all rows when `None`), `[rows, embedding_size]`
-    /// on the host (last stage only). Only the rows asked for go through the
+    /// Logits of the given rows (all rows when `None`), `[rows, vocab.len()]`
+    /// on the host (last stage only): the whole vocabulary, or this rank's
+    /// slice of it under tensor parallelism. Only the rows asked for go through the
     /// head, which is most of the cost for short canvases and large vocabularies.
     pub fn head(&self, backend: &B, x: &B::Tensor, rows: Option<&[usize]>) -> Vec<f32> {
         let (ln_f, head) = match (&self.ln_f, &self.head) {

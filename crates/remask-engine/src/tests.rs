@@ -25,7 +25,7 @@ fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn packed_sequences_equal_their_solo_runs() {
     let (_dir, ckpt) = tiny(f32_opts());
-    let engine = Engine::load(CpuBackend, &ckpt).unwrap();
+    let engine = Engine::load(CpuBackend::default(), &ckpt).unwrap();
     let (m, be) = (&engine.model, &engine.backend);
     let a: Vec<u32> = (0..37).map(|i| (i * 7 % 300) as u32).collect();
     let b: Vec<u32> = (0..150).map(|i| (i * 13 % 300) as u32).collect();
@@ -45,7 +45,7 @@ fn packed_sequences_equal_their_solo_runs() {
 #[test]
 fn attention_is_bidirectional() {
     let (_dir, ckpt) = tiny(f32_opts());
-    let engine = Engine::load(CpuBackend, &ckpt).unwrap();
+    let engine = Engine::load(CpuBackend::default(), &ckpt).unwrap();
     let (m, be) = (&engine.model, &engine.backend);
     let a: Vec<u32> = vec![5, 6, 7, 8, 9];
     let mut b = a.clone();
@@ -62,7 +62,7 @@ fn attention_is_bidirectional() {
 #[test]
 fn gathered_rows_equal_full_logits() {
     let (_dir, ckpt) = tiny(f32_opts());
-    let engine = Engine::load(CpuBackend, &ckpt).unwrap();
+    let engine = Engine::load(CpuBackend::default(), &ckpt).unwrap();
     let (m, be) = (&engine.model, &engine.backend);
     let ids: Vec<u32> = (0..20).collect();
     let p = Packing::new([20]);
@@ -76,7 +76,7 @@ fn gathered_rows_equal_full_logits() {
 #[test]
 fn layer_shards_compose_to_the_whole_model() {
     let (_dir, ckpt) = tiny(f32_opts());
-    let be = CpuBackend;
+    let be = CpuBackend::default();
     let whole = Llada::load(&be, &ckpt, Shard::full(&ckpt.config)).unwrap();
     let first = Llada::load(
         &be,
@@ -104,4 +104,93 @@ fn layer_shards_compose_to_the_whole_model() {
     let hidden = be.load_hidden(&be.to_host(hidden), 12, ckpt.config.d_model);
     let staged = last.head(&be, &last.layers(&be, hidden, &p), None);
     assert_eq!(staged, whole.logits(&be, &ids, &p, None));
+}
+
+/// Tensor parallelism over 2 and 4 thread ranks computes the same model:
+/// logits within 1e-4 of one rank, and the same generated ids.
+#[test]
+fn tensor_parallel_ranks_match_one_rank() {
+    use remask_model::TextCodec;
+    use remask_sampler::{Canvas, Remasking, SamplerConfig, TokenSpace, denoise};
+    let dir = tempfile::tempdir().unwrap();
+    let opts = InitOptions {
+        dtype: DType::F32,
+        seed: 3,
+        ..InitOptions::default()
+    };
+    // small: 8 heads, 4 KV heads, mlp 704, embedding 2304: divisible by 4.
+    init_checkpoint(Preset::get("small").unwrap(), &opts, dir.path()).unwrap();
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let one = Engine::load(CpuBackend::default(), &ckpt).unwrap();
+    let ids: Vec<u32> = (0..45).map(|i| (i * 31 % 1900) as u32).collect();
+    let packing = Packing::new([20, 25]);
+    let want = one.model.logits(&one.backend, &ids, &packing, None);
+    let special = TextCodec::load(dir.path())
+        .unwrap()
+        .special_tokens(&ckpt.config)
+        .unwrap();
+    let space = TokenSpace {
+        vocab_size: ckpt.config.vocab_size,
+        mask: special.mask,
+        eos: special.eos,
+        eot: special.eot,
+        max_sequence_length: ckpt.config.max_sequence_length,
+    };
+    let configs = [
+        SamplerConfig {
+            gen_length: 16,
+            steps: 8,
+            block_length: 8,
+            ..SamplerConfig::default()
+        },
+        SamplerConfig {
+            gen_length: 16,
+            steps: 16,
+            block_length: 16,
+            temperature: 0.8,
+            seed: 5,
+            ..SamplerConfig::default()
+        },
+        SamplerConfig {
+            gen_length: 12,
+            steps: 6,
+            block_length: 4,
+            cfg_scale: 1.0,
+            ..SamplerConfig::default()
+        },
+        SamplerConfig {
+            gen_length: 8,
+            steps: 8,
+            block_length: 8,
+            remasking: Remasking::Random,
+            seed: 9,
+            ..SamplerConfig::default()
+        },
+    ];
+    let generate = |predict: &dyn Fn(
+        &Canvas,
+        &remask_sampler::StepPlan,
+    ) -> Vec<remask_sampler::Prediction>,
+                    config: SamplerConfig| {
+        let mut canvas = Canvas::new(&[5, 6, 7, 8], config, space).unwrap();
+        let r: Result<(), std::convert::Infallible> =
+            denoise(&mut canvas, |c, p| Ok(predict(c, p)), |_, _| {});
+        r.unwrap();
+        canvas.tokens().to_vec()
+    };
+    for world in [2, 4] {
+        let tp = TpEngine::load(&ckpt, world).unwrap();
+        let got = tp.logits(&ids, &packing, None);
+        assert_eq!(got.len(), want.len());
+        let rel = max_rel_diff(&want, &got);
+        assert!(rel < 1e-4, "TP={world}: relative logit difference {rel}");
+        for config in configs {
+            let a = generate(&|c, p| one.predict(&[(c, p)]).pop().unwrap(), config);
+            let b = generate(&|c, p| tp.predict(&[(c, p)]).pop().unwrap(), config);
+            assert_eq!(a, b, "TP={world}, {config:?}");
+        }
+    }
+    // A split that does not divide is refused with a reason.
+    let err = TpEngine::load(&ckpt, 3).err().unwrap().to_string();
+    assert!(err.contains("not divisible"), "{err}");
 }

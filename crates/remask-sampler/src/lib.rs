@@ -15,7 +15,9 @@ pub use canvas::{
     Canvas, Committed, InvalidRequest, SamplerConfig, StepPlan, TokenSpace, denoise,
     transfer_schedule,
 };
-pub use predict::{PredictOptions, Prediction, Remasking, predict};
+pub use predict::{
+    Partial, PredictOptions, Prediction, Remasking, combine, predict, predict_partial,
+};
 
 #[cfg(test)]
 mod schedule_props;

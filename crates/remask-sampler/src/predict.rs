@@ -126,6 +126,128 @@ pub fn predict(
     Prediction { token, confidence }
 }
 
+/// The best candidate of one slice of the vocabulary, for tensor-parallel
+/// output heads: each rank reduces its own columns, and `combine` merges the
+/// ranks' partials into the same prediction `predict` makes from a full row.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Partial {
+    /// The (noisy, with temperature) score of the best token of the slice.
+    pub score: f64,
+    /// Its global vocabulary id.
+    pub token: u32,
+    /// Its guided logit.
+    pub logit: f64,
+    /// logsumexp of the slice's guided logits.
+    pub lse: f64,
+}
+
+/// The partial of the vocabulary slice `offset..offset + cond.len()`.
+pub fn predict_partial(
+    cond: &[f32],
+    uncond: Option<&[f32]>,
+    offset: usize,
+    opts: &PredictOptions,
+    step: u64,
+    position: u64,
+    scratch: &mut Vec<f32>,
+) -> Partial {
+    let logits: &mut Vec<f32> = scratch;
+    logits.clear();
+    match uncond {
+        Some(un) if opts.cfg_scale > 0.0 => {
+            let s1 = (opts.cfg_scale + 1.0) as f32;
+            logits.extend(cond.iter().zip(un).map(|(&c, &u)| u + s1 * (c - u)));
+        }
+        _ => logits.extend_from_slice(cond),
+    }
+    let mut kill = |id: u32| {
+        if let Some(l) = (id as usize)
+            .checked_sub(offset)
+            .and_then(|i| logits.get_mut(i))
+        {
+            *l = f32::NEG_INFINITY;
+        }
+    };
+    kill(opts.mask);
+    if opts.logits_eos_inf {
+        kill(opts.eos);
+    }
+    let local = if opts.temperature == 0.0 {
+        first_argmax(logits.iter().map(|&l| l as f64))
+    } else {
+        let key = NoiseKey::new(opts.seed, Stream::Gumbel, step, position);
+        let t = opts.temperature;
+        first_argmax(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(v, &l)| l as f64 - t * (-key.uniform((offset + v) as u64).ln()).ln()),
+        )
+    };
+    let logit = logits.get(local).map_or(f64::NEG_INFINITY, |&l| l as f64);
+    let score = if opts.temperature == 0.0 {
+        logit
+    } else {
+        let key = NoiseKey::new(opts.seed, Stream::Gumbel, step, position);
+        logit - opts.temperature * (-key.uniform((offset + local) as u64).ln()).ln()
+    };
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &l| m.max(l as f64));
+    let lse = if max.is_finite() {
+        max + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln()
+    } else {
+        f64::NEG_INFINITY
+    };
+    Partial {
+        score,
+        token: (offset + local) as u32,
+        logit,
+        lse,
+    }
+}
+
+/// Merges the partials of all vocabulary slices (in vocabulary order) into
+/// one prediction: the best score wins (ties to the lower id, as `argmax`),
+/// and its softmax probability is `exp(logit - logsumexp of all slices)`.
+pub fn combine(
+    partials: &[Partial],
+    opts: &PredictOptions,
+    step: u64,
+    position: u64,
+) -> Prediction {
+    let best = partials
+        .iter()
+        .fold(None::<&Partial>, |b, p| match b {
+            Some(b) if b.score >= p.score => Some(b),
+            _ => Some(p),
+        })
+        .expect("at least one partial");
+    let max = partials.iter().fold(f64::NEG_INFINITY, |m, p| m.max(p.lse));
+    let lse = max
+        + partials
+            .iter()
+            .map(|p| (p.lse - max).exp())
+            .sum::<f64>()
+            .ln();
+    let mut confidence = match opts.remasking {
+        Remasking::LowConfidence if lse.is_finite() => (best.logit - lse).exp(),
+        Remasking::LowConfidence => 0.0,
+        Remasking::Random => NoiseKey::new(opts.seed, Stream::Remask, step, position).uniform(0),
+    };
+    if opts.confidence_eos_eot_inf && (best.token == opts.eos || Some(best.token) == opts.eot) {
+        confidence = f64::NEG_INFINITY;
+    }
+    Prediction {
+        token: best.token,
+        confidence,
+    }
+}
+
 /// Index of the first maximal value (NaN never wins), like `torch.argmax`
 /// on finite input.
 fn first_argmax(values: impl Iterator<Item = f64>) -> usize {
@@ -211,6 +333,56 @@ mod tests {
         let p = predict(&logits, None, &o, 0, 0, &mut Vec::new());
         assert_eq!(p.token, 3);
         assert_eq!(p.confidence, f64::NEG_INFINITY);
+    }
+
+    #[test]
+    fn split_vocabulary_gives_the_same_prediction() {
+        let cond: Vec<f32> = (0..40)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.7)
+            .collect();
+        let un: Vec<f32> = (0..40)
+            .map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.5)
+            .collect();
+        for (temperature, cfg_scale, remasking) in [
+            (0.0, 0.0, Remasking::LowConfidence),
+            (0.9, 0.0, Remasking::LowConfidence),
+            (0.0, 1.5, Remasking::Random),
+            (1.3, 0.7, Remasking::LowConfidence),
+        ] {
+            let o = PredictOptions {
+                temperature,
+                cfg_scale,
+                remasking,
+                logits_eos_inf: true,
+                ..opts()
+            };
+            for pos in 0..20 {
+                let whole = predict(&cond, Some(&un), &o, 3, pos, &mut Vec::new());
+                for parts in [1, 2, 4, 5] {
+                    let n = 40 / parts;
+                    let partials: Vec<Partial> = (0..parts)
+                        .map(|r| {
+                            let s = r * n..(r + 1) * n;
+                            predict_partial(
+                                &cond[s.clone()],
+                                Some(&un[s.clone()]),
+                                s.start,
+                                &o,
+                                3,
+                                pos,
+                                &mut Vec::new(),
+                            )
+                        })
+                        .collect();
+                    let split = combine(&partials, &o, 3, pos);
+                    assert_eq!(split.token, whole.token, "{parts} parts");
+                    assert!(
+                        (split.confidence - whole.confidence).abs() < 1e-12,
+                        "{split:?} vs {whole:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
