@@ -33,6 +33,8 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long, env = "REMASK_JSON")]
     pub json: bool,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -77,7 +79,7 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
             "--block-length must be between 1 and --seq-len - 1".into(),
         ));
     }
-    let dir = default_model::resolve(args.model, globals)?;
+    let dir = default_model::resolve(args.model.clone(), globals)?;
     let ckpt = Checkpoint::open(&dir)?;
     let c = &ckpt.config;
     if args.seq_len > c.max_sequence_length {
@@ -87,7 +89,39 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
         )));
     }
     let special = TextCodec::load(&dir)?.special_tokens(c)?;
+    if args.device.is_cuda()? {
+        #[cfg(feature = "cuda")]
+        {
+            let engine = Engine::load(args.device.cuda()?, &ckpt)?;
+            return measure(
+                &args,
+                &dir,
+                &ckpt,
+                special,
+                &engine,
+                &|| engine.backend.synchronize(),
+                true,
+            );
+        }
+    }
     let engine = Engine::load(CpuBackend::default(), &ckpt)?;
+    measure(&args, &dir, &ckpt, special, &engine, &|| {}, false)
+}
+
+/// Times a full forward and a denoising step on `engine`; `sync` waits for
+/// queued device work, `fused` reduces the head on the device.
+#[allow(clippy::too_many_arguments)]
+fn measure<B: remask_engine::Backend>(
+    args: &BenchArgs,
+    dir: &std::path::Path,
+    ckpt: &Checkpoint,
+    special: remask_model::SpecialTokens,
+    engine: &Engine<B>,
+    sync: &dyn Fn(),
+    fused: bool,
+) -> CliResult {
+    let c = &ckpt.config;
+    let block_length = args.block_length.unwrap_or((args.seq_len / 2).clamp(1, 32));
 
     // Deterministic ids, never the mask.
     let ids: Vec<u32> = (0..args.batch * args.seq_len)
@@ -95,8 +129,17 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
         .map(|t| if t == special.mask { t - 1 } else { t })
         .collect();
     let packing = Packing::new(vec![args.seq_len; args.batch]);
+    // A full forward: every position's logits (left on the device when
+    // fused, copied to the host otherwise, as a PyTorch reference does).
     let mut forward = time(args.iters, args.warmup, || {
-        std::hint::black_box(engine.model.logits(&engine.backend, &ids, &packing, None));
+        if fused {
+            let x = engine.model.embed(&engine.backend, &ids);
+            let x = engine.model.layers(&engine.backend, x, &packing);
+            std::hint::black_box(engine.model.head_logits(&engine.backend, &x, None));
+        } else {
+            std::hint::black_box(engine.model.logits(&engine.backend, &ids, &packing, None));
+        }
+        sync();
     });
 
     // One denoising step: B canvases, the prompt then one masked block.
@@ -120,8 +163,14 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
         .collect::<Result<Vec<_>, _>>()?;
     let plans: Vec<_> = canvases.iter().map(|c| c.plan()).collect();
     let requests: Vec<_> = canvases.iter().zip(&plans).collect();
+    let batch = remask_engine::StepBatch::new(&requests);
     let mut step = time(args.iters, args.warmup, || {
-        std::hint::black_box(engine.predict(&requests));
+        if fused {
+            std::hint::black_box(engine.run_fused(&batch));
+        } else {
+            std::hint::black_box(engine.run(&batch));
+        }
+        sync();
     });
 
     let threads = rayon::current_num_threads();
@@ -130,7 +179,7 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
     if args.json {
         let out = serde_json::json!({
             "impl": "remask",
-            "backend": "cpu",
+            "backend": args.device.backend,
             "ms_per_forward_median": fwd,
             "ms_per_step_median": stp,
             "ms_all": all,

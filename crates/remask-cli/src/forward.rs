@@ -14,6 +14,8 @@ pub struct ForwardArgs {
     /// One sequence of token ids, comma-separated; repeat for a batch (equal lengths).
     #[arg(long = "ids", required = true, action = clap::ArgAction::Append)]
     pub ids: Vec<String>,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
     /// Output file: float32 logits of shape [batch, length, embedding_size].
     #[arg(long, env = "REMASK_OUT")]
     pub out: PathBuf,
@@ -36,10 +38,20 @@ pub fn run(args: ForwardArgs, globals: &Globals) -> CliResult {
             ckpt.config.max_sequence_length
         )));
     }
-    let engine = Engine::load(CpuBackend::default(), &ckpt)?;
     let ids: Vec<u32> = batch.concat();
     let packing = Packing::new(batch.iter().map(|s| s.len()));
-    let logits = engine.model.logits(&engine.backend, &ids, &packing, None);
+    let logits = if args.device.is_cuda()? {
+        #[cfg(feature = "cuda")]
+        {
+            let engine = Engine::load(args.device.cuda()?, &ckpt)?;
+            engine.model.logits(&engine.backend, &ids, &packing, None)
+        }
+        #[cfg(not(feature = "cuda"))]
+        unreachable!("is_cuda() is false without the feature")
+    } else {
+        let engine = Engine::load(CpuBackend::default(), &ckpt)?;
+        engine.model.logits(&engine.backend, &ids, &packing, None)
+    };
     npy::write_f32(&args.out, &[batch.len(), len, vocab], &logits)
         .map_err(|e| CliError::Usage(format!("cannot write {}: {e}", args.out.display())))
 }

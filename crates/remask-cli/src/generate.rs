@@ -87,6 +87,8 @@ pub struct GenerateArgs {
     /// Commit EOS and end-of-turn predictions last.
     #[arg(long, env = "REMASK_CONFIDENCE_EOS_EOT_INF")]
     pub confidence_eos_eot_inf: bool,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
     /// Split the model over this many tensor-parallel ranks (threads on the CPU).
     #[arg(
         long,
@@ -159,7 +161,19 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
     }
     let t_load = Instant::now();
     // One rank, or a tensor-parallel group of thread ranks: same predictions.
-    let engine: Box<StepFn> = if args.tensor_parallel > 1 {
+    let engine: Box<StepFn> = if args.device.is_cuda()? {
+        #[cfg(feature = "cuda")]
+        {
+            let gpu = Engine::load(args.device.cuda()?, &ckpt)?;
+            Box::new(move |c, p| {
+                gpu.run_fused(&remask_engine::StepBatch::new(&[(c, p)]))
+                    .pop()
+                    .unwrap()
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        unreachable!("is_cuda() is false without the feature")
+    } else if args.tensor_parallel > 1 {
         let tp = TpEngine::load(&ckpt, args.tensor_parallel)?;
         Box::new(move |c, p| tp.predict(&[(c, p)]).pop().unwrap())
     } else {

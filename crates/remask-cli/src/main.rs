@@ -7,6 +7,7 @@
 mod bench;
 mod cluster_cmd;
 mod default_model;
+mod device;
 mod display;
 mod forward;
 mod generate;

@@ -101,6 +101,18 @@ pub trait Backend: Send + Sync {
     /// Sums `x` over the tensor-parallel group (after the row-parallel
     /// projections); nothing to do without tensor parallelism.
     fn all_reduce(&self, _x: &mut Self::Tensor) {}
+    /// The head's partials for the queried rows of `logits` (the rows of
+    /// `query_rows(queries)`, over the vocabulary slice `vocab`). The default
+    /// reduces on the host; a GPU backend reduces on the device so that full
+    /// logits never leave it.
+    fn head_partials(
+        &self,
+        logits: Self::Tensor,
+        vocab: std::ops::Range<usize>,
+        queries: &[crate::engine::Query],
+    ) -> Vec<Vec<remask_sampler::Partial>> {
+        crate::engine::partial_queries(&self.to_host(logits), vocab, queries)
+    }
     /// Hidden states arriving from elsewhere (another pipeline stage).
     fn load_hidden(&self, values: &[f32], rows: usize, cols: usize) -> Self::Tensor;
 }

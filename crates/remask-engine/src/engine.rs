@@ -133,6 +133,19 @@ impl<B: Backend> Engine<B> {
         predict_queries(&logits, self.model.config.embedding_size(), &batch.queries)
     }
 
+    /// Like `run`, but the head is reduced by the backend (on the GPU for
+    /// CUDA): only (token, confidence) partials come back, never logits.
+    pub fn run_fused(&self, batch: &StepBatch) -> Vec<Vec<Prediction>> {
+        let rows = query_rows(&batch.queries);
+        let x = self.model.embed(&self.backend, &batch.ids);
+        let x = self.model.layers(&self.backend, x, &batch.packing());
+        let logits = self.model.head_logits(&self.backend, &x, Some(&rows));
+        let partials = self
+            .backend
+            .head_partials(logits, self.model.vocab.clone(), &batch.queries);
+        combine_ranks(&[partials], &batch.queries)
+    }
+
     /// Predictions for every planned position of every request.
     pub fn predict(&self, requests: &[(&Canvas, &StepPlan)]) -> Vec<Vec<Prediction>> {
         self.run(&StepBatch::new(requests))

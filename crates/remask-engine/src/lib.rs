@@ -8,6 +8,8 @@
 pub mod backend;
 pub mod collective;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 mod fastmath;
 pub mod llada;

@@ -225,6 +225,11 @@ impl<B: Backend> Llada<B> {
     /// slice of it under tensor parallelism. Only the rows asked for go through the
     /// head, which is most of the cost for short canvases and large vocabularies.
     pub fn head(&self, backend: &B, x: &B::Tensor, rows: Option<&[usize]>) -> Vec<f32> {
+        backend.to_host(self.head_logits(backend, x, rows))
+    }
+
+    /// The same logits, left on the device (for a fused head reduction).
+    pub fn head_logits(&self, backend: &B, x: &B::Tensor, rows: Option<&[usize]>) -> B::Tensor {
         let (ln_f, head) = match (&self.ln_f, &self.head) {
             (Some(n), Some(h)) => (n, h),
             _ => panic!("this shard has no head"),
@@ -234,7 +239,7 @@ impl<B: Backend> Llada<B> {
             Some(rows) => backend.rms_norm(&backend.gather_rows(x, rows), ln_f, eps),
             None => backend.rms_norm(x, ln_f, eps),
         };
-        backend.to_host(backend.linear(&h, head))
+        backend.linear(&h, head)
     }
 
     /// The whole model on one shard: ids of packed sequences to logits.

@@ -194,3 +194,47 @@ fn tensor_parallel_ranks_match_one_rank() {
     let err = TpEngine::load(&ckpt, 3).err().unwrap().to_string();
     assert!(err.contains("not divisible"), "{err}");
 }
+
+/// The fused path (the backend reduces the head to partials) predicts what
+/// the host path predicts; on the CPU it checks the default reduction, on a
+/// GPU the same code runs the CUDA kernel.
+#[test]
+fn fused_head_matches_host_head() {
+    use remask_sampler::{Canvas, SamplerConfig, TokenSpace};
+    let (_dir, ckpt) = tiny(f32_opts());
+    let engine = Engine::load(CpuBackend::default(), &ckpt).unwrap();
+    let space = TokenSpace {
+        vocab_size: ckpt.config.vocab_size,
+        mask: ckpt.config.mask_token_id.unwrap(),
+        eos: ckpt.config.eos_token_id.unwrap(),
+        eot: None,
+        max_sequence_length: 512,
+    };
+    for config in [
+        SamplerConfig {
+            gen_length: 8,
+            steps: 4,
+            block_length: 8,
+            ..SamplerConfig::default()
+        },
+        SamplerConfig {
+            gen_length: 8,
+            steps: 8,
+            block_length: 8,
+            temperature: 0.9,
+            cfg_scale: 0.5,
+            seed: 4,
+            ..SamplerConfig::default()
+        },
+    ] {
+        let canvas = Canvas::new(&[3, 4, 5], config, space).unwrap();
+        let plan = canvas.plan();
+        let batch = StepBatch::new(&[(&canvas, &plan)]);
+        let host = engine.run(&batch);
+        let fused = engine.run_fused(&batch);
+        for (h, f) in host[0].iter().zip(&fused[0]) {
+            assert_eq!(h.token, f.token);
+            assert!((h.confidence - f.confidence).abs() < 1e-9, "{h:?} {f:?}");
+        }
+    }
+}

@@ -47,6 +47,11 @@ impl NoiseKey {
         NoiseKey(h)
     }
 
+    /// The key's 64 bits (to hand to a GPU kernel that draws the same numbers).
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+
     /// The `index`-th uniform number of this key, in the open interval (0, 1):
     /// 52 random bits plus one half is exact in an f64, so neither end is reached.
     pub fn uniform(self, index: u64) -> f64 {
