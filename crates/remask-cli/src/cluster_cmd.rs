@@ -90,6 +90,8 @@ pub struct ServeArgs {
     #[arg(long, env = "REMASK_TENSOR_PARALLEL", default_value_t = 1)]
     pub tensor_parallel: usize,
     #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
+    #[command(flatten)]
     pub front: FrontArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -144,9 +146,8 @@ pub struct WorkerArgs {
     /// Unique, stable id in the cluster (default: the advertised address).
     #[arg(long, env = "REMASK_WORKER_ID")]
     pub id: Option<String>,
-    /// Compute backend: cpu.
-    #[arg(long, env = "REMASK_BACKEND", default_value = "cpu")]
-    pub backend: String,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
     /// Checkpoint directory on this machine (default: the coordinator's path).
     #[arg(long, env = "REMASK_MODEL")]
     pub model: Option<PathBuf>,
@@ -220,7 +221,17 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     let meta = model_meta(&dir)?;
     let ckpt = Checkpoint::open(&dir)?;
     let shard = Shard::full(&ckpt.config);
-    let runner = ShardRunner::load_tp(&ckpt, shard.clone(), args.tensor_parallel)?;
+    let runner = if args.device.is_cuda()? {
+        #[cfg(feature = "cuda")]
+        {
+            ShardRunner::load_cuda(&ckpt, shard.clone(), args.device.device)
+                .map_err(CliError::Usage)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        unreachable!("is_cuda() is false without the feature")
+    } else {
+        ShardRunner::load_tp(&ckpt, shard.clone(), args.tensor_parallel)?
+    };
     let tls_files = args.tls.files();
     tls_files.public_server().map_err(tls_usage)?;
     let rt = runtime()?;
@@ -383,12 +394,7 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
 
 /// A worker: serves the Worker API and, with --etcd, registers itself.
 pub fn worker(args: WorkerArgs) -> CliResult {
-    if args.backend != "cpu" {
-        return Err(CliError::Usage(format!(
-            "backend '{}' is not available in this build: use --backend cpu",
-            args.backend
-        )));
-    }
+    let device = args.device.is_cuda()?.then_some(args.device.device);
     if args.lease_ttl < 1 {
         return Err(CliError::Usage(
             "--lease-ttl must be at least 1 second".into(),
@@ -407,7 +413,7 @@ pub fn worker(args: WorkerArgs) -> CliResult {
                 "{}://{advertise}",
                 if tls.is_some() { "https" } else { "http" }
             ),
-            backend: args.backend.clone(),
+            backend: args.device.backend.clone(),
             devices: Vec::new(),
         };
         // Register in the background, retrying while etcd is not reachable
@@ -435,7 +441,7 @@ pub fn worker(args: WorkerArgs) -> CliResult {
             })
         });
         eprintln!("remask worker {id}: listening on {bound}");
-        let service = WorkerService::new(id, args.model.clone(), args.tensor_parallel);
+        let service = WorkerService::new(id, args.model.clone(), args.tensor_parallel, device);
         let result = server::serve_worker(listener, tls, service, shutdown_signal()).await;
         if let Some(task) = registration {
             if task.is_finished() {

@@ -29,6 +29,11 @@ pub struct ShardRunner {
 enum Ranks {
     One(CpuBackend, Box<Llada<CpuBackend>>),
     Group(TpEngine),
+    #[cfg(feature = "cuda")]
+    Cuda(
+        remask_engine::cuda::CudaBackend,
+        Box<Llada<remask_engine::cuda::CudaBackend>>,
+    ),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,10 +73,26 @@ impl ShardRunner {
         Ok(ShardRunner { inner })
     }
 
+    /// The shard on GPU `device` (the CUDA backend).
+    #[cfg(feature = "cuda")]
+    pub fn load_cuda(
+        ckpt: &Checkpoint,
+        shard: Shard,
+        device: usize,
+    ) -> std::result::Result<Self, String> {
+        let backend = remask_engine::cuda::CudaBackend::new(device).map_err(|e| e.to_string())?;
+        let model = Llada::load(&backend, ckpt, shard).map_err(|e| e.to_string())?;
+        Ok(ShardRunner {
+            inner: Ranks::Cuda(backend, Box::new(model)),
+        })
+    }
+
     pub fn shard(&self) -> &Shard {
         match &self.inner {
             Ranks::One(_, m) => &m.shard,
             Ranks::Group(g) => g.shard(),
+            #[cfg(feature = "cuda")]
+            Ranks::Cuda(_, m) => &m.shard,
         }
     }
 
@@ -79,6 +100,8 @@ impl ShardRunner {
         match &self.inner {
             Ranks::One(_, m) => &m.config,
             Ranks::Group(g) => g.config(),
+            #[cfg(feature = "cuda")]
+            Ranks::Cuda(_, m) => &m.config,
         }
     }
 
@@ -151,6 +174,22 @@ impl ShardRunner {
                     StageOutput::Predictions(predict_queries(&logits, c.embedding_size(), queries))
                 }
             },
+            // On the GPU the head is reduced on the device: only partials come back.
+            #[cfg(feature = "cuda")]
+            Ranks::Cuda(backend, model) => {
+                let x = match &input {
+                    StageInput::Ids(ids) => model.embed(backend, ids),
+                    StageInput::Hidden(h) => backend.load_hidden(h, tokens, d_model),
+                };
+                let x = model.layers(backend, x, &packing);
+                if model.shard.head {
+                    let logits = model.head_logits(backend, &x, Some(&rows));
+                    let partials = backend.head_partials(logits, model.vocab.clone(), queries);
+                    StageOutput::Predictions(combine_ranks(&[partials], queries))
+                } else {
+                    StageOutput::Hidden(backend.to_host(x))
+                }
+            }
             Ranks::Group(group) => {
                 let mut outputs = group.on_ranks(|backend, model| {
                     rank(backend, model)

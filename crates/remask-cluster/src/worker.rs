@@ -27,15 +27,23 @@ pub struct WorkerService {
     model_override: Option<PathBuf>,
     /// Ranks (threads on the CPU) each shard is split over.
     tensor_parallel: usize,
+    /// GPU ordinal of the CUDA backend; None for the CPU.
+    device: Option<usize>,
     loaded: RwLock<Option<Loaded>>,
 }
 
 impl WorkerService {
-    pub fn new(id: String, model_override: Option<PathBuf>, tensor_parallel: usize) -> Self {
+    pub fn new(
+        id: String,
+        model_override: Option<PathBuf>,
+        tensor_parallel: usize,
+        device: Option<usize>,
+    ) -> Self {
         WorkerService {
             id,
             model_override,
             tensor_parallel: tensor_parallel.max(1),
+            device,
             loaded: RwLock::new(None),
         }
     }
@@ -62,6 +70,7 @@ impl Worker for WorkerService {
         *self.loaded.write().await = None;
         let dir2 = dir.clone();
         let tensor_parallel = self.tensor_parallel;
+        let device = self.device;
         let runner = tokio::task::spawn_blocking(move || {
             let ckpt = Checkpoint::open(&dir2)?;
             if shard.layers.end > ckpt.config.n_layers || shard.layers.start > shard.layers.end {
@@ -70,7 +79,16 @@ impl Worker for WorkerService {
                     shard.layers, ckpt.config.n_layers
                 )));
             }
-            ShardRunner::load_tp(&ckpt, shard, tensor_parallel)
+            match device {
+                #[cfg(feature = "cuda")]
+                Some(d) => ShardRunner::load_cuda(&ckpt, shard, d)
+                    .map_err(remask_model::ModelError::Unsupported),
+                #[cfg(not(feature = "cuda"))]
+                Some(_) => Err(remask_model::ModelError::Unsupported(
+                    "this worker was built without the CUDA backend".into(),
+                )),
+                None => ShardRunner::load_tp(&ckpt, shard, tensor_parallel),
+            }
         })
         .await
         .map_err(|e| Status::internal(format!("load task failed: {e}")))?
@@ -141,7 +159,7 @@ impl Worker for WorkerService {
         let loaded = self.loaded.read().await;
         Ok(Response::new(pb::StatusResponse {
             id: self.id.clone(),
-            backend: "cpu".into(),
+            backend: if self.device.is_some() { "cuda" } else { "cpu" }.into(),
             shard: loaded.as_ref().map(|l| shard_to_pb(l.runner.shard())),
             generation: loaded.as_ref().map_or(0, |l| l.generation),
             model: loaded.as_ref().map(|l| l.model.clone()).unwrap_or_default(),
