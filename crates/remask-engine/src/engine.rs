@@ -14,7 +14,7 @@ use crate::llada::{Llada, Shard};
 use rayon::prelude::*;
 use remask_model::{Checkpoint, Result};
 use remask_sampler::{
-    Canvas, Committed, Partial, PredictOptions, Prediction, StepPlan, combine, denoise, predict,
+    Canvas, Committed, Partial, PredictOptions, Prediction, StepPlan, combine, denoise,
     predict_partial,
 };
 
@@ -92,24 +92,7 @@ pub fn query_rows(queries: &[Query]) -> Vec<usize> {
 
 /// Predictions from the logits of `query_rows(queries)`, one list per query.
 pub fn predict_queries(logits: &[f32], vocab: usize, queries: &[Query]) -> Vec<Vec<Prediction>> {
-    let row = |i: usize| &logits[i * vocab..(i + 1) * vocab];
-    let mut first = 0;
-    queries
-        .iter()
-        .map(|q| {
-            let n = q.positions.len();
-            let start = first;
-            first += if q.uncond_base.is_some() { 2 * n } else { n };
-            q.positions
-                .par_iter()
-                .enumerate()
-                .map_init(Vec::new, |scratch, (j, &pos)| {
-                    let un = q.uncond_base.map(|_| row(start + n + j));
-                    predict(row(start + j), un, &q.options, q.step, pos as u64, scratch)
-                })
-                .collect()
-        })
-        .collect()
+    combine_ranks(&[partial_queries(logits, 0..vocab, queries)], queries)
 }
 
 /// The whole model in this process.

@@ -81,49 +81,10 @@ pub fn predict(
     position: u64,
     scratch: &mut Vec<f32>,
 ) -> Prediction {
-    let logits: &mut Vec<f32> = scratch;
-    logits.clear();
-    match uncond {
-        // CFG as in LLaDA: un + (s + 1) * (cond - un), in f32.
-        Some(un) if opts.cfg_scale > 0.0 => {
-            let s1 = (opts.cfg_scale + 1.0) as f32;
-            logits.extend(cond.iter().zip(un).map(|(&c, &u)| u + s1 * (c - u)));
-        }
-        _ => logits.extend_from_slice(cond),
-    }
-    if let Some(l) = logits.get_mut(opts.mask as usize) {
-        *l = f32::NEG_INFINITY;
-    }
-    if opts.logits_eos_inf
-        && let Some(l) = logits.get_mut(opts.eos as usize)
-    {
-        *l = f32::NEG_INFINITY;
-    }
-
-    let token = if opts.temperature == 0.0 {
-        first_argmax(logits.iter().map(|&l| l as f64))
-    } else {
-        // Gumbel-max: argmax(exp(l) / (-ln u)^t) == argmax(l - t ln(-ln u)),
-        // taken in log space so that large logits cannot overflow exp().
-        let key = NoiseKey::new(opts.seed, Stream::Gumbel, step, position);
-        let t = opts.temperature;
-        first_argmax(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(v, &l)| l as f64 - t * (-key.uniform(v as u64).ln()).ln()),
-        )
-    };
-
-    let mut confidence = match opts.remasking {
-        Remasking::LowConfidence => softmax_at(logits, token),
-        Remasking::Random => NoiseKey::new(opts.seed, Stream::Remask, step, position).uniform(0),
-    };
-    let token = token as u32;
-    if opts.confidence_eos_eot_inf && (token == opts.eos || Some(token) == opts.eot) {
-        confidence = f64::NEG_INFINITY;
-    }
-    Prediction { token, confidence }
+    // The whole vocabulary is one slice: the same code serves tensor-parallel
+    // heads and the GPU's fused reduction.
+    let partial = predict_partial(cond, uncond, 0, opts, step, position, scratch);
+    combine(&[partial], opts, step, position)
 }
 
 /// The best candidate of one slice of the vocabulary, for tensor-parallel
@@ -258,18 +219,6 @@ fn first_argmax(values: impl Iterator<Item = f64>) -> usize {
         }
     }
     best.0
-}
-
-/// softmax(logits)[index], in f64.
-fn softmax_at(logits: &[f32], index: usize) -> f64 {
-    let max = logits
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &l| m.max(l as f64));
-    if !max.is_finite() {
-        return 0.0;
-    }
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    (logits[index] as f64 - max).exp() / sum
 }
 
 #[cfg(test)]
