@@ -991,3 +991,34 @@ fn tensor_parallel_generate_matches_one_rank() {
     );
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not divisible"));
 }
+
+/// On a terminal, `generate` redraws the canvas after every step (masks as
+/// `░`), then prints the text. `script` gives the process a pseudo-terminal.
+#[test]
+fn generate_draws_the_canvas_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("`script` (util-linux) not found: skipping the terminal test");
+        return;
+    }
+    let cmd = format!(
+        "{} generate --model {} --prompt-ids 5,6,7 --gen-length 16 --steps 4 --block-length 16",
+        bin().display(),
+        tiny()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env_remove("REMASK_JSON")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script");
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    assert!(
+        screen.contains('░'),
+        "no masked canvas was drawn: {screen:?}"
+    );
+    assert!(
+        screen.matches("\x1b[J").count() >= 4,
+        "expected a redraw per step: {screen:?}"
+    );
+}
