@@ -144,7 +144,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "REMASK_ADVERTISE")]
     pub advertise: Option<String>,
     /// Unique, stable id in the cluster (default: the advertised address).
-    #[arg(long, env = "REMASK_WORKER_ID")]
+    #[arg(long, env = "REMASK_ID")]
     pub id: Option<String>,
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
