@@ -22,11 +22,8 @@ Environment:
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -36,30 +33,15 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-PROTO_ROOT = REPO / "proto"
-PROTO_FILE = PROTO_ROOT / "remask" / "v1" / "generation.proto"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import (  # noqa: E402  (tests/harness.py, shared with the other suite)
+    Stubs, child_env, free_port, generate_stubs, remask_bin,
+)
 
 SERVER_START_TIMEOUT_S = 60.0
 CLI_TIMEOUT_S = 60.0
 
 API_KEYS = ("test-key-1", "test-key-2")
-
-
-def remask_bin() -> Path:
-    return Path(os.environ.get("REMASK_BIN") or REPO / "target" / "release" / "remask")
-
-
-def child_env(cache_dir: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REMASK_")}
-    env["REMASK_CACHE_DIR"] = str(cache_dir)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- binary, models
@@ -369,36 +351,11 @@ def curl() -> Curl:
 # --------------------------------------------------------------------------- gRPC stubs
 
 
-class Stubs:
-    def __init__(self, pb, pb_grpc, health_pb, health_grpc):
-        self.pb = pb
-        self.pb_grpc = pb_grpc
-        self.health_pb = health_pb
-        self.health_grpc = health_grpc
-
-
 @pytest.fixture(scope="session")
 def stubs(tmp_path_factory) -> Stubs:
     pytest.importorskip("grpc_tools")
     pytest.importorskip("grpc_health")
-    out = tmp_path_factory.mktemp("stubs")
-    cmd = [
-        sys.executable, "-m", "grpc_tools.protoc",
-        "-I", str(PROTO_ROOT),
-        f"--python_out={out}", f"--grpc_python_out={out}",
-        str(PROTO_FILE),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    assert res.returncode == 0, f"protoc failed: {res.stderr}"
-    sys.path.insert(0, str(out))
-    try:
-        pb = importlib.import_module("remask.v1.generation_pb2")
-        pb_grpc = importlib.import_module("remask.v1.generation_pb2_grpc")
-    finally:
-        sys.path.remove(str(out))
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    return Stubs(pb, pb_grpc, health_pb2, health_pb2_grpc)
+    return generate_stubs(tmp_path_factory.mktemp("stubs"))
 
 
 @pytest.fixture(scope="session")

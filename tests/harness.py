@@ -1,0 +1,69 @@
+"""Shared by the Python end-to-end suites (tests/grpc, tests/http): where the
+binary under test is, a clean environment for its processes, free loopback
+ports, and the gRPC stubs of proto/ generated at test time (no generated code
+is committed)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROTO_ROOT = REPO / "proto"
+PROTO_FILE = PROTO_ROOT / "remask" / "v1" / "generation.proto"
+
+
+def remask_bin() -> Path:
+    """REMASK_BIN, or <repo>/target/release/remask."""
+    return Path(os.environ.get("REMASK_BIN") or REPO / "target" / "release" / "remask")
+
+
+def child_env(cache_dir: Path) -> dict:
+    """This environment without any REMASK_* variable (the CLI reads them as
+    flags), with the embedded default model's cache in `cache_dir`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMASK_")}
+    env["REMASK_CACHE_DIR"] = str(cache_dir)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stubs:
+    """The generated modules: `pb` (messages), `pb_grpc` (service stubs), plus
+    the health-checking modules from grpcio-health-checking."""
+
+    def __init__(self, pb, pb_grpc, health_pb, health_grpc):
+        self.pb = pb
+        self.pb_grpc = pb_grpc
+        self.health_pb = health_pb
+        self.health_grpc = health_grpc
+
+
+def generate_stubs(out: Path) -> Stubs:
+    """Runs grpc_tools.protoc on generation.proto into `out` and imports the result."""
+    cmd = [
+        sys.executable, "-m", "grpc_tools.protoc",
+        "-I", str(PROTO_ROOT),
+        f"--python_out={out}", f"--grpc_python_out={out}",
+        str(PROTO_FILE),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, f"protoc failed: {res.stderr}"
+    sys.path.insert(0, str(out))
+    try:
+        pb = importlib.import_module("remask.v1.generation_pb2")
+        pb_grpc = importlib.import_module("remask.v1.generation_pb2_grpc")
+    finally:
+        # the modules stay in sys.modules; the path is not needed any more
+        sys.path.remove(str(out))
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    return Stubs(pb, pb_grpc, health_pb2, health_pb2_grpc)
