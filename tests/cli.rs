@@ -28,7 +28,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 #[path = "support/bin.rs"]
 mod support_bin;
-use support_bin::bin;
+use support_bin::{bin, describe, stderr, stdout};
 
 /// A directory for the whole test process: the shared tiny checkpoint and a
 /// scratch cache. It is never deleted (statics are not dropped), one per run.
@@ -98,24 +98,6 @@ fn remask_env(args: &[&str], envs: &[(&str, &str)]) -> Output {
         stdout: stdout.join().expect("stdout reader"),
         stderr: stderr.join().expect("stderr reader"),
     }
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Everything a failed assertion needs to show.
-fn describe(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        stdout(out),
-        stderr(out)
-    )
 }
 
 fn assert_no_panic(out: &Output) {

@@ -53,7 +53,7 @@ const PROBE: &str = "--prompt-ids 1,2,3 --gen-length 4 --steps 4 --block-length 
 
 #[path = "support/bin.rs"]
 mod support_bin;
-use support_bin::bin;
+use support_bin::{bin, describe, stderr, stdout};
 
 /// A directory for the whole test process: the shared checkpoints, a scratch
 /// cache and the servers' logs. Never deleted (statics are not dropped).
@@ -212,23 +212,6 @@ impl Drop for Pending {
             let _ = self.child.wait();
         }
     }
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status,
-        stdout(out),
-        stderr(out)
-    )
 }
 
 /// Parses a successful `--json` output.

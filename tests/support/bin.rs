@@ -1,8 +1,9 @@
-//! Where the `remask` binary under test is: REMASK_BIN, or next to the test
-//! executable (target/<profile>/remask). Included with `#[path]` by the e2e
-//! test crates.
+//! Where the `remask` binary under test is (REMASK_BIN, or next to the test
+//! executable: target/<profile>/remask), and how to show what it printed.
+//! Included with `#[path]` by the e2e test crates.
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::sync::OnceLock;
 
 /// The `remask` binary under test.
@@ -33,4 +34,22 @@ pub fn bin() -> &'static Path {
         );
         path
     })
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Everything a failed assertion needs to show.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    )
 }
