@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: Rust unit and property tests, the end-to-end CLI and
 # cluster tests (real processes, a real etcd), the independent Python
-# reference, and the Python gRPC client. `.ci/run` calls exactly this.
+# reference, the Python gRPC and HTTP clients, and the trainer with the shipped
+# model's evaluation. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,11 @@ if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grp
     -r tests/http/requirements.txt
 fi
 
+# PyTorch and friends for the trainer's tests (training/), when missing.
+if ! python3 -c "import torch, safetensors, matplotlib" 2>/dev/null; then
+  python3 -m pip install --quiet -r training/requirements.txt
+fi
+
 # One release build serves the tests and the binary they drive.
 cargo build --release --locked -p remask-cli
 export REMASK_BIN="$PWD/target/release/remask"
@@ -40,4 +46,4 @@ LD_LIBRARY_PATH="$(nvrtc_dir)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   cargo test --release --locked -p remask-engine --features cuda cuda::
 # Dockerfile, compose, Kubernetes manifests and the Helm chart, offline.
 scripts/check-deploy.sh
-python3 -m pytest -q tests/reference tests/grpc tests/http
+python3 -m pytest -q tests/reference tests/grpc tests/http training/tests

@@ -753,7 +753,7 @@ fn generate_reads_flags_from_the_environment() {
 }
 
 #[test]
-fn generate_without_model_creates_then_reuses_the_embedded_default() {
+fn generate_without_model_unpacks_then_reuses_the_embedded_default() {
     let cache = TempDir::new().unwrap();
     let envs = [("REMASK_CACHE_DIR", path_str(cache.path()))];
     let args = argv(
@@ -763,7 +763,8 @@ fn generate_without_model_creates_then_reuses_the_embedded_default() {
 
     let first_out = remask_env(&args, &envs);
     let first = json_output(&first_out);
-    assert_eq!(first["random_weights"], true, "{first}");
+    // The trained demo model, not a random-weight preset.
+    assert_eq!(first["random_weights"], false, "{first}");
     let model = PathBuf::from(first["model"].as_str().expect("model path in the JSON"));
     assert!(
         model.starts_with(cache.path()),
@@ -775,9 +776,23 @@ fn generate_without_model_creates_then_reuses_the_embedded_default() {
         "no checkpoint at {}",
         model.display()
     );
+    // What is unpacked is exactly the committed checkpoint.
+    let committed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/remask-demo");
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(
+            std::fs::read(model.join(name)).unwrap()
+                == std::fs::read(committed.join(name)).unwrap(),
+            "{name} differs from models/remask-demo/{name}"
+        );
+    }
     assert!(
-        stderr(&first_out).contains("creating"),
-        "the first run did not say it creates the model\n{}",
+        stderr(&first_out).contains("unpacking"),
+        "the first run did not say it unpacks the model\n{}",
         describe(&first_out)
     );
 
@@ -792,7 +807,7 @@ fn generate_without_model_creates_then_reuses_the_embedded_default() {
         "the default model was recreated"
     );
     assert!(
-        !stderr(&second_out).contains("creating"),
+        !stderr(&second_out).contains("unpacking"),
         "the second run recreated the model\n{}",
         describe(&second_out)
     );
@@ -1003,4 +1018,159 @@ fn generate_draws_the_canvas_on_a_terminal() {
         screen.matches("\x1b[J").count() >= 4,
         "expected a redraw per step: {screen:?}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// eval
+// ---------------------------------------------------------------------------
+
+/// A held-out data directory in the layout of training/data/prepare.py, small
+/// enough for the tiny checkpoint: prose paragraphs with sentences of 10-30
+/// words, and question/answer pairs of both kinds.
+fn eval_data() -> TempDir {
+    let dir = TempDir::with_prefix("remask-eval-data-").expect("a temp dir");
+    let prose = [
+        "The old ship sailed out of the harbour at dawn, and the whole town came down to watch it go. Nobody spoke.",
+        "Mrs. Allen said that the gown had cost nine shillings a yard, and she was afraid the pin had torn a hole in it.",
+        "He walked along the river for an hour before he saw the little house with the green door and the open window.",
+    ];
+    std::fs::write(
+        dir.path().join("pretrain_valid.txt"),
+        prose.join("\n") + "\n",
+    )
+    .expect("writing pretrain_valid.txt");
+    let pairs = [
+        (
+            "define",
+            "house",
+            "What does \"house\" mean?",
+            "A building where people live.",
+        ),
+        (
+            "define",
+            "river",
+            "What does \"river\" mean?",
+            "A large natural stream of water.",
+        ),
+        (
+            "example",
+            "dog",
+            "Use the word \"dog\" in a sentence.",
+            "The dog barked at the moon.",
+        ),
+        (
+            "example",
+            "door",
+            "Use the word \"door\" in a sentence.",
+            "She closed the door quietly.",
+        ),
+    ];
+    let lines: Vec<String> = pairs
+        .iter()
+        .map(|(kind, word, prompt, response)| {
+            serde_json::json!({"prompt": prompt, "response": response, "kind": kind, "word": word})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(dir.path().join("sft_valid.jsonl"), lines.join("\n") + "\n")
+        .expect("writing sft_valid.jsonl");
+    dir
+}
+
+/// Asserts that `value[key]` is a number in [0, 1].
+fn assert_fraction(value: &Value, key: &str) {
+    let x = value[key].as_f64();
+    assert!(
+        x.is_some_and(|x| (0.0..=1.0).contains(&x)),
+        "{key} is not a number in [0, 1]: {value}"
+    );
+}
+
+#[test]
+fn eval_reports_every_section_on_stdout_and_in_json() {
+    let data = eval_data();
+    let json = data.path().join("eval.json");
+    let out = remask(&argv(
+        "eval --window 16 --limit-windows 4 --limit-pairs 2 --limit-infill 2 \
+         --answer-length 16 --batch 3 --model",
+        &[
+            tiny(),
+            "--data",
+            path_str(data.path()),
+            "--json",
+            path_str(&json),
+        ],
+    ));
+    let text = assert_ok(&out);
+    for heading in [
+        "## Masked-token accuracy",
+        "## Question answering",
+        "## Quality against speed",
+        "## Infill and continuation",
+    ] {
+        assert!(text.contains(heading), "no {heading:?}\n{}", describe(&out));
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON file"))
+        .expect("the JSON file parses");
+
+    let ratios = v["masked"]["ratios"].as_array().expect("masked.ratios");
+    assert_eq!(ratios.len(), 3, "{v}");
+    for r in ratios {
+        assert_fraction(r, "accuracy");
+        assert!(r["hidden"].as_u64().is_some_and(|n| n > 0), "{r}");
+    }
+    assert_eq!(v["masked"]["window"], 16);
+
+    for kind in ["define", "example"] {
+        let k = &v["sft"]["kinds"][kind];
+        assert_eq!(k["n"], 2, "{kind}: {k}");
+        assert_fraction(k, "exact_match");
+        assert_fraction(k, "f1");
+        assert_eq!(k["answers"].as_array().map(Vec::len), Some(2), "{k}");
+    }
+
+    // k = 1, 2, 4, 8 tokens per step, each without and with blocks of 8.
+    let rows = v["sweep"]["rows"].as_array().expect("sweep.rows");
+    assert_eq!(rows.len(), 8, "{v}");
+    for r in rows {
+        assert_fraction(r, "exact_match");
+        assert_fraction(r, "f1");
+        let steps = r["steps"].as_f64().expect("steps");
+        assert_eq!(r["forwards_per_answer"].as_f64(), Some(steps), "{r}");
+        assert!(
+            r["ms_per_answer"].as_f64().is_some_and(|ms| ms >= 0.0),
+            "{r}"
+        );
+    }
+
+    let infill = &v["infill"];
+    assert_eq!(infill["sentences"], 2, "{infill}");
+    for direction in ["infill", "continuation"] {
+        assert_fraction(&infill[direction], "token_accuracy");
+        assert_fraction(&infill[direction], "word_f1");
+    }
+    assert_eq!(infill["examples"].as_array().map(Vec::len), Some(2));
+    for section in ["masked", "sft", "sweep", "infill"] {
+        assert!(v[section]["wall_s"].as_f64().is_some(), "{section}: {v}");
+    }
+}
+
+#[test]
+fn eval_without_the_data_says_how_to_make_it() {
+    let empty = TempDir::new().unwrap();
+    let out = remask(&argv(
+        "eval --model",
+        &[tiny(), "--data", path_str(empty.path())],
+    ));
+    assert_user_error(&out, &["pretrain_valid.txt", "not found", "prepare.py"]);
+}
+
+#[test]
+fn eval_rejects_a_zero_window() {
+    let data = eval_data();
+    let out = remask(&argv(
+        "eval --window 0 --model",
+        &[tiny(), "--data", path_str(data.path())],
+    ));
+    assert_user_error(&out, &["--window"]);
 }

@@ -83,7 +83,7 @@ class Cli:
     def generate(self, *, prompt_ids=None, prompt=None, chat=False, gen_length=None,
                  steps=None, block_length=None, remasking=None, temperature=None,
                  cfg_scale=None, seed=None, logits_eos_inf=False,
-                 confidence_eos_eot_inf=False) -> dict:
+                 confidence_eos_eot_inf=False, suffix=None) -> dict:
         cmd = [str(self.bin), "generate", "--model", str(self.model), "--json"]
         if prompt_ids is not None:
             cmd += ["--prompt-ids", ",".join(str(int(t)) for t in prompt_ids)]
@@ -91,6 +91,8 @@ class Cli:
             cmd += ["--prompt", prompt]
         if chat:
             cmd.append("--chat")
+        if suffix is not None:
+            cmd += ["--suffix", suffix]
         for flag, v in (("--gen-length", gen_length), ("--steps", steps),
                         ("--block-length", block_length), ("--temperature", temperature),
                         ("--cfg-scale", cfg_scale), ("--seed", seed)):

@@ -43,7 +43,7 @@ def assert_same_result(got, want: dict, what: str = ""):
     assert list(got.generated_ids) == want["generated_ids"], f"{what} generated_ids differ from the CLI"
     assert got.text == want["text"], f"{what} text differs from the CLI"
     assert got.steps == want["steps"], f"{what} steps differ from the CLI"
-    assert got.prompt_length == len(want["token_ids"]) - len(want["generated_ids"])
+    assert got.prompt_length == len(want["prompt_ids"])
 
 
 def assert_still_serving(stubs, gen_stub):
@@ -131,6 +131,19 @@ def test_generate_plain_text_prompt_matches_cli(stubs, gen_stub, cli):
     resp = gen_stub.Generate(stubs.pb.GenerateRequest(prompt=text, **s), timeout=60)
     want = cli.generate(prompt=text, **s)
     assert_same_result(resp, want, "text prompt")
+
+
+def test_infill_with_a_suffix_matches_cli(stubs, gen_stub, cli):
+    # The gap between an empty prompt (BOS alone) and the suffix is filled;
+    # the suffix ends the sequence unchanged and is not part of the text.
+    s = dict(gen_length=8, steps=8, block_length=8)
+    suffix = " and the evening and the morning were the first day."
+    resp = gen_stub.Generate(stubs.pb.GenerateRequest(prompt="", suffix=suffix, **s), timeout=60)
+    want = cli.generate(prompt="", suffix=suffix, **s)
+    assert_same_result(resp, want, "infill")
+    assert list(resp.token_ids[resp.prompt_length + 8:]) == want["suffix_ids"]
+    assert len(want["suffix_ids"]) > 5
+    assert len(resp.generated_ids) == 8
 
 
 def test_generate_exactly_max_sequence_length(stubs, gen_stub, model_config):

@@ -103,7 +103,7 @@ class Cli:
 
     def command(self, *, prompt_ids=None, prompt=None, chat=False, gen_length=None,
                 steps=None, block_length=None, remasking=None, temperature=None,
-                cfg_scale=None, seed=None, endpoint=None, api_key=None) -> list:
+                cfg_scale=None, seed=None, endpoint=None, api_key=None, suffix=None) -> list:
         cmd = [str(self.bin), "generate", "--json"]
         if endpoint is None:
             cmd += ["--model", str(self.model)]
@@ -117,6 +117,8 @@ class Cli:
             cmd += ["--prompt", prompt]
         if chat:
             cmd.append("--chat")
+        if suffix is not None:
+            cmd += ["--suffix", suffix]
         for flag, v in (("--gen-length", gen_length), ("--steps", steps),
                         ("--block-length", block_length), ("--temperature", temperature),
                         ("--cfg-scale", cfg_scale), ("--seed", seed)):

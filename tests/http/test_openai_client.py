@@ -105,6 +105,17 @@ def test_completion_several_blocks_matches_cli(client, cli, model_id):
     assert got.usage.completion_tokens == 32
 
 
+def test_completion_suffix_infills_like_the_cli(client, cli, model_id):
+    # OpenAI's `suffix`: the completion fills the gap before it.
+    suffix = " and the evening and the morning were the first day."
+    want = cli.generate(prompt="In the beginning", suffix=suffix, gen_length=8, steps=8, block_length=8)
+    assert len(want["suffix_ids"]) > 5
+    got = client.completions.create(model=model_id, prompt="In the beginning", suffix=suffix, max_tokens=8,
+                                    extra_body={"steps": 8, "block_length": 8})
+    assert got.choices[0].text == want["text"]
+    assert got.usage.completion_tokens == 8
+
+
 def test_completion_without_model_field_defaults(open_server, cli, model_id):
     # `model` is optional on the wire; the openai client always sends it, so use raw JSON
     import requests

@@ -1,17 +1,34 @@
-//! The embedded default model: a checkpoint made on first use from a built-in
-//! preset and kept in the user's cache directory, so `remask generate` works
-//! with no download and no flags.
+//! The embedded default model: `models/remask-demo`, a small LLaDA trained by
+//! `training/` (README "Training"), compiled into the binary and unpacked on
+//! first use into the user's cache directory, so `remask generate` and
+//! `remask serve` work with no download and no flags.
 //!
-//! It has random weights until a trained model ships: its output is noise,
-//! and every command that uses it says so.
+//! The directory name carries a hash of the embedded files, so a binary with
+//! a retrained model never reuses an older unpacked copy.
 
 use crate::{CliError, CliResult, Globals};
-use remask_model::{DType, InitOptions, Preset, init_checkpoint};
+use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 
-const PRESET: &str = "small";
-/// Bump when the preset or the writer changes, so old caches are not reused.
-const VERSION: u32 = 1;
+/// The checkpoint's files, as committed under `models/remask-demo`.
+const FILES: [(&str, &[u8]); 4] = [
+    (
+        "config.json",
+        include_bytes!("../../../models/remask-demo/config.json"),
+    ),
+    (
+        "model.safetensors",
+        include_bytes!("../../../models/remask-demo/model.safetensors"),
+    ),
+    (
+        "tokenizer.json",
+        include_bytes!("../../../models/remask-demo/tokenizer.json"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../../../models/remask-demo/tokenizer_config.json"),
+    ),
+];
 
 /// The model directory to use: `--model`, or the embedded default.
 pub fn resolve(model: Option<PathBuf>, globals: &Globals) -> CliResult<PathBuf> {
@@ -19,6 +36,16 @@ pub fn resolve(model: Option<PathBuf>, globals: &Globals) -> CliResult<PathBuf> 
         Some(dir) => Ok(dir),
         None => ensure_default(globals),
     }
+}
+
+/// A short content hash of the embedded files (SipHash; ~10 ms for 17 MB).
+fn fingerprint() -> String {
+    let mut h = std::hash::DefaultHasher::new();
+    for (name, bytes) in FILES {
+        h.write(name.as_bytes());
+        h.write(bytes);
+    }
+    format!("{:016x}", h.finish())
 }
 
 fn ensure_default(globals: &Globals) -> CliResult<PathBuf> {
@@ -32,21 +59,19 @@ fn ensure_default(globals: &Globals) -> CliResult<PathBuf> {
             })?
             .join("remask"),
     };
-    let dir = cache.join(format!("default-{PRESET}-v{VERSION}"));
+    let name = format!("remask-demo-{}", &fingerprint()[..12]);
+    let dir = cache.join(&name);
     if dir.join("config.json").is_file() {
         return Ok(dir);
     }
     eprintln!(
-        "remask: creating the embedded default model ({PRESET} preset, random weights) in {}",
+        "remask: unpacking the embedded default model (remask-demo) into {}",
         dir.display()
     );
-    // Build next to the target and rename, so a concurrent first run never
+    // Write next to the target and rename, so a concurrent first run never
     // sees a half-written checkpoint.
-    let tmp = cache.join(format!(
-        ".default-{PRESET}-v{VERSION}.{}",
-        std::process::id()
-    ));
-    let result = create(&tmp).and_then(|_| match std::fs::rename(&tmp, &dir) {
+    let tmp = cache.join(format!(".{name}.{}", std::process::id()));
+    let result = unpack(&tmp).and_then(|_| match std::fs::rename(&tmp, &dir) {
         Ok(()) => Ok(()),
         // Another process won the race: use its copy.
         Err(_) if dir.join("config.json").is_file() => {
@@ -65,13 +90,18 @@ fn ensure_default(globals: &Globals) -> CliResult<PathBuf> {
     result.map(|_| dir)
 }
 
-fn create(dir: &Path) -> CliResult {
-    let opts = InitOptions {
-        dtype: DType::BF16,
-        seed: 0,
-        ..InitOptions::default()
+fn unpack(dir: &Path) -> CliResult {
+    let io = |what: &Path, e: std::io::Error| {
+        CliError::Usage(format!(
+            "cannot write the default model to {}: {e} (set --cache-dir or REMASK_CACHE_DIR to a writable directory, or pass --model)",
+            what.display()
+        ))
     };
-    init_checkpoint(Preset::get(PRESET).expect("built-in preset"), &opts, dir)?;
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    for (name, bytes) in FILES {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).map_err(|e| io(&path, e))?;
+    }
     Ok(())
 }
 

@@ -47,6 +47,11 @@ pub struct GenerateArgs {
         conflicts_with = "prompt_ids"
     )]
     pub chat: bool,
+    /// Infilling: fixed text after the generated span; the generation fills the
+    /// gap between the prompt and it (e.g. the first half of a sentence from
+    /// its second half, with an empty prompt).
+    #[arg(long, env = "REMASK_SUFFIX")]
+    pub suffix: Option<String>,
     /// Prompt as token ids, comma-separated.
     #[arg(long, env = "REMASK_PROMPT_IDS", value_delimiter = ',')]
     pub prompt_ids: Option<Vec<u32>>,
@@ -114,7 +119,8 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
     let random = is_random(&ckpt.config);
 
     let prompt = match (&args.prompt, &args.prompt_ids) {
-        (Some(text), _) if text.trim().is_empty() => {
+        // An infill may have nothing before the gap (the BOS alone).
+        (Some(text), _) if text.trim().is_empty() && args.suffix.is_none() => {
             return Err(CliError::Usage(
                 "the prompt is empty: give some text".into(),
             ));
@@ -126,6 +132,10 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         (Some(text), _) => codec.encode(text)?,
         (None, Some(ids)) => ids.clone(),
         (None, None) => unreachable!("clap requires one of them"),
+    };
+    let suffix = match &args.suffix {
+        Some(text) => codec.encode_continuation(text)?,
+        None => Vec::new(),
     };
     let config = SamplerConfig {
         gen_length: args.gen_length,
@@ -146,7 +156,7 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         max_sequence_length: ckpt.config.max_sequence_length,
     };
     // Check the request before the (possibly slow) weight load.
-    let mut canvas = Canvas::new(&prompt, config, space)?;
+    let mut canvas = Canvas::infill(&prompt, &suffix, config, space)?;
     if random && !args.json {
         eprintln!(
             "remask: note: {} has random weights: the text is noise",
@@ -206,6 +216,7 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
             "token_ids": canvas.tokens(),
             "prompt_ids": prompt,
             "generated_ids": canvas.generated(),
+            "suffix_ids": canvas.suffix(),
             "text": text,
             "steps": canvas.step(),
             "gen_length": config.gen_length,

@@ -9,6 +9,7 @@ mod cluster_cmd;
 mod default_model;
 mod device;
 mod display;
+mod eval;
 mod forward;
 mod generate;
 mod model_cmd;
@@ -57,6 +58,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write the logits of token sequences to a .npy file.
     Forward(forward::ForwardArgs),
+    /// Score a checkpoint on held-out data (masked tokens, answers, infill).
+    Eval(eval::EvalArgs),
     /// Serve the gRPC API with an in-process worker holding the whole model.
     Serve(cluster_cmd::ServeArgs),
     /// Serve the gRPC API for a cluster of workers (found in etcd or listed).
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
         Command::Model { command } => model_cmd::run(command),
         Command::Bench(args) => bench::run(args, &globals),
         Command::Forward(args) => forward::run(args, &globals),
+        Command::Eval(args) => eval::run(args, &globals),
         Command::Serve(args) => cluster_cmd::serve(args, &globals),
         Command::Coordinator(args) => cluster_cmd::coordinator(args),
         Command::Worker(args) => cluster_cmd::worker(args),

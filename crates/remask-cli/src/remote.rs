@@ -56,6 +56,7 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
         seed: args.seed,
         logits_eos_inf: args.logits_eos_inf,
         confidence_eos_eot_inf: args.confidence_eos_eot_inf,
+        suffix: args.suffix.clone().unwrap_or_default(),
     };
     let url = if endpoint.contains("://") {
         endpoint.to_string()

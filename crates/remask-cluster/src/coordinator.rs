@@ -44,6 +44,11 @@ impl Coordinator {
             (false, false) => {
                 return Err(invalid("give either prompt or prompt_ids, not both".into()));
             }
+            // An infill may have nothing before the gap (the BOS alone).
+            (true, true) if !req.suffix.is_empty() => self.meta.codec.encode(""),
+            (false, true) if req.prompt.trim().is_empty() && !req.suffix.is_empty() => {
+                self.meta.codec.encode("")
+            }
             (true, true) => {
                 return Err(invalid(
                     "the prompt is empty: give prompt or prompt_ids".into(),
@@ -65,6 +70,14 @@ impl Coordinator {
             }
         }
         .map_err(|e| invalid(format!("cannot tokenize the prompt: {e}")))?;
+        let suffix = if req.suffix.is_empty() {
+            Vec::new()
+        } else {
+            self.meta
+                .codec
+                .encode_continuation(&req.suffix)
+                .map_err(|e| invalid(format!("cannot tokenize the suffix: {e}")))?
+        };
         let remasking = match pb::Remasking::try_from(req.remasking) {
             Ok(pb::Remasking::Unspecified | pb::Remasking::LowConfidence) => {
                 Remasking::LowConfidence
@@ -94,7 +107,7 @@ impl Coordinator {
             eot: self.meta.special.eot,
             max_sequence_length: c.max_sequence_length,
         };
-        Canvas::new(&prompt, config, space).map_err(|e| invalid(e.to_string()))
+        Canvas::infill(&prompt, &suffix, config, space).map_err(|e| invalid(e.to_string()))
     }
 
     pub fn is_ready(&self) -> bool {

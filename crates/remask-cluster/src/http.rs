@@ -186,6 +186,8 @@ struct Sampling {
 #[derive(Deserialize)]
 struct CompletionRequest {
     prompt: Value,
+    /// OpenAI's infill field: text after the completion, which fills the gap.
+    suffix: Option<String>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -301,7 +303,8 @@ async fn completions(State(c): State<Arc<Coordinator>>, body: axum::body::Bytes)
             }
             other => encode(&c, &text_of(other, "prompt")?)?,
         };
-        let grpc = req.sampling.request(&c, prompt_ids)?;
+        let mut grpc = req.sampling.request(&c, prompt_ids)?;
+        grpc.suffix = req.suffix.unwrap_or_default();
         run(c.clone(), grpc, req.sampling.stream, Kind::Completion).await
     }
     .await;

@@ -101,6 +101,12 @@ impl TextCodec {
         self.encode_with(text, true)
     }
 
+    /// Text that continues a sequence (an infill suffix): no BOS or other
+    /// post-processing.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, false)
+    }
+
     fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let encoding = self
             .tokenizer

@@ -6,6 +6,11 @@
 //! coordinator of a cluster) runs the forward passes in between; the canvas
 //! itself does no I/O, and its result depends only on the predictions it is
 //! given.
+//!
+//! The generated span normally ends the canvas (`prompt ++ masks`). With a
+//! suffix it sits between two fixed texts (`prompt ++ masks ++ suffix`):
+//! infilling, which a bidirectional model does with the same sampler, since
+//! every position sees the whole canvas.
 
 use crate::predict::{PredictOptions, Prediction, Remasking};
 
@@ -76,11 +81,12 @@ pub enum InvalidRequest {
     )]
     StepsNotMultipleOfBlocks { steps: usize, blocks: usize },
     #[error(
-        "prompt ({prompt}) + gen_length ({gen_length}) = {total} tokens exceeds the model's max_sequence_length {max}"
+        "prompt ({prompt}) + gen_length ({gen_length}) + suffix ({suffix}) = {total} tokens exceeds the model's max_sequence_length {max}"
     )]
     TooLong {
         prompt: usize,
         gen_length: usize,
+        suffix: usize,
         total: usize,
         max: usize,
     },
@@ -93,9 +99,19 @@ pub enum InvalidRequest {
         vocab_size: usize,
     },
     #[error(
-        "prompt position {position} holds the mask token {id}; infilling inside the prompt is not supported"
+        "prompt position {position} holds the mask token {id}; to infill, give the text after the gap as the suffix"
     )]
     MaskInPrompt { id: u32, position: usize },
+    #[error(
+        "token id {id} at suffix position {position} is outside the vocabulary (size {vocab_size})"
+    )]
+    SuffixTokenOutOfVocab {
+        id: u32,
+        position: usize,
+        vocab_size: usize,
+    },
+    #[error("suffix position {position} holds the mask token {id}")]
+    MaskInSuffix { id: u32, position: usize },
     #[error("temperature must be a finite number >= 0, got {0}")]
     BadTemperature(f64),
     #[error("cfg_scale must be a finite number >= 0, got {0}")]
@@ -136,6 +152,8 @@ pub struct Canvas {
     space: TokenSpace,
     x: Vec<u32>,
     prompt_len: usize,
+    /// Fixed tokens after the generated span (infilling); usually 0.
+    suffix_len: usize,
     steps_per_block: usize,
     /// Commit counts of the current block.
     schedule: Vec<usize>,
@@ -149,15 +167,28 @@ impl Canvas {
         config: SamplerConfig,
         space: TokenSpace,
     ) -> Result<Self, InvalidRequest> {
-        validate(prompt, &config, &space)?;
+        Self::infill(prompt, &[], config, space)
+    }
+
+    /// Lays out `prompt ++ [mask] * gen_length ++ suffix`: the generation fills
+    /// the gap between the two fixed texts.
+    pub fn infill(
+        prompt: &[u32],
+        suffix: &[u32],
+        config: SamplerConfig,
+        space: TokenSpace,
+    ) -> Result<Self, InvalidRequest> {
+        validate(prompt, suffix, &config, &space)?;
         let steps_per_block = config.steps / (config.gen_length / config.block_length);
         let mut x = prompt.to_vec();
         x.resize(prompt.len() + config.gen_length, space.mask);
+        x.extend_from_slice(suffix);
         let mut canvas = Canvas {
             config,
             space,
             x,
             prompt_len: prompt.len(),
+            suffix_len: suffix.len(),
             steps_per_block,
             schedule: Vec::new(),
             step: 0,
@@ -171,7 +202,7 @@ impl Canvas {
     }
 
     /// The whole sequence: prompt, then the generation (masks where nothing
-    /// has been committed yet).
+    /// has been committed yet), then the suffix if any.
     pub fn tokens(&self) -> &[u32] {
         &self.x
     }
@@ -180,8 +211,14 @@ impl Canvas {
         self.prompt_len
     }
 
+    /// The generated span (without the suffix).
     pub fn generated(&self) -> &[u32] {
-        &self.x[self.prompt_len..]
+        &self.x[self.prompt_len..self.x.len() - self.suffix_len]
+    }
+
+    /// The fixed text after the generated span (empty unless infilling).
+    pub fn suffix(&self) -> &[u32] {
+        &self.x[self.x.len() - self.suffix_len..]
     }
 
     pub fn mask_id(&self) -> u32 {
@@ -198,11 +235,13 @@ impl Canvas {
     }
 
     /// The input of the unconditional pass of classifier-free guidance: the
-    /// canvas with only the prompt masked. `None` without guidance.
+    /// canvas with only the prompt (and suffix) masked. `None` without guidance.
     pub fn unconditional(&self) -> Option<Vec<u32>> {
         (self.config.cfg_scale > 0.0).then(|| {
             let mut un = self.x.clone();
+            let n = un.len();
             un[..self.prompt_len].fill(self.space.mask);
+            un[n - self.suffix_len..].fill(self.space.mask);
             un
         })
     }
@@ -289,7 +328,12 @@ impl Canvas {
     }
 }
 
-fn validate(prompt: &[u32], c: &SamplerConfig, space: &TokenSpace) -> Result<(), InvalidRequest> {
+fn validate(
+    prompt: &[u32],
+    suffix: &[u32],
+    c: &SamplerConfig,
+    space: &TokenSpace,
+) -> Result<(), InvalidRequest> {
     use InvalidRequest::*;
     if prompt.is_empty() {
         return Err(EmptyPrompt);
@@ -324,11 +368,15 @@ fn validate(prompt: &[u32], c: &SamplerConfig, space: &TokenSpace) -> Result<(),
             blocks,
         });
     }
-    let total = prompt.len().saturating_add(c.gen_length);
+    let total = prompt
+        .len()
+        .saturating_add(c.gen_length)
+        .saturating_add(suffix.len());
     if total > space.max_sequence_length {
         return Err(TooLong {
             prompt: prompt.len(),
             gen_length: c.gen_length,
+            suffix: suffix.len(),
             total,
             max: space.max_sequence_length,
         });
@@ -346,6 +394,23 @@ fn validate(prompt: &[u32], c: &SamplerConfig, space: &TokenSpace) -> Result<(),
     }
     if let Some(position) = prompt.iter().position(|&t| t == space.mask) {
         return Err(MaskInPrompt {
+            id: space.mask,
+            position,
+        });
+    }
+    if let Some((position, &id)) = suffix
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t as usize >= space.vocab_size)
+    {
+        return Err(SuffixTokenOutOfVocab {
+            id,
+            position,
+            vocab_size: space.vocab_size,
+        });
+    }
+    if let Some(position) = suffix.iter().position(|&t| t == space.mask) {
+        return Err(MaskInSuffix {
             id: space.mask,
             position,
         });

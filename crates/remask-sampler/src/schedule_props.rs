@@ -187,3 +187,65 @@ fn guidance_masks_only_the_prompt() {
     assert_eq!(&un[..2], &[MASK, MASK]);
     assert_eq!(&un[2..], canvas.generated());
 }
+
+proptest! {
+    /// Infilling: the suffix is never planned, never changed, and the gap is
+    /// filled exactly as a canvas without suffix would fill it from the same
+    /// predictions.
+    #[test]
+    fn infill_keeps_the_suffix_and_fills_the_gap(
+        prompt in proptest::collection::vec(0u32..MASK, 1..6),
+        suffix in proptest::collection::vec(0u32..MASK, 1..6),
+        block_length in 1usize..8,
+        blocks in 1usize..4,
+        seed in any::<u64>(),
+    ) {
+        let config = SamplerConfig {
+            gen_length: block_length * blocks,
+            steps: block_length * blocks,
+            block_length,
+            ..SamplerConfig::default()
+        };
+        let mut infill = Canvas::infill(&prompt, &suffix, config, space()).unwrap();
+        let mut plain = Canvas::new(&prompt, config, space()).unwrap();
+        let end = prompt.len() + config.gen_length;
+        while !infill.is_done() {
+            let plan = infill.plan();
+            prop_assert_eq!(&plan, &plain.plan());
+            prop_assert!(plan.positions.iter().all(|&p| p >= prompt.len() && p < end));
+            let preds = fake_predictions(seed, &plan);
+            infill.commit(&plan, &preds);
+            plain.commit(&plan, &preds);
+            prop_assert_eq!(infill.suffix(), &suffix[..]);
+        }
+        prop_assert_eq!(infill.generated(), plain.generated());
+        prop_assert_eq!(&infill.tokens()[end..], &suffix[..]);
+        prop_assert!(!infill.generated().contains(&MASK));
+    }
+}
+
+#[test]
+fn infill_refuses_bad_suffixes_and_guidance_masks_both_ends() {
+    let config = SamplerConfig {
+        gen_length: 4,
+        steps: 4,
+        block_length: 4,
+        cfg_scale: 1.0,
+        ..SamplerConfig::default()
+    };
+    let err = |suffix: &[u32]| {
+        Canvas::infill(&[5], suffix, config, space())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(&[3, MASK]).contains("suffix position 1 holds the mask"));
+    assert!(err(&[64]).contains("outside the vocabulary"));
+    let long = vec![3; 4092];
+    assert!(err(&long).contains("suffix (4092)"));
+
+    let canvas = Canvas::infill(&[5, 6], &[7, 8, 9], config, space()).unwrap();
+    assert_eq!(canvas.generated(), &[MASK; 4]);
+    let un = canvas.unconditional().unwrap();
+    assert_eq!(&un[..2], &[MASK, MASK]);
+    assert_eq!(&un[6..], &[MASK, MASK, MASK]);
+}
