@@ -3,7 +3,7 @@
 # them, train the tokenizer, pre-train, SFT, export to models/remask-demo,
 # plot the loss curves and evaluate with `remask eval`.
 #
-#   training/build_demo.sh                    # CPU, the shipped recipe (~75 min on 2 cores)
+#   training/build_demo.sh                    # CPU, the shipped recipe (~95 min on 2 cores)
 #   DEVICE=cuda PRETRAIN_STEPS=40000 training/build_demo.sh   # on a GPU machine
 #
 # Every stage resumes: rerunning after an interruption continues where it was.
@@ -18,9 +18,9 @@ cd "$(dirname "$0")/.."
 
 RUN=${RUN:-runs/demo}
 DEVICE=${DEVICE:-cpu}
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-5200}
-PRETRAIN_DECAY=${PRETRAIN_DECAY:-1000}
-SFT_STEPS=${SFT_STEPS:-1500}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-7800}
+PRETRAIN_DECAY=${PRETRAIN_DECAY:-1400}
+SFT_STEPS=${SFT_STEPS:-2500}
 SEED=${SEED:-0}
 OUT=${OUT:-models/remask-demo}
 PYTHON=${PYTHON:-python3}
