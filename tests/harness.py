@@ -6,6 +6,7 @@ is committed)."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import socket
 import subprocess
@@ -67,3 +68,53 @@ def generate_stubs(out: Path) -> Stubs:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     return Stubs(pb, pb_grpc, health_pb2, health_pb2_grpc)
+
+
+class Cli:
+    """Runs `remask generate ... --json`: in process (the reference the servers
+    are compared with), or against a server with `--endpoint` (and `--api-key`)."""
+
+    TIMEOUT_S = 60.0
+
+    def __init__(self, bin_path: Path, model_dir: Path, cache_dir: Path):
+        self.bin = bin_path
+        self.model = model_dir
+        self.env = child_env(cache_dir)
+
+    def command(self, *, prompt_ids=None, prompt=None, chat=False, suffix=None, gen_length=None,
+                steps=None, block_length=None, remasking=None, temperature=None, cfg_scale=None,
+                seed=None, logits_eos_inf=False, confidence_eos_eot_inf=False, endpoint=None,
+                api_key=None) -> list:
+        cmd = [str(self.bin), "generate", "--json"]
+        cmd += ["--model", str(self.model)] if endpoint is None else ["--endpoint", endpoint]
+        if api_key is not None:
+            cmd += ["--api-key", api_key]
+        if prompt_ids is not None:
+            cmd += ["--prompt-ids", ",".join(str(int(t)) for t in prompt_ids)]
+        if prompt is not None:
+            cmd += ["--prompt", prompt]
+        if chat:
+            cmd.append("--chat")
+        if suffix is not None:
+            cmd += ["--suffix", suffix]
+        for flag, v in (("--gen-length", gen_length), ("--steps", steps),
+                        ("--block-length", block_length), ("--temperature", temperature),
+                        ("--cfg-scale", cfg_scale), ("--seed", seed)):
+            if v is not None:
+                cmd += [flag, repr(v) if isinstance(v, float) else str(v)]
+        if remasking is not None:
+            cmd += ["--remasking", remasking]
+        if logits_eos_inf:
+            cmd.append("--logits-eos-inf")
+        if confidence_eos_eot_inf:
+            cmd.append("--confidence-eos-eot-inf")
+        return cmd
+
+    def run(self, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(**kw), capture_output=True, text=True, env=self.env,
+                              timeout=self.TIMEOUT_S)
+
+    def generate(self, **kw) -> dict:
+        res = self.run(**kw)
+        assert res.returncode == 0, f"{' '.join(self.command(**kw))} failed: {res.stderr}"
+        return json.loads(res.stdout)

@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import (  # noqa: E402  (tests/harness.py, shared with the other suite)
-    Stubs, child_env, free_port, generate_stubs, remask_bin,
+    Cli, Stubs, child_env, free_port, generate_stubs, remask_bin,
 )
 
 SERVER_START_TIMEOUT_S = 60.0
@@ -70,43 +70,6 @@ def model_config(model_dir) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI reference
-
-
-class Cli:
-    """Runs `remask generate ... --json` (the in-process sampler) for comparison."""
-
-    def __init__(self, bin_path: Path, model_dir: Path, cache_dir: Path):
-        self.bin = bin_path
-        self.model = model_dir
-        self.env = child_env(cache_dir)
-
-    def generate(self, *, prompt_ids=None, prompt=None, chat=False, gen_length=None,
-                 steps=None, block_length=None, remasking=None, temperature=None,
-                 cfg_scale=None, seed=None, logits_eos_inf=False,
-                 confidence_eos_eot_inf=False, suffix=None) -> dict:
-        cmd = [str(self.bin), "generate", "--model", str(self.model), "--json"]
-        if prompt_ids is not None:
-            cmd += ["--prompt-ids", ",".join(str(int(t)) for t in prompt_ids)]
-        if prompt is not None:
-            cmd += ["--prompt", prompt]
-        if chat:
-            cmd.append("--chat")
-        if suffix is not None:
-            cmd += ["--suffix", suffix]
-        for flag, v in (("--gen-length", gen_length), ("--steps", steps),
-                        ("--block-length", block_length), ("--temperature", temperature),
-                        ("--cfg-scale", cfg_scale), ("--seed", seed)):
-            if v is not None:
-                cmd += [flag, repr(v) if isinstance(v, float) else str(v)]
-        if remasking is not None:
-            cmd += ["--remasking", remasking]
-        if logits_eos_inf:
-            cmd.append("--logits-eos-inf")
-        if confidence_eos_eot_inf:
-            cmd.append("--confidence-eos-eot-inf")
-        res = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=CLI_TIMEOUT_S)
-        assert res.returncode == 0, f"{' '.join(cmd)} failed: {res.stderr}"
-        return json.loads(res.stdout)
 
 
 @pytest.fixture(scope="session")

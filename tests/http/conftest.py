@@ -35,7 +35,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import (  # noqa: E402  (tests/harness.py, shared with the other suite)
-    Stubs, child_env, free_port, generate_stubs, remask_bin,
+    Cli, Stubs, child_env, free_port, generate_stubs, remask_bin,
 )
 
 SERVER_START_TIMEOUT_S = 60.0
@@ -90,52 +90,6 @@ def model_id(model_dir) -> str:
 
 
 # --------------------------------------------------------------------------- CLI reference
-
-
-class Cli:
-    """Runs `remask generate ... --json`: in process (the reference), or
-    against a server with `--endpoint` (and `--api-key`)."""
-
-    def __init__(self, bin_path: Path, model_dir: Path, cache_dir: Path):
-        self.bin = bin_path
-        self.model = model_dir
-        self.env = child_env(cache_dir)
-
-    def command(self, *, prompt_ids=None, prompt=None, chat=False, gen_length=None,
-                steps=None, block_length=None, remasking=None, temperature=None,
-                cfg_scale=None, seed=None, endpoint=None, api_key=None, suffix=None) -> list:
-        cmd = [str(self.bin), "generate", "--json"]
-        if endpoint is None:
-            cmd += ["--model", str(self.model)]
-        else:
-            cmd += ["--endpoint", endpoint]
-        if api_key is not None:
-            cmd += ["--api-key", api_key]
-        if prompt_ids is not None:
-            cmd += ["--prompt-ids", ",".join(str(int(t)) for t in prompt_ids)]
-        if prompt is not None:
-            cmd += ["--prompt", prompt]
-        if chat:
-            cmd.append("--chat")
-        if suffix is not None:
-            cmd += ["--suffix", suffix]
-        for flag, v in (("--gen-length", gen_length), ("--steps", steps),
-                        ("--block-length", block_length), ("--temperature", temperature),
-                        ("--cfg-scale", cfg_scale), ("--seed", seed)):
-            if v is not None:
-                cmd += [flag, repr(v) if isinstance(v, float) else str(v)]
-        if remasking is not None:
-            cmd += ["--remasking", remasking]
-        return cmd
-
-    def run(self, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(**kw), capture_output=True, text=True, env=self.env,
-                              timeout=CLI_TIMEOUT_S)
-
-    def generate(self, **kw) -> dict:
-        res = self.run(**kw)
-        assert res.returncode == 0, f"{' '.join(self.command(**kw))} failed: {res.stderr}"
-        return json.loads(res.stdout)
 
 
 @pytest.fixture(scope="session")

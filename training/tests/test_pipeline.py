@@ -120,7 +120,10 @@ def test_export_then_remask_gives_the_same_logits_in_f32(run, tmp_path, tying):
     # Larger than init scale, so the check is not dominated by near-zero logits.
     with torch.no_grad():
         for p in model.parameters():
-            p.mul_(4.0) if p.dim() >= 2 else p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.2)
+            if p.dim() >= 2:
+                p.mul_(4.0)
+            else:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.2)
     out = tmp_path / "ckpt"
     export(model, str(run), str(out), "f32")
     seqs = [[ids["<|startoftext|>"], 17, 300, ids["<|mdm_mask|>"], 42, 5, ids["<|mdm_mask|>"], 99, 7],

@@ -5,7 +5,7 @@
 use crate::{CliError, CliResult, Globals, default_model};
 use remask_engine::{CpuBackend, Engine, Packing};
 use remask_model::{Checkpoint, TextCodec};
-use remask_sampler::{Canvas, SamplerConfig, TokenSpace};
+use remask_sampler::{Canvas, SamplerConfig};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -149,13 +149,7 @@ fn measure<B: remask_engine::Backend>(
         block_length,
         ..SamplerConfig::default()
     };
-    let space = TokenSpace {
-        vocab_size: c.vocab_size,
-        mask: special.mask,
-        eos: special.eos,
-        eot: special.eot,
-        max_sequence_length: c.max_sequence_length,
-    };
+    let space = remask_engine::token_space(c, &special);
     let prompt_len = args.seq_len - block_length;
     let canvases = ids
         .chunks(args.seq_len)

@@ -183,13 +183,7 @@ pub fn run(mut args: EvalArgs, globals: &Globals) -> CliResult {
     let ckpt = Checkpoint::open(&dir)?;
     let codec = TextCodec::load(&dir)?;
     let special = codec.special_tokens(&ckpt.config)?;
-    let space = TokenSpace {
-        vocab_size: ckpt.config.vocab_size,
-        mask: special.mask,
-        eos: special.eos,
-        eot: special.eot,
-        max_sequence_length: ckpt.config.max_sequence_length,
-    };
+    let space = remask_engine::token_space(&ckpt.config, &special);
     let window = args.window.min(space.max_sequence_length);
     if window < args.window {
         eprintln!(

@@ -5,7 +5,7 @@ use crate::display::{LiveCanvas, render};
 use crate::{CliError, CliResult, Globals};
 use remask_engine::{CpuBackend, Engine, TpEngine};
 use remask_model::{Checkpoint, Message, TextCodec};
-use remask_sampler::{Canvas, Prediction, Remasking, SamplerConfig, StepPlan, TokenSpace, denoise};
+use remask_sampler::{Canvas, Prediction, Remasking, SamplerConfig, StepPlan, denoise};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -148,13 +148,7 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         logits_eos_inf: args.logits_eos_inf,
         confidence_eos_eot_inf: args.confidence_eos_eot_inf,
     };
-    let space = TokenSpace {
-        vocab_size: ckpt.config.vocab_size,
-        mask: special.mask,
-        eos: special.eos,
-        eot: special.eot,
-        max_sequence_length: ckpt.config.max_sequence_length,
-    };
+    let space = remask_engine::token_space(&ckpt.config, &special);
     // Check the request before the (possibly slow) weight load.
     let mut canvas = Canvas::infill(&prompt, &suffix, config, space)?;
     if random && !args.json {

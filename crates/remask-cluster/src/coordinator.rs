@@ -9,7 +9,7 @@ use crate::scheduler::{Event, Job, Scheduler};
 use remask_model::{LladaConfig, Message, SpecialTokens, TextCodec};
 use remask_proto::v1 as pb;
 use remask_proto::v1::generation_server::Generation;
-use remask_sampler::{Canvas, Remasking, SamplerConfig, TokenSpace};
+use remask_sampler::{Canvas, Remasking, SamplerConfig};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -99,14 +99,7 @@ impl Coordinator {
             logits_eos_inf: req.logits_eos_inf,
             confidence_eos_eot_inf: req.confidence_eos_eot_inf,
         };
-        let c = &self.meta.config;
-        let space = TokenSpace {
-            vocab_size: c.vocab_size,
-            mask: self.meta.special.mask,
-            eos: self.meta.special.eos,
-            eot: self.meta.special.eot,
-            max_sequence_length: c.max_sequence_length,
-        };
+        let space = remask_engine::token_space(&self.meta.config, &self.meta.special);
         Canvas::infill(&prompt, &suffix, config, space).map_err(|e| invalid(e.to_string()))
     }
 

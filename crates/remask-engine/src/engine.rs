@@ -12,11 +12,23 @@ use crate::collective::thread_group;
 use crate::cpu::CpuBackend;
 use crate::llada::{Llada, Shard};
 use rayon::prelude::*;
-use remask_model::{Checkpoint, Result};
+use remask_model::{Checkpoint, LladaConfig, Result, SpecialTokens};
 use remask_sampler::{
-    Canvas, Committed, Partial, PredictOptions, Prediction, StepPlan, combine, denoise,
+    Canvas, Committed, Partial, PredictOptions, Prediction, StepPlan, TokenSpace, combine, denoise,
     predict_partial,
 };
+
+/// What the sampler must know of a checkpoint: its vocabulary, special ids
+/// (from its own tokenizer files) and length limit.
+pub fn token_space(config: &LladaConfig, special: &SpecialTokens) -> TokenSpace {
+    TokenSpace {
+        vocab_size: config.vocab_size,
+        mask: special.mask,
+        eos: special.eos,
+        eot: special.eot,
+        max_sequence_length: config.max_sequence_length,
+    }
+}
 
 /// The rows of one request that the sampler asks about.
 #[derive(Clone, Debug, PartialEq)]

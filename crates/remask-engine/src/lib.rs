@@ -17,7 +17,8 @@ pub mod llada;
 pub use backend::{Backend, Heads, Packing};
 pub use cpu::{CpuBackend, Matrix};
 pub use engine::{
-    Engine, Query, StepBatch, TpEngine, combine_ranks, partial_queries, predict_queries, query_rows,
+    Engine, Query, StepBatch, TpEngine, combine_ranks, partial_queries, predict_queries,
+    query_rows, token_space,
 };
 pub use llada::{Llada, Shard};
 

@@ -111,7 +111,7 @@ fn layer_shards_compose_to_the_whole_model() {
 #[test]
 fn tensor_parallel_ranks_match_one_rank() {
     use remask_model::TextCodec;
-    use remask_sampler::{Canvas, Remasking, SamplerConfig, TokenSpace, denoise};
+    use remask_sampler::{Canvas, Remasking, SamplerConfig, denoise};
     let dir = tempfile::tempdir().unwrap();
     let opts = InitOptions {
         dtype: DType::F32,
@@ -129,13 +129,7 @@ fn tensor_parallel_ranks_match_one_rank() {
         .unwrap()
         .special_tokens(&ckpt.config)
         .unwrap();
-    let space = TokenSpace {
-        vocab_size: ckpt.config.vocab_size,
-        mask: special.mask,
-        eos: special.eos,
-        eot: special.eot,
-        max_sequence_length: ckpt.config.max_sequence_length,
-    };
+    let space = crate::token_space(&ckpt.config, &special);
     let configs = [
         SamplerConfig {
             gen_length: 16,
