@@ -341,6 +341,13 @@ def check_render(path, externals):
         ngpu = max([int(v) for k, v in (wc.get("resources", {}).get("limits") or {}).items() if k.endswith("/gpu")] or [0])
         if tp > 1 and tp > ngpu:
             err(f"{wname}: --tensor-parallel={tp} over {ngpu} GPUs")
+        devices = flag(wargs, "--devices")
+        if devices:
+            n = len(devices.split(","))
+            if n > ngpu:
+                err(f"{wname}: --devices={devices} lists {n} GPUs, the pod has {ngpu}")
+            if tp not in (1, n):
+                err(f"{wname}: --tensor-parallel={tp} is neither 1 nor the {n} GPUs of --devices")
         if gpus and not any(m["mountPath"] == "/dev/shm" for m in wc.get("volumeMounts", [])):
             err(f"{wname}: GPU worker without a /dev/shm volume")
         if ww["spec"].get("replicas", 1) < stages:
@@ -497,9 +504,10 @@ def check_dockerfile(path, ignore_path):
         err(f"{path}: the default target is not chosen by the CUDA build argument")
 
 # ------------------------------------------------------------------------- flags
-# Flags designed into the deployment files that the binary gains with the CUDA backend
-# (tensor parallelism over GPUs): allowed to be missing from --help until then.
-PENDING = {"--devices"}
+# Flags designed into the deployment files before the binary has them: allowed to be
+# missing from --help until then. None at present (--devices came with tensor parallelism
+# over GPUs).
+PENDING = set()
 
 def check_flags(binary, files):
     import subprocess

@@ -6,10 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages: etcd for the cluster tests, protoc for etcd-client's build.
+# System packages: etcd for the cluster tests, protoc for etcd-client's build,
+# a C++ compiler for the kernel emulation.
 missing=()
 command -v etcd >/dev/null || missing+=(etcd-server etcd-client)
 command -v protoc >/dev/null || missing+=(protobuf-compiler libprotobuf-dev)
+# g++ compiles the CUDA kernels for their CPU emulation (kernels_emulated).
+command -v g++ >/dev/null || missing+=(g++)
 if ((${#missing[@]})); then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -33,6 +36,8 @@ fi
 # One release build serves the tests and the binary they drive.
 cargo build --release --locked -p remask-cli
 export REMASK_BIN="$PWD/target/release/remask"
+# The CUDA kernels run under the CPU emulation here: not finding g++ is a failure.
+export REMASK_KERNEL_EMU=required
 cargo test --release --locked --workspace
 # The CUDA backend builds without a GPU, and NVRTC (PyPI's wheel: a compiler,
 # no GPU needed) compiles every kernel for sm_90.

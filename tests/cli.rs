@@ -637,6 +637,69 @@ fn bench_rejects_absurd_batch() {
 }
 
 // ---------------------------------------------------------------------------
+// GPU flags: checked before any GPU is touched
+// ---------------------------------------------------------------------------
+
+/// `--devices` (flag or REMASK_DEVICES) names GPUs: on the CPU backend it is
+/// a mistake, in every command that computes.
+#[test]
+fn devices_without_the_cuda_backend_is_a_usage_error() {
+    let dir = TempDir::new().unwrap();
+    let npy = dir.path().join("logits.npy");
+    let commands: [Vec<&str>; 5] = [
+        argv("generate --prompt-ids 5,6 --model", &[tiny()]),
+        argv(
+            "forward --ids 1,2 --model",
+            &[tiny(), "--out", path_str(&npy)],
+        ),
+        argv(
+            "bench --seq-len 16 --block-length 8 --iters 1 --model",
+            &[tiny()],
+        ),
+        argv("serve --listen 127.0.0.1:0 --model", &[tiny()]),
+        argv("worker --listen 127.0.0.1:0", &[]),
+    ];
+    for command in commands {
+        let mut flag = command.clone();
+        flag.extend(["--devices", "0,1"]);
+        assert_user_error(&remask(&flag), &["--devices needs --backend cuda"]);
+        let env = remask_env(&command, &[("REMASK_DEVICES", "0,1")]);
+        assert_user_error(&env, &["--devices needs --backend cuda"]);
+    }
+    assert!(!npy.exists(), "a failed forward wrote its output");
+}
+
+/// Bad GPU lists are usage errors that name the flag. A build without CUDA
+/// refuses `--backend cuda` itself; a CUDA build checks the list before it
+/// opens a GPU, so this holds on machines without one.
+#[test]
+fn bad_gpu_lists_are_usage_errors() {
+    let cases = [
+        ("--devices 0,1,0", "--devices lists GPU 0 twice"),
+        ("--devices 0,x", "'x' is not a GPU ordinal"),
+        (
+            "--device 1 --devices 0,1",
+            "--device 1 and --devices 0,1 disagree",
+        ),
+        ("--devices 0,1 --tensor-parallel 3", "--tensor-parallel 3"),
+        ("--device 0 --tensor-parallel 2", "--tensor-parallel 2"),
+    ];
+    for (flags, message) in cases {
+        for command in ["generate --prompt-ids 5,6", "worker --listen 127.0.0.1:0"] {
+            let words = format!("{command} --backend cuda {flags} --model");
+            let out = remask(&argv(&words, &[tiny()]));
+            assert_user_error(&out, &[]);
+            let err = stderr(&out);
+            assert!(
+                err.contains(message) || err.contains("--backend cuda is not available"),
+                "`{words}`: expected {message:?}\n{}",
+                describe(&out)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // generate: happy paths
 // ---------------------------------------------------------------------------
 
@@ -915,6 +978,110 @@ fn bench_json_reports_positive_medians() {
             "{key} is not a positive number: {v}"
         );
     }
+}
+
+/// `model init --on-device-weights` writes config.json and the tokenizer but
+/// no weight file, and `forward`, `generate` (one rank and tensor-parallel)
+/// and `bench` on it compute what they compute on the bf16 files of the same
+/// seed.
+#[test]
+fn on_device_weights_checkpoint_computes_what_the_files_compute() {
+    let dir = TempDir::new().unwrap();
+    let (files, generated) = (dir.path().join("files"), dir.path().join("generated"));
+    let init = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["model", "init", "--preset", "tiny", "--seed", "9", "--out"];
+        args.push(path_str(out));
+        args.extend_from_slice(extra);
+        assert_ok(&remask(&args));
+    };
+    init(&files, &[]);
+    init(&generated, &["--on-device-weights"]);
+    let mut names: Vec<String> = std::fs::read_dir(&generated)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["config.json", "tokenizer.json", "tokenizer_config.json"],
+        "a checkpoint of generated weights holds no weight file"
+    );
+    let config = read_config(&generated);
+    assert_eq!(config["remask_weights"], "generated");
+    assert_eq!(config["remask_seed"], 9);
+    assert_eq!(config["remask_preset"], "tiny");
+
+    let logits = |model: &Path, name: &str| {
+        let npy = dir.path().join(name);
+        assert_ok(&remask(&argv(
+            "forward --ids 1,2,3,4 --ids 9,8,7,6 --model",
+            &[path_str(model), "--out", path_str(&npy)],
+        )));
+        std::fs::read(npy).unwrap()
+    };
+    assert!(
+        logits(&generated, "generated.npy") == logits(&files, "files.npy"),
+        "the logits differ"
+    );
+    for tp in ["1", "2"] {
+        let generate = |model: &Path| {
+            let out = remask(
+                &argv(
+                    "generate --json --temperature 0.5 --seed 3 --tensor-parallel",
+                    &[tp, "--model", path_str(model)],
+                )
+                .into_iter()
+                .chain(REQUEST.split_whitespace())
+                .collect::<Vec<_>>(),
+            );
+            ids(&json_output(&out), "token_ids")
+        };
+        assert_eq!(
+            generate(&generated),
+            generate(&files),
+            "--tensor-parallel {tp}"
+        );
+    }
+    let words = "bench --batch 1 --seq-len 16 --block-length 8 --iters 1 --json --model";
+    let v = json_output(&remask(&argv(words, &[path_str(&generated)])));
+    assert!(
+        v["ms_per_forward_median"]
+            .as_f64()
+            .is_some_and(|ms| ms > 0.0),
+        "{v}"
+    );
+}
+
+/// Generated weights are bf16 and unsharded; a generated checkpoint whose
+/// config.json does not match its preset fails as a file checkpoint does.
+#[test]
+fn on_device_weights_errors_are_user_errors() {
+    let dir = TempDir::new().unwrap();
+    for extra in ["--dtype f32", "--shards 2"] {
+        let out = remask(&argv(
+            &format!("model init --preset tiny --on-device-weights {extra} --out"),
+            &[path_str(dir.path())],
+        ));
+        assert_user_error(&out, &["--on-device-weights", "bf16"]);
+        assert!(!dir.path().join("config.json").exists());
+    }
+    assert_ok(&remask(&argv(
+        "model init --preset tiny --on-device-weights --out",
+        &[path_str(dir.path())],
+    )));
+    let original = read_config(dir.path());
+    edit_config(dir.path(), |c| {
+        c.insert("d_model".into(), 128.into());
+        c.insert("n_heads".into(), 8.into());
+    });
+    let out = generate_json(path_str(dir.path()), SMALL_REQUEST);
+    assert_user_error(&out, &["tensor 'model.", "shape", "64]", "128]"]);
+    edit_config(dir.path(), |c| {
+        *c = original;
+        c.insert("remask_preset".into(), "huge".into());
+    });
+    let out = generate_json(path_str(dir.path()), SMALL_REQUEST);
+    assert_user_error(&out, &["remask_preset", "huge"]);
 }
 
 /// `--tensor-parallel 2` and `4` (thread ranks) give the ids of one rank.

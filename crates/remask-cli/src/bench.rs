@@ -92,33 +92,55 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
     if args.device.is_cuda()? {
         #[cfg(feature = "cuda")]
         {
-            let engine = Engine::load(args.device.cuda()?, &ckpt)?;
+            // The listed GPUs as one tensor-parallel group (one GPU: a group
+            // of one). Every rank waits for its queued work before the clock
+            // stops; the step's head is reduced on the GPUs.
+            let gpus = args.device.cuda_engine(&ckpt, 1)?;
             return measure(
                 &args,
                 &dir,
                 &ckpt,
                 special,
-                &engine,
-                &|| engine.backend.synchronize(),
-                true,
+                &|ids, packing| {
+                    // Every position's logits, left on the devices.
+                    gpus.on_ranks(|b, m| {
+                        let x = m.layers(b, m.embed(b, ids), packing);
+                        std::hint::black_box(m.head_logits(b, &x, None));
+                        b.synchronize();
+                    });
+                },
+                &|batch| {
+                    std::hint::black_box(gpus.run(batch));
+                    gpus.on_ranks(|b, _| b.synchronize());
+                },
             );
         }
     }
     let engine = Engine::load(CpuBackend::default(), &ckpt)?;
-    measure(&args, &dir, &ckpt, special, &engine, &|| {}, false)
+    measure(
+        &args,
+        &dir,
+        &ckpt,
+        special,
+        // Every position's logits, copied out as a PyTorch reference does.
+        &|ids, packing| {
+            std::hint::black_box(engine.model.logits(&engine.backend, ids, packing, None));
+        },
+        &|batch| {
+            std::hint::black_box(engine.run(batch));
+        },
+    )
 }
 
-/// Times a full forward and a denoising step on `engine`; `sync` waits for
-/// queued device work, `fused` reduces the head on the device.
-#[allow(clippy::too_many_arguments)]
-fn measure<B: remask_engine::Backend>(
+/// Times `forward` (a full forward pass of token ids) and `step` (one
+/// denoising step); each returns once its work is done, on every device.
+fn measure(
     args: &BenchArgs,
     dir: &std::path::Path,
     ckpt: &Checkpoint,
     special: remask_model::SpecialTokens,
-    engine: &Engine<B>,
-    sync: &dyn Fn(),
-    fused: bool,
+    forward: &dyn Fn(&[u32], &Packing),
+    step: &dyn Fn(&remask_engine::StepBatch),
 ) -> CliResult {
     let c = &ckpt.config;
     let block_length = args.block_length.unwrap_or((args.seq_len / 2).clamp(1, 32));
@@ -129,18 +151,7 @@ fn measure<B: remask_engine::Backend>(
         .map(|t| if t == special.mask { t - 1 } else { t })
         .collect();
     let packing = Packing::new(vec![args.seq_len; args.batch]);
-    // A full forward: every position's logits (left on the device when
-    // fused, copied to the host otherwise, as a PyTorch reference does).
-    let mut forward = time(args.iters, args.warmup, || {
-        if fused {
-            let x = engine.model.embed(&engine.backend, &ids);
-            let x = engine.model.layers(&engine.backend, x, &packing);
-            std::hint::black_box(engine.model.head_logits(&engine.backend, &x, None));
-        } else {
-            std::hint::black_box(engine.model.logits(&engine.backend, &ids, &packing, None));
-        }
-        sync();
-    });
+    let mut forward = time(args.iters, args.warmup, || forward(&ids, &packing));
 
     // One denoising step: B canvases, the prompt then one masked block.
     let config = SamplerConfig {
@@ -158,22 +169,17 @@ fn measure<B: remask_engine::Backend>(
     let plans: Vec<_> = canvases.iter().map(|c| c.plan()).collect();
     let requests: Vec<_> = canvases.iter().zip(&plans).collect();
     let batch = remask_engine::StepBatch::new(&requests);
-    let mut step = time(args.iters, args.warmup, || {
-        if fused {
-            std::hint::black_box(engine.run_fused(&batch));
-        } else {
-            std::hint::black_box(engine.run(&batch));
-        }
-        sync();
-    });
+    let mut step = time(args.iters, args.warmup, || step(&batch));
 
     let threads = rayon::current_num_threads();
+    let gpus = args.device.gpus(1)?;
     let all = forward.clone();
     let (fwd, stp) = (median(&mut forward), median(&mut step));
     if args.json {
         let out = serde_json::json!({
             "impl": "remask",
             "backend": args.device.backend,
+            "devices": gpus,
             "ms_per_forward_median": fwd,
             "ms_per_step_median": stp,
             "ms_all": all,
@@ -185,9 +191,14 @@ fn measure<B: remask_engine::Backend>(
         });
         println!("{out}");
     } else {
+        let on = if gpus.is_empty() {
+            format!("threads {threads}")
+        } else {
+            format!("GPUs {}", crate::device::list(&gpus))
+        };
         println!(
-            "remask cpu: batch {} seq_len {} threads {}: forward {fwd:.2} ms (median of {}), denoising step {stp:.2} ms",
-            args.batch, args.seq_len, threads, args.iters
+            "remask {}: batch {} seq_len {} {on}: forward {fwd:.2} ms (median of {}), denoising step {stp:.2} ms",
+            args.device.backend, args.batch, args.seq_len, args.iters
         );
     }
     Ok(())

@@ -86,7 +86,9 @@ pub struct ServeArgs {
     /// Address of the gRPC API.
     #[arg(long, env = "REMASK_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
-    /// Split the model over this many tensor-parallel ranks (threads on the CPU).
+    /// Split the model over this many tensor-parallel ranks (threads on the
+    /// CPU). With --backend cuda the ranks are GPUs: 0 to N-1, or those of --devices
+    /// (then 1 or their number).
     #[arg(long, env = "REMASK_TENSOR_PARALLEL", default_value_t = 1)]
     pub tensor_parallel: usize,
     #[command(flatten)]
@@ -157,7 +159,9 @@ pub struct WorkerArgs {
     /// Lease time to live in seconds: how fast the cluster notices a dead worker.
     #[arg(long, env = "REMASK_LEASE_TTL", default_value_t = 3)]
     pub lease_ttl: i64,
-    /// Split each shard over this many tensor-parallel ranks (threads on the CPU).
+    /// Split each shard over this many tensor-parallel ranks (threads on the
+    /// CPU). With --backend cuda the ranks are GPUs: 0 to N-1, or those of --devices
+    /// (then 1 or their number).
     #[arg(long, env = "REMASK_TENSOR_PARALLEL", default_value_t = 1)]
     pub tensor_parallel: usize,
     #[command(flatten)]
@@ -217,20 +221,26 @@ fn check_batch(b: &BatchArgs) -> CliResult {
 /// Coordinator and an in-process worker holding the whole model.
 pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     check_batch(&args.batch)?;
+    // The GPUs (empty on the CPU), checked before the model is read.
+    let gpus = args.device.gpus(args.tensor_parallel)?;
     let dir = default_model::resolve(args.model, globals)?;
     let meta = model_meta(&dir)?;
     let ckpt = Checkpoint::open(&dir)?;
     let shard = Shard::full(&ckpt.config);
-    let runner = if args.device.is_cuda()? {
+    let runner = if gpus.is_empty() {
+        ShardRunner::load_tp(&ckpt, shard.clone(), args.tensor_parallel)?
+    } else {
         #[cfg(feature = "cuda")]
         {
-            ShardRunner::load_cuda(&ckpt, shard.clone(), args.device.device)
-                .map_err(CliError::Usage)?
+            ShardRunner::load_cuda(&ckpt, shard.clone(), &gpus).map_err(|e| {
+                CliError::Usage(format!(
+                    "--backend cuda (GPUs {}): {e}",
+                    crate::device::list(&gpus)
+                ))
+            })?
         }
         #[cfg(not(feature = "cuda"))]
-        unreachable!("is_cuda() is false without the feature")
-    } else {
-        ShardRunner::load_tp(&ckpt, shard.clone(), args.tensor_parallel)?
+        unreachable!("no GPUs without the cuda feature")
     };
     let tls_files = args.tls.files();
     tls_files.public_server().map_err(tls_usage)?;
@@ -394,7 +404,7 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
 
 /// A worker: serves the Worker API and, with --etcd, registers itself.
 pub fn worker(args: WorkerArgs) -> CliResult {
-    let device = args.device.is_cuda()?.then_some(args.device.device);
+    let devices = args.device.gpus(args.tensor_parallel)?;
     if args.lease_ttl < 1 {
         return Err(CliError::Usage(
             "--lease-ttl must be at least 1 second".into(),
@@ -414,7 +424,7 @@ pub fn worker(args: WorkerArgs) -> CliResult {
                 if tls.is_some() { "https" } else { "http" }
             ),
             backend: args.device.backend.clone(),
-            devices: Vec::new(),
+            devices: devices.iter().map(|&d| d as u32).collect(),
         };
         // Register in the background, retrying while etcd is not reachable
         // yet (in Kubernetes, workers may start before etcd does).
@@ -441,7 +451,7 @@ pub fn worker(args: WorkerArgs) -> CliResult {
             })
         });
         eprintln!("remask worker {id}: listening on {bound}");
-        let service = WorkerService::new(id, args.model.clone(), args.tensor_parallel, device);
+        let service = WorkerService::new(id, args.model.clone(), args.tensor_parallel, devices);
         let result = server::serve_worker(listener, tls, service, shutdown_signal()).await;
         if let Some(task) = registration {
             if task.is_finished() {

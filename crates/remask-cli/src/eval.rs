@@ -130,8 +130,6 @@ struct Setup {
     space: TokenSpace,
     /// The prompt of text that starts a document: BOS.
     bos_prompt: Vec<u32>,
-    /// Where an answer ends: EOS, and the end of turn when the model has it.
-    stops: Vec<u32>,
     embedding_size: usize,
     window: usize,
     prose: Vec<String>,
@@ -215,7 +213,6 @@ pub fn run(mut args: EvalArgs, globals: &Globals) -> CliResult {
         codec,
         space,
         bos_prompt,
-        stops: std::iter::once(special.eos).chain(special.eot).collect(),
         embedding_size: ckpt.config.embedding_size(),
         window,
         prose,
@@ -226,7 +223,7 @@ pub fn run(mut args: EvalArgs, globals: &Globals) -> CliResult {
     if setup.args.device.is_cuda()? {
         #[cfg(feature = "cuda")]
         {
-            let engine = Engine::load(setup.args.device.cuda()?, &ckpt)?;
+            let engine = Engine::load(setup.args.device.cuda("eval")?, &ckpt)?;
             return evaluate(&setup, &engine, true, random);
         }
     }
@@ -601,15 +598,6 @@ fn num(v: &Value) -> String {
 // 2. and 3. Question/answer pairs
 // ---------------------------------------------------------------------------
 
-/// The generated tokens up to the first stop token (EOS or end of turn).
-fn cut_answer<'a>(generated: &'a [u32], stops: &[u32]) -> &'a [u32] {
-    let end = generated
-        .iter()
-        .position(|t| stops.contains(t))
-        .unwrap_or(generated.len());
-    &generated[..end]
-}
-
 /// SQuAD's answer normalisation: lowercase, drop punctuation (ASCII as
 /// SQuAD, and the typographic quotes and dashes of old books) and the
 /// articles a/an/the, split on whitespace.
@@ -729,7 +717,7 @@ fn answer<B: Backend>(
         .iter()
         .zip(index)
         .map(|(c, i)| {
-            let ids = cut_answer(c.generated(), &setup.stops);
+            let ids = c.answer();
             Ok((i, setup.codec.decode(ids, true)?))
         })
         .collect::<CliResult<Vec<_>>>()?;
@@ -1206,17 +1194,6 @@ mod tests {
         // Empty after normalisation: only another empty answer matches it.
         assert_eq!(token_f1("", "a word"), 0.0);
         assert_eq!(token_f1("the", ""), 1.0);
-    }
-
-    #[test]
-    fn answer_ends_at_the_first_eos_or_end_of_turn() {
-        let (eos, eot) = (7, 9);
-        assert_eq!(cut_answer(&[1, 2, 9, 3, 7], &[eos, eot]), &[1, 2]);
-        assert_eq!(cut_answer(&[1, 7, 9], &[eos, eot]), &[1]);
-        assert_eq!(cut_answer(&[7, 7, 7], &[eos, eot]), &[] as &[u32]);
-        assert_eq!(cut_answer(&[1, 2, 3], &[eos, eot]), &[1, 2, 3]);
-        // Without an end-of-turn token only EOS stops.
-        assert_eq!(cut_answer(&[1, 9, 7], &[eos]), &[1, 9]);
     }
 
     #[test]

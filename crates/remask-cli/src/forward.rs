@@ -43,8 +43,10 @@ pub fn run(args: ForwardArgs, globals: &Globals) -> CliResult {
     let logits = if args.device.is_cuda()? {
         #[cfg(feature = "cuda")]
         {
-            let engine = Engine::load(args.device.cuda()?, &ckpt)?;
-            engine.model.logits(&engine.backend, &ids, &packing, None)
+            // Each GPU's vocabulary slice, side by side.
+            args.device
+                .cuda_engine(&ckpt, 1)?
+                .logits(&ids, &packing, None)
         }
         #[cfg(not(feature = "cuda"))]
         unreachable!("is_cuda() is false without the feature")

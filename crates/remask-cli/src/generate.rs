@@ -94,7 +94,9 @@ pub struct GenerateArgs {
     pub confidence_eos_eot_inf: bool,
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
-    /// Split the model over this many tensor-parallel ranks (threads on the CPU).
+    /// Split the model over this many tensor-parallel ranks (threads on the
+    /// CPU). With --backend cuda the ranks are GPUs: 0 to N-1, or those of --devices
+    /// (then 1 or their number).
     #[arg(
         long,
         env = "REMASK_TENSOR_PARALLEL",
@@ -112,6 +114,8 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
     if let Some(endpoint) = &args.endpoint {
         return crate::remote::run(endpoint, &args);
     }
+    // Flag mistakes first, before the model is read.
+    args.device.gpus(args.tensor_parallel)?;
     let dir = default_model::resolve(args.model.clone(), globals)?;
     let ckpt = Checkpoint::open(&dir)?;
     let codec = TextCodec::load(&dir)?;
@@ -158,22 +162,15 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         );
     }
 
-    if args.tensor_parallel == 0 {
-        return Err(CliError::Usage(
-            "--tensor-parallel must be at least 1".into(),
-        ));
-    }
     let t_load = Instant::now();
-    // One rank, or a tensor-parallel group of thread ranks: same predictions.
+    // One rank, or a tensor-parallel group of thread ranks or GPUs: same
+    // predictions.
     let engine: Box<StepFn> = if args.device.is_cuda()? {
         #[cfg(feature = "cuda")]
         {
-            let gpu = Engine::load(args.device.cuda()?, &ckpt)?;
-            Box::new(move |c, p| {
-                gpu.run_fused(&remask_engine::StepBatch::new(&[(c, p)]))
-                    .pop()
-                    .unwrap()
-            })
+            // The head is reduced on the GPUs: only partials come back.
+            let gpus = args.device.cuda_engine(&ckpt, args.tensor_parallel)?;
+            Box::new(move |c, p| gpus.predict(&[(c, p)]).pop().unwrap())
         }
         #[cfg(not(feature = "cuda"))]
         unreachable!("is_cuda() is false without the feature")
@@ -204,7 +201,8 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         live.finish();
     }
 
-    let text = codec.decode(canvas.generated(), true)?;
+    // The text stops at the first EOS / end of turn; the ids are all there.
+    let text = codec.decode(canvas.answer(), true)?;
     if args.json {
         let out = serde_json::json!({
             "token_ids": canvas.tokens(),

@@ -366,7 +366,12 @@ fn now() -> u64 {
 }
 
 fn finish_reason(c: &Coordinator, done: &pb::GenerateResponse) -> &'static str {
-    if done.generated_ids.contains(&c.meta.special.eos) {
+    let s = &c.meta.special;
+    if done
+        .generated_ids
+        .iter()
+        .any(|&t| t == s.eos || Some(t) == s.eot)
+    {
         "stop"
     } else {
         "length"
@@ -444,7 +449,7 @@ async fn run(
         }
         SseEvent::default().data(v.to_string())
     };
-    let mask = c.meta.special.mask;
+    let (mask, eos, eot) = (c.meta.special.mask, c.meta.special.eos, c.meta.special.eot);
     let codec = c.meta.codec.clone();
     let c2 = c.clone();
     let stream = async_stream_events(move |tx| async move {
@@ -460,9 +465,11 @@ async fn run(
                             *slot = t;
                         }
                     }
+                    // Text is final up to the first mask; it ends at the
+                    // first EOS / end of turn (the final text is the answer).
                     let prefix = generated
                         .iter()
-                        .position(|&t| t == mask)
+                        .position(|&t| t == mask || t == eos || Some(t) == eot)
                         .unwrap_or(generated.len());
                     let text = codec.decode(&generated[..prefix], true).unwrap_or_default();
                     // A trailing U+FFFD may be a character whose last bytes are

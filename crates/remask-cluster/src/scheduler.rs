@@ -282,7 +282,7 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) {
 fn finish(job: &Job, codec: &TextCodec) -> Result<Event, Status> {
     let c = &job.canvas;
     let text = codec
-        .decode(c.generated(), true)
+        .decode(c.answer(), true)
         .map_err(|e| Status::internal(format!("cannot decode the generation: {e}")))?;
     let admitted = job.admitted_at.unwrap_or(job.queued_at);
     Ok(Event::Done(pb::GenerateResponse {

@@ -4,11 +4,10 @@
 //! Shared by the worker process and the in-process stage of `remask serve`.
 
 use remask_engine::{
-    Backend, CpuBackend, Llada, Packing, Query, Shard, TpEngine, combine_ranks, partial_queries,
-    predict_queries, query_rows,
+    Backend, CpuBackend, Llada, Packing, Query, Shard, TpEngine, combine_ranks, query_rows,
 };
 use remask_model::{Checkpoint, Result};
-use remask_sampler::Prediction;
+use remask_sampler::{Partial, Prediction};
 
 pub enum StageInput {
     Ids(Vec<u32>),
@@ -20,8 +19,8 @@ pub enum StageOutput {
     Predictions(Vec<Vec<Prediction>>),
 }
 
-/// A loaded shard on the CPU backend: one rank, or a tensor-parallel group
-/// of thread ranks.
+/// A loaded shard: one CPU rank, or a tensor-parallel group (thread ranks
+/// on the CPU, one NCCL rank per GPU on CUDA).
 pub struct ShardRunner {
     inner: Ranks,
 }
@@ -29,11 +28,9 @@ pub struct ShardRunner {
 enum Ranks {
     One(CpuBackend, Box<Llada<CpuBackend>>),
     Group(TpEngine),
+    /// One or more GPUs (a group of world 1 for one).
     #[cfg(feature = "cuda")]
-    Cuda(
-        remask_engine::cuda::CudaBackend,
-        Box<Llada<remask_engine::cuda::CudaBackend>>,
-    ),
+    Cuda(TpEngine<remask_engine::cuda::CudaBackend>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,17 +70,18 @@ impl ShardRunner {
         Ok(ShardRunner { inner })
     }
 
-    /// The shard on GPU `device` (the CUDA backend).
+    /// The shard split over the GPUs `devices` (the CUDA backend), one
+    /// tensor-parallel rank per GPU; one GPU is a group of one.
     #[cfg(feature = "cuda")]
     pub fn load_cuda(
         ckpt: &Checkpoint,
         shard: Shard,
-        device: usize,
+        devices: &[usize],
     ) -> std::result::Result<Self, String> {
-        let backend = remask_engine::cuda::CudaBackend::new(device).map_err(|e| e.to_string())?;
-        let model = Llada::load(&backend, ckpt, shard).map_err(|e| e.to_string())?;
+        let group = remask_engine::cuda::tp_group(devices).map_err(|e| e.to_string())?;
+        let engine = TpEngine::from_backends(group, ckpt, shard).map_err(|e| e.to_string())?;
         Ok(ShardRunner {
-            inner: Ranks::Cuda(backend, Box::new(model)),
+            inner: Ranks::Cuda(engine),
         })
     }
 
@@ -92,7 +90,7 @@ impl ShardRunner {
             Ranks::One(_, m) => &m.shard,
             Ranks::Group(g) => g.shard(),
             #[cfg(feature = "cuda")]
-            Ranks::Cuda(_, m) => &m.shard,
+            Ranks::Cuda(g) => g.shard(),
         }
     }
 
@@ -101,7 +99,7 @@ impl ShardRunner {
             Ranks::One(_, m) => &m.config,
             Ranks::Group(g) => g.config(),
             #[cfg(feature = "cuda")]
-            Ranks::Cuda(_, m) => &m.config,
+            Ranks::Cuda(g) => g.config(),
         }
     }
 
@@ -152,56 +150,154 @@ impl ShardRunner {
         if shard.head && rows.iter().any(|&r| r >= tokens) {
             return Err(ShardError::QueryOutOfRange { rows: tokens });
         }
-        let d_model = c.d_model;
-        // Every rank runs the same code on its blocks; after the last
-        // all-reduce all ranks hold the same hidden states.
-        let rank = |backend: &CpuBackend, model: &Llada<CpuBackend>| {
-            let x = match &input {
-                StageInput::Ids(ids) => model.embed(backend, ids),
-                StageInput::Hidden(h) => backend.load_hidden(h, tokens, d_model),
-            };
-            let x = model.layers(backend, x, &packing);
-            if model.shard.head {
-                Err(model.head(backend, &x, Some(&rows)))
-            } else {
-                Ok(backend.to_host(x))
-            }
+        let step = Step {
+            input: &input,
+            tokens,
+            d_model: c.d_model,
+            packing: &packing,
+            rows: &rows,
+            queries,
         };
-        Ok(match &self.inner {
-            Ranks::One(backend, model) => match rank(backend, model) {
-                Ok(hidden) => StageOutput::Hidden(hidden),
-                Err(logits) => {
-                    StageOutput::Predictions(predict_queries(&logits, c.embedding_size(), queries))
-                }
-            },
-            // On the GPU the head is reduced on the device: only partials come back.
+        let outputs = match &self.inner {
+            Ranks::One(backend, model) => vec![step.on_rank(backend, model)],
+            Ranks::Group(group) => group.on_ranks(|b, m| step.on_rank(b, m)),
             #[cfg(feature = "cuda")]
-            Ranks::Cuda(backend, model) => {
-                let x = match &input {
-                    StageInput::Ids(ids) => model.embed(backend, ids),
-                    StageInput::Hidden(h) => backend.load_hidden(h, tokens, d_model),
-                };
-                let x = model.layers(backend, x, &packing);
-                if model.shard.head {
-                    let logits = model.head_logits(backend, &x, Some(&rows));
-                    let partials = backend.head_partials(logits, model.vocab.clone(), queries);
-                    StageOutput::Predictions(combine_ranks(&[partials], queries))
-                } else {
-                    StageOutput::Hidden(backend.to_host(x))
-                }
+            Ranks::Cuda(group) => group.on_ranks(|b, m| step.on_rank(b, m)),
+        };
+        Ok(step.combine(outputs))
+    }
+}
+
+/// One checked forward pass of a stage, as every rank sees it.
+struct Step<'a> {
+    input: &'a StageInput,
+    tokens: usize,
+    d_model: usize,
+    packing: &'a Packing,
+    rows: &'a [usize],
+    queries: &'a [Query],
+}
+
+/// What one rank returns: the stage's hidden states, or its partials of the
+/// head (its vocabulary slice) on the last stage.
+enum RankOutput {
+    Hidden(Vec<f32>),
+    Partials(Vec<Vec<Partial>>),
+}
+
+impl Step<'_> {
+    /// Every rank runs the same code on its blocks, on any backend; after the
+    /// last all-reduce all ranks hold the same hidden states. The head is
+    /// reduced by the backend (on the device for CUDA): only partials come
+    /// back, never logits.
+    fn on_rank<B: Backend>(&self, backend: &B, model: &Llada<B>) -> RankOutput {
+        let x = match self.input {
+            StageInput::Ids(ids) => model.embed(backend, ids),
+            StageInput::Hidden(h) => backend.load_hidden(h, self.tokens, self.d_model),
+        };
+        let x = model.layers(backend, x, self.packing);
+        if model.shard.head {
+            let logits = model.head_logits(backend, &x, Some(self.rows));
+            RankOutput::Partials(backend.head_partials(logits, model.vocab.clone(), self.queries))
+        } else if backend.rank_world().0 == 0 {
+            RankOutput::Hidden(backend.to_host(x))
+        } else {
+            // The same values as rank 0's: not worth a copy off the GPU.
+            RankOutput::Hidden(Vec::new())
+        }
+    }
+
+    /// The stage's output from every rank's, in rank order: rank 0's hidden
+    /// states, or the ranks' partials combined.
+    fn combine(&self, outputs: Vec<RankOutput>) -> StageOutput {
+        let mut partials = Vec::with_capacity(outputs.len());
+        for output in outputs {
+            match output {
+                RankOutput::Hidden(h) => return StageOutput::Hidden(h),
+                RankOutput::Partials(p) => partials.push(p),
             }
-            Ranks::Group(group) => {
-                let mut outputs = group.on_ranks(|backend, model| {
-                    rank(backend, model)
-                        .map_err(|logits| partial_queries(&logits, model.vocab.clone(), queries))
-                });
-                if shard.head {
-                    let partials: Vec<_> = outputs.into_iter().filter_map(|o| o.err()).collect();
-                    StageOutput::Predictions(combine_ranks(&partials, queries))
-                } else {
-                    StageOutput::Hidden(outputs.swap_remove(0).unwrap_or_default())
-                }
-            }
-        })
+        }
+        StageOutput::Predictions(combine_ranks(&partials, self.queries))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use remask_engine::StepBatch;
+    use remask_model::{DType, InitOptions, Preset, init_checkpoint};
+    use remask_sampler::{Canvas, SamplerConfig, TokenSpace};
+
+    /// A stage split over thread ranks computes what one rank computes: the
+    /// same hidden states mid-pipeline, the same predictions at the end (the
+    /// group path that CUDA groups share).
+    #[test]
+    fn tensor_parallel_stages_match_one_rank() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions {
+            dtype: DType::F32,
+            ..InitOptions::default()
+        };
+        // tiny: 4 heads, 2 KV heads: divisible by 2.
+        init_checkpoint(Preset::get("tiny").unwrap(), &opts, dir.path()).unwrap();
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let c = &ckpt.config;
+        let space = TokenSpace {
+            vocab_size: c.vocab_size,
+            mask: c.mask_token_id.unwrap(),
+            eos: c.eos_token_id.unwrap(),
+            eot: None,
+            max_sequence_length: c.max_sequence_length,
+        };
+        let config = SamplerConfig {
+            gen_length: 8,
+            steps: 4,
+            block_length: 8,
+            temperature: 0.7,
+            cfg_scale: 0.5,
+            seed: 2,
+            ..SamplerConfig::default()
+        };
+        let canvas = Canvas::new(&[5, 6, 7], config, space).unwrap();
+        let plan = canvas.plan();
+        let batch = StepBatch::new(&[(&canvas, &plan)]);
+        let split = c.n_layers / 2;
+        let first = Shard {
+            layers: 0..split,
+            embedding: true,
+            head: false,
+        };
+        let last = Shard {
+            layers: split..c.n_layers,
+            embedding: false,
+            head: true,
+        };
+        let run = |world: usize| {
+            let a = ShardRunner::load_tp(&ckpt, first.clone(), world).unwrap();
+            let b = ShardRunner::load_tp(&ckpt, last.clone(), world).unwrap();
+            let ids = StageInput::Ids(batch.ids.clone());
+            let Ok(StageOutput::Hidden(h)) = a.run(&batch.lengths, ids, &batch.queries) else {
+                panic!("the first stage gives hidden states")
+            };
+            let hidden = StageInput::Hidden(h.clone());
+            let Ok(StageOutput::Predictions(p)) = b.run(&batch.lengths, hidden, &batch.queries)
+            else {
+                panic!("the last stage gives predictions")
+            };
+            (h, p)
+        };
+        let (h1, p1) = run(1);
+        let (h2, p2) = run(2);
+        let scale = h1.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = h1
+            .iter()
+            .zip(&h2)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff / scale < 1e-4, "hidden states differ by {diff}");
+        assert_eq!(p1.len(), p2.len());
+        for (a, b) in p1[0].iter().zip(&p2[0]) {
+            assert_eq!(a.token, b.token);
+            assert!((a.confidence - b.confidence).abs() < 1e-4, "{a:?} {b:?}");
+        }
     }
 }

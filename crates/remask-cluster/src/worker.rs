@@ -21,14 +21,46 @@ struct Loaded {
     model: String,
 }
 
+/// Why a shard did not load: the checkpoint, or the GPUs.
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error(transparent)]
+    Model(#[from] remask_model::ModelError),
+    #[error("{0}")]
+    Gpu(String),
+}
+
+/// The shard over the GPUs `devices`. CUDA errors (a missing library, a bad
+/// GPU) are not the checkpoint's: their text is passed on as it is.
+#[cfg(feature = "cuda")]
+fn load_gpus(
+    ckpt: &Checkpoint,
+    shard: remask_engine::Shard,
+    devices: &[usize],
+) -> Result<ShardRunner, LoadError> {
+    ShardRunner::load_cuda(ckpt, shard, devices).map_err(LoadError::Gpu)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn load_gpus(
+    _: &Checkpoint,
+    _: remask_engine::Shard,
+    _: &[usize],
+) -> Result<ShardRunner, LoadError> {
+    Err(LoadError::Gpu(
+        "this worker was built without the CUDA backend".into(),
+    ))
+}
+
 pub struct WorkerService {
     id: String,
     /// `--model` of the worker, which wins over the coordinator's path.
     model_override: Option<PathBuf>,
-    /// Ranks (threads on the CPU) each shard is split over.
+    /// Thread ranks each shard is split over on the CPU.
     tensor_parallel: usize,
-    /// GPU ordinal of the CUDA backend; None for the CPU.
-    device: Option<usize>,
+    /// GPU ordinals of the CUDA backend, one tensor-parallel rank each
+    /// (NCCL); empty for the CPU.
+    devices: Vec<usize>,
     loaded: RwLock<Option<Loaded>>,
 }
 
@@ -37,13 +69,13 @@ impl WorkerService {
         id: String,
         model_override: Option<PathBuf>,
         tensor_parallel: usize,
-        device: Option<usize>,
+        devices: Vec<usize>,
     ) -> Self {
         WorkerService {
             id,
             model_override,
             tensor_parallel: tensor_parallel.max(1),
-            device,
+            devices,
             loaded: RwLock::new(None),
         }
     }
@@ -70,24 +102,20 @@ impl Worker for WorkerService {
         *self.loaded.write().await = None;
         let dir2 = dir.clone();
         let tensor_parallel = self.tensor_parallel;
-        let device = self.device;
+        let devices = self.devices.clone();
         let runner = tokio::task::spawn_blocking(move || {
             let ckpt = Checkpoint::open(&dir2)?;
             if shard.layers.end > ckpt.config.n_layers || shard.layers.start > shard.layers.end {
                 return Err(remask_model::ModelError::InvalidConfig(format!(
                     "shard layers {:?} do not fit a model of {} layers",
                     shard.layers, ckpt.config.n_layers
-                )));
+                ))
+                .into());
             }
-            match device {
-                #[cfg(feature = "cuda")]
-                Some(d) => ShardRunner::load_cuda(&ckpt, shard, d)
-                    .map_err(remask_model::ModelError::Unsupported),
-                #[cfg(not(feature = "cuda"))]
-                Some(_) => Err(remask_model::ModelError::Unsupported(
-                    "this worker was built without the CUDA backend".into(),
-                )),
-                None => ShardRunner::load_tp(&ckpt, shard, tensor_parallel),
+            if devices.is_empty() {
+                Ok(ShardRunner::load_tp(&ckpt, shard, tensor_parallel)?)
+            } else {
+                load_gpus(&ckpt, shard, &devices)
             }
         })
         .await
@@ -157,9 +185,14 @@ impl Worker for WorkerService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let loaded = self.loaded.read().await;
+        let backend = if self.devices.is_empty() {
+            "cpu"
+        } else {
+            "cuda"
+        };
         Ok(Response::new(pb::StatusResponse {
             id: self.id.clone(),
-            backend: if self.device.is_some() { "cuda" } else { "cpu" }.into(),
+            backend: backend.into(),
             shard: loaded.as_ref().map(|l| shard_to_pb(l.runner.shard())),
             generation: loaded.as_ref().map_or(0, |l| l.generation),
             model: loaded.as_ref().map(|l| l.model.clone()).unwrap_or_default(),

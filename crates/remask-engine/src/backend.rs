@@ -2,7 +2,8 @@
 //! written once (`llada.rs`) and each backend (CPU here; CUDA later)
 //! implements these few kernels.
 
-use remask_model::{Result, TensorRef};
+use remask_model::{DType, GeneratedTensor, Result, TensorRef};
+use std::ops::Range;
 
 /// Sequences packed back to back into one token dimension. Attention never
 /// crosses a sequence boundary and positions restart at 0 in each sequence,
@@ -45,6 +46,27 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
+/// `Backend::generated_weight`'s default: drawn on the host, loaded as bf16.
+pub fn generated_on_host<B: Backend + ?Sized>(
+    backend: &B,
+    t: &GeneratedTensor,
+    rows: Range<usize>,
+    cols: Range<usize>,
+) -> B::Weight {
+    let shape = match t.shape.len() {
+        1 => vec![cols.len()],
+        _ => vec![rows.len(), cols.len()],
+    };
+    let bytes = t.bf16_bytes(rows, cols);
+    backend
+        .load_weight(TensorRef {
+            dtype: DType::BF16,
+            shape: &shape,
+            bytes: &bytes,
+        })
+        .expect("every backend loads bf16")
+}
+
 /// Kernels of the forward pass. Activations are matrices of `rows` tokens by
 /// `cols` features; weights are stored `[out, in]` as in the checkpoint.
 pub trait Backend: Send + Sync {
@@ -57,6 +79,22 @@ pub trait Backend: Send + Sync {
 
     /// Uploads a checkpoint tensor (any stored dtype).
     fn load_weight(&self, tensor: TensorRef<'_>) -> Result<Self::Weight>;
+    /// The block `rows` x `cols` of a generated tensor (`model init
+    /// --on-device-weights`): element (r, c) of the whole tensor has index
+    /// `r * columns + c`, so a tensor-parallel rank's block holds the same
+    /// values as those elements of the whole. A vector `[n]` is one row
+    /// (`rows` = 0..1) and gives a vector `[cols.len()]`. The default draws
+    /// the values on the host, rounds them to bf16 as the file `model init
+    /// --dtype bf16` holds them, and goes through `load_weight`, so results
+    /// are those of loading that file; a GPU backend draws them on the device.
+    fn generated_weight(
+        &self,
+        t: &GeneratedTensor,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Self::Weight {
+        generated_on_host(self, t, rows, cols)
+    }
     /// Uploads f32 values computed on the host (e.g. RoPE tables).
     fn upload(&self, values: &[f32], rows: usize, cols: usize) -> Self::Weight;
 

@@ -196,13 +196,15 @@ pub fn partial_queries(
 /// The whole model split over `world` tensor-parallel ranks, each a thread
 /// with its block of every projection and its slice of the vocabulary. A step
 /// runs all ranks at once (they meet in the all-reduces), each reduces its
-/// vocabulary slice to one `Partial` per position, and the partials are
-/// combined: full logits are never assembled.
-pub struct TpEngine {
-    ranks: Vec<(CpuBackend, Llada<CpuBackend>)>,
+/// vocabulary slice to one `Partial` per position (on the device for CUDA),
+/// and the partials are combined: full logits are never assembled. The ranks
+/// are thread ranks of the CPU backend (`load`) or any backends that already
+/// know their place in a group (`from_backends`: NCCL ranks, one per GPU).
+pub struct TpEngine<B: Backend = CpuBackend> {
+    ranks: Vec<(B, Llada<B>)>,
 }
 
-impl TpEngine {
+impl TpEngine<CpuBackend> {
     pub fn load(ckpt: &Checkpoint, world: usize) -> Result<Self> {
         Self::load_shard(ckpt, Shard::full(&ckpt.config), world)
     }
@@ -210,13 +212,49 @@ impl TpEngine {
     /// One pipeline stage split over `world` ranks: stages and
     /// tensor-parallel groups combine.
     pub fn load_shard(ckpt: &Checkpoint, shard: Shard, world: usize) -> Result<Self> {
-        let ranks = thread_group(world.max(1))
+        let backends = thread_group(world.max(1))
             .into_iter()
-            .map(|rank| {
-                let backend = CpuBackend::with_collective(std::sync::Arc::new(rank));
-                let model = Llada::load(&backend, ckpt, shard.clone())?;
-                Ok((backend, model))
-            })
+            .map(|rank| CpuBackend::with_collective(std::sync::Arc::new(rank)))
+            .collect();
+        Self::from_backends(backends, ckpt, shard)
+    }
+}
+
+impl<B: Backend> TpEngine<B> {
+    /// Loads `shard` on a group of backends, one per rank, in any order: each
+    /// says which rank it is through `rank_world()` and loads only its blocks.
+    /// The ranks load at once, one thread each (for an 8B model on several
+    /// GPUs, slicing and uploading the weights is most of the start-up).
+    ///
+    /// Panics if the backends are not ranks 0..n of one group of n.
+    pub fn from_backends(mut backends: Vec<B>, ckpt: &Checkpoint, shard: Shard) -> Result<Self> {
+        let world = backends.len();
+        assert!(world > 0, "a tensor-parallel group needs at least one rank");
+        backends.sort_by_key(|b| b.rank_world().0);
+        for (i, b) in backends.iter().enumerate() {
+            assert_eq!(
+                b.rank_world(),
+                (i, world),
+                "backend {i} of a group of {world} is not rank {i} of {world}"
+            );
+        }
+        let models: Vec<Result<Llada<B>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = backends
+                .iter()
+                .map(|b| {
+                    let shard = shard.clone();
+                    s.spawn(move || Llada::load(b, ckpt, shard))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a rank panicked while loading"))
+                .collect()
+        });
+        let ranks = backends
+            .into_iter()
+            .zip(models)
+            .map(|(b, m)| Ok((b, m?)))
             .collect::<Result<Vec<_>>>()?;
         Ok(TpEngine { ranks })
     }
@@ -234,11 +272,9 @@ impl TpEngine {
     }
 
     /// Runs `f` on every rank at once, one thread each (not rayon workers:
-    /// a rank waiting in an all-reduce must not hold a worker the others need).
-    pub fn on_ranks<T: Send>(
-        &self,
-        f: impl Fn(&CpuBackend, &Llada<CpuBackend>) -> T + Sync,
-    ) -> Vec<T> {
+    /// a rank waiting in an all-reduce must not hold a worker the others need;
+    /// NCCL likewise needs every rank's call in flight at once).
+    pub fn on_ranks<T: Send>(&self, f: impl Fn(&B, &Llada<B>) -> T + Sync) -> Vec<T> {
         std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .ranks
@@ -268,12 +304,16 @@ impl TpEngine {
         out
     }
 
+    /// One step: each rank reduces its slice of the head through
+    /// `head_partials` (on the host for the CPU, on the device for CUDA).
     pub fn run(&self, batch: &StepBatch) -> Vec<Vec<Prediction>> {
         let rows = query_rows(&batch.queries);
         let packing = batch.packing();
         let per_rank = self.on_ranks(|b, m| {
-            let logits = m.logits(b, &batch.ids, &packing, Some(&rows));
-            partial_queries(&logits, m.vocab.clone(), &batch.queries)
+            let x = m.embed(b, &batch.ids);
+            let x = m.layers(b, x, &packing);
+            let logits = m.head_logits(b, &x, Some(&rows));
+            b.head_partials(logits, m.vocab.clone(), &batch.queries)
         });
         combine_ranks(&per_rank, &batch.queries)
     }

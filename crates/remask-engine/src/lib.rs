@@ -3,7 +3,8 @@
 //! - `backend`: the kernel trait the forward pass is written against;
 //! - `cpu`: the CPU backend (gemm + rayon, f32);
 //! - `llada`: the model, loadable as a whole or as a shard of layers;
-//! - `engine`: canvases in, (token, confidence) per masked position out.
+//! - `engine`: canvases in, (token, confidence) per masked position out;
+//! - `launch`: how the CUDA kernels are launched (pure, tested on the CPU).
 
 pub mod backend;
 pub mod collective;
@@ -12,6 +13,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod engine;
 mod fastmath;
+pub mod launch;
 pub mod llada;
 
 pub use backend::{Backend, Heads, Packing};

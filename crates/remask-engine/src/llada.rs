@@ -11,7 +11,7 @@
 //! Attention is bidirectional: there is no causal mask.
 
 use crate::backend::{Backend, Heads, Packing};
-use remask_model::{Checkpoint, LladaConfig, Result};
+use remask_model::{Checkpoint, LladaConfig, Result, TensorRef, WeightSource};
 use std::ops::Range;
 
 /// The part of the model one process holds: a contiguous range of layers,
@@ -66,27 +66,46 @@ pub struct Llada<B: Backend> {
 /// column-parallel (a slice of the output rows: q/k/v by heads, ff_proj and
 /// up_proj by hidden units, the head by vocabulary) or row-parallel (a slice
 /// of the input columns: attn_out, ff_out, whose partial outputs are then
-/// summed over the ranks).
+/// summed over the ranks). `None` is the whole tensor. The backend receives
+/// the block in the stored dtype (the CUDA backend keeps matrices in bf16),
+/// or draws it itself for a generated checkpoint.
 fn block<B: Backend>(
     backend: &B,
-    t: remask_model::TensorRef<'_>,
-    rows: Range<usize>,
-    cols: Range<usize>,
-) -> B::Weight {
-    let (n_rows, n_cols) = match t.shape {
-        [n] => (1, *n),
-        [r, c] => (*r, *c),
-        _ => unreachable!("checked 1-D or 2-D"),
-    };
-    if rows == (0..n_rows) && cols == (0..n_cols) {
-        return backend.load_weight(t).expect("dtype checked at open");
+    source: WeightSource<'_>,
+    part: Option<(Range<usize>, Range<usize>)>,
+) -> Result<B::Weight> {
+    match source {
+        WeightSource::Generated(g) => {
+            let (n_rows, n_cols) = g.rows_cols();
+            let (rows, cols) = part.unwrap_or((0..n_rows, 0..n_cols));
+            Ok(backend.generated_weight(&g, rows, cols))
+        }
+        WeightSource::Stored(t) => {
+            let (n_rows, n_cols) = match t.shape {
+                [n] => (1, *n),
+                [r, c] => (*r, *c),
+                _ => unreachable!("checked 1-D or 2-D"),
+            };
+            let Some((rows, cols)) = part.filter(|p| *p != (0..n_rows, 0..n_cols)) else {
+                return backend.load_weight(t);
+            };
+            let size = t.dtype.size();
+            let mut bytes = Vec::with_capacity(rows.len() * cols.len() * size);
+            for r in rows.clone() {
+                let start = (r * n_cols + cols.start) * size;
+                bytes.extend_from_slice(&t.bytes[start..start + cols.len() * size]);
+            }
+            let shape = match t.shape.len() {
+                1 => vec![cols.len()],
+                _ => vec![rows.len(), cols.len()],
+            };
+            backend.load_weight(TensorRef {
+                dtype: t.dtype,
+                shape: &shape,
+                bytes: &bytes,
+            })
+        }
     }
-    let full = t.to_f32();
-    let mut out = Vec::with_capacity(rows.len() * cols.len());
-    for r in rows.clone() {
-        out.extend_from_slice(&full[r * n_cols + cols.start..r * n_cols + cols.end]);
-    }
-    backend.upload(&out, rows.len(), cols.len())
 }
 
 /// `n` split in `world` equal parts, or an error naming what does not divide.
@@ -116,10 +135,11 @@ impl<B: Backend> Llada<B> {
         );
         let mlp_rows = part("mlp_hidden_size", mlp, rank, world)?;
         let vocab = part("embedding_size", e, rank, world)?;
-        let w = |name: &str, shape: &[usize]| backend.load_weight(ckpt.tensor(name, shape)?);
+        // A whole checked tensor, stored or generated.
+        let w = |name: &str, shape: &[usize]| block(backend, ckpt.weight(name, shape)?, None);
         // A block of a checked tensor: rows x cols of it.
         let wb = |name: &str, shape: &[usize], rows: Range<usize>, cols: Range<usize>| {
-            Ok::<_, remask_model::ModelError>(block(backend, ckpt.tensor(name, shape)?, rows, cols))
+            block(backend, ckpt.weight(name, shape)?, Some((rows, cols)))
         };
         let wte_name = "model.transformer.wte.weight";
         let wte = shard.embedding.then(|| w(wte_name, &[e, d])).transpose()?;

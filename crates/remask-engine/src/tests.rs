@@ -232,3 +232,111 @@ fn fused_head_matches_host_head() {
         }
     }
 }
+
+/// A checkpoint of generated weights (`model init --on-device-weights`)
+/// computes exactly what the bf16 files of the same seed compute: the CPU
+/// backend's default `generated_weight` draws the values on the host and
+/// loads them as those bf16 files hold them. Under tensor parallelism the
+/// ranks draw only their blocks, and match one rank within 1e-4 and the
+/// same split of the files exactly.
+#[test]
+fn generated_weights_equal_the_bf16_files() {
+    let bf16 = |generated| InitOptions {
+        seed: 21,
+        generated,
+        ..InitOptions::default()
+    };
+    let (_files_dir, files) = tiny(bf16(false));
+    let (generated_dir, generated) = tiny(bf16(true));
+    assert!(generated.is_generated() && !files.is_generated());
+    assert!(std::fs::read_dir(generated_dir.path()).unwrap().all(|e| {
+        !e.unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("safetensors")
+    }));
+    let ids: Vec<u32> = (0..30).map(|i| (i * 17 % 400) as u32).collect();
+    let packing = Packing::new([12, 18]);
+    let logits = |ckpt: &Checkpoint| {
+        let e = Engine::load(CpuBackend::default(), ckpt).unwrap();
+        e.model.logits(&e.backend, &ids, &packing, None)
+    };
+    let want = logits(&files);
+    assert_eq!(logits(&generated), want);
+    // Pipeline stages load their own layers of a generated checkpoint too.
+    let be = CpuBackend::default();
+    let stage = |layers, embedding, head| {
+        Llada::load(
+            &be,
+            &generated,
+            Shard {
+                layers,
+                embedding,
+                head,
+            },
+        )
+        .unwrap()
+    };
+    let (first, last) = (stage(0..1, true, false), stage(1..2, false, true));
+    let hidden = first.layers(&be, first.embed(&be, &ids), &packing);
+    assert_eq!(
+        last.head(&be, &last.layers(&be, hidden, &packing), None),
+        want
+    );
+
+    let tp_files = TpEngine::load(&files, 2)
+        .unwrap()
+        .logits(&ids, &packing, None);
+    let tp_generated = TpEngine::load(&generated, 2)
+        .unwrap()
+        .logits(&ids, &packing, None);
+    assert_eq!(tp_generated, tp_files);
+    let rel = max_rel_diff(&want, &tp_generated);
+    assert!(rel < 1e-4, "TP=2: relative logit difference {rel}");
+}
+
+/// Tensor-parallel blocks of bf16 and f16 files are sliced in their stored
+/// dtype (what the CUDA backend needs): the same model as one rank.
+#[test]
+fn tensor_parallel_blocks_of_half_precision_files() {
+    for dtype in [DType::BF16, DType::F16] {
+        let (_dir, ckpt) = tiny(InitOptions {
+            dtype,
+            seed: 2,
+            ..InitOptions::default()
+        });
+        let ids: Vec<u32> = (0..20).map(|i| (i * 29 % 400) as u32).collect();
+        let packing = Packing::new([20]);
+        let one = Engine::load(CpuBackend::default(), &ckpt).unwrap();
+        let want = one.model.logits(&one.backend, &ids, &packing, None);
+        let got = TpEngine::load(&ckpt, 2)
+            .unwrap()
+            .logits(&ids, &packing, None);
+        let rel = max_rel_diff(&want, &got);
+        assert!(
+            rel < 1e-4,
+            "{dtype:?} TP=2: relative logit difference {rel}"
+        );
+    }
+}
+
+/// `TpEngine::from_backends` (how GPU groups are built) takes the ranks in
+/// any order: each backend knows its place through `rank_world()`.
+#[test]
+fn tp_engine_from_backends_in_any_order() {
+    let (_dir, ckpt) = tiny(f32_opts());
+    let reversed: Vec<CpuBackend> = crate::collective::thread_group(2)
+        .into_iter()
+        .rev()
+        .map(|rank| CpuBackend::with_collective(std::sync::Arc::new(rank)))
+        .collect();
+    let tp = TpEngine::from_backends(reversed, &ckpt, Shard::full(&ckpt.config)).unwrap();
+    assert_eq!(tp.world(), 2);
+    let want = TpEngine::load(&ckpt, 2).unwrap();
+    let (ids, packing) = ([5u32, 6, 7, 8, 9], Packing::new([5]));
+    let rel = max_rel_diff(
+        &want.logits(&ids, &packing, None),
+        &tp.logits(&ids, &packing, None),
+    );
+    assert!(rel < 1e-6, "relative logit difference {rel}");
+}

@@ -4,18 +4,30 @@
 //! Files are memory-mapped and only the headers are parsed up front; a tensor
 //! is read when it is asked for. A pipeline stage that loads a few layers
 //! therefore touches only those layers' pages.
+//!
+//! A checkpoint written by `remask model init --on-device-weights` has no
+//! weight files: its config.json says `"remask_weights": "generated"`, and
+//! each tensor is described (`GeneratedTensor`: preset, seed, index,
+//! distribution) for the backend to draw where it is used.
 
 use crate::config::LladaConfig;
 use crate::error::{ModelError, Result};
+use crate::init::{Init, Preset, init_value, tensor_specs};
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// The config.json key, and its value, of a checkpoint whose weights are
+/// generated where they are used instead of stored.
+pub const GENERATED_KEY: &str = "remask_weights";
+pub const GENERATED_VALUE: &str = "generated";
 
 /// Element type of a stored tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +105,119 @@ impl TensorRef<'_> {
     }
 }
 
+/// A tensor of a generated checkpoint: element `i` (row-major over `shape`)
+/// is `init_value(seed, tensor, i, init)` rounded to bf16, exactly what the
+/// file `model init --dtype bf16` writes with the same seed holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GeneratedTensor {
+    pub seed: u64,
+    /// Index of the tensor in the preset's `tensor_specs`.
+    pub tensor: u64,
+    pub init: Init,
+    pub shape: Vec<usize>,
+}
+
+impl GeneratedTensor {
+    /// (rows, columns); a vector `[n]` is one row.
+    pub fn rows_cols(&self) -> (usize, usize) {
+        match self.shape[..] {
+            [n] => (1, n),
+            [r, c] => (r, c),
+            _ => unreachable!("generated tensors are 1-D or 2-D"),
+        }
+    }
+
+    /// Element `index` (row-major) in f32, before the rounding to bf16.
+    pub fn value(&self, index: u64) -> f32 {
+        init_value(self.seed, self.tensor, index, self.init)
+    }
+
+    /// The block `rows` x `cols` of the tensor (element (r, c) has index
+    /// `r * columns + c`), as little-endian bf16, row-major.
+    pub fn bf16_bytes(&self, rows: Range<usize>, cols: Range<usize>) -> Vec<u8> {
+        let (n_rows, n_cols) = self.rows_cols();
+        assert!(
+            rows.end <= n_rows && cols.end <= n_cols,
+            "block {rows:?} x {cols:?} outside {:?}",
+            self.shape
+        );
+        let width = cols.len();
+        let mut out = vec![0u8; rows.len() * width * 2];
+        if width == 0 {
+            return out;
+        }
+        out.par_chunks_mut(width * 2)
+            .zip(rows)
+            .for_each(|(row, r)| {
+                for (out, c) in row.chunks_exact_mut(2).zip(cols.clone()) {
+                    let v = self.value((r * n_cols + c) as u64);
+                    out.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+                }
+            });
+        out
+    }
+}
+
+/// Where the values of a checkpoint tensor come from.
+#[derive(Clone, Debug)]
+pub enum WeightSource<'a> {
+    /// Stored in a weight file.
+    Stored(TensorRef<'a>),
+    /// Drawn where it is used (`--on-device-weights` checkpoints).
+    Generated(GeneratedTensor),
+}
+
+/// The tensors of a generated checkpoint, from its preset.
+struct Generated {
+    seed: u64,
+    preset: &'static str,
+    tensors: HashMap<String, (u64, Vec<usize>, Init)>,
+}
+
+impl Generated {
+    /// `Some` when config.json says the weights are generated.
+    fn from_config(path: &Path, config: &LladaConfig) -> Result<Option<Self>> {
+        let Some(kind) = config.extra.get(GENERATED_KEY) else {
+            return Ok(None);
+        };
+        let bad = |reason: String| {
+            Err(ModelError::InvalidConfig(format!(
+                "{}: {reason}",
+                path.display()
+            )))
+        };
+        if kind.as_str() != Some(GENERATED_VALUE) {
+            return bad(format!(
+                "\"{GENERATED_KEY}\" is {kind}; the only value is \"{GENERATED_VALUE}\" (weights generated when loaded)"
+            ));
+        }
+        let preset = config.extra.get("remask_preset").and_then(|v| v.as_str());
+        let Some(preset) = preset.and_then(Preset::get) else {
+            return bad(format!(
+                "generated weights need \"remask_preset\" naming one of {}, found {:?}",
+                Preset::names().join(", "),
+                config.extra.get("remask_preset")
+            ));
+        };
+        let Some(seed) = config.extra.get("remask_seed").and_then(|v| v.as_u64()) else {
+            return bad(format!(
+                "generated weights need \"remask_seed\", an unsigned integer, found {:?}",
+                config.extra.get("remask_seed")
+            ));
+        };
+        let tensors = tensor_specs(preset, config.weight_tying)
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (s.name, (i as u64, s.shape, s.init)))
+            .collect();
+        Ok(Some(Generated {
+            seed,
+            preset: preset.name,
+            tensors,
+        }))
+    }
+}
+
 struct Entry {
     file: usize,
     dtype: DType,
@@ -107,6 +232,8 @@ pub struct Checkpoint {
     pub config: LladaConfig,
     maps: Vec<Mmap>,
     tensors: HashMap<String, Entry>,
+    /// Set for a checkpoint whose weights are generated (no weight files).
+    generated: Option<Generated>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -115,6 +242,7 @@ impl std::fmt::Debug for Checkpoint {
             .field("dir", &self.dir)
             .field("files", &self.maps.len())
             .field("tensors", &self.tensors.len())
+            .field("generated", &self.generated.as_ref().map(|g| g.preset))
             .finish()
     }
 }
@@ -126,6 +254,17 @@ impl Checkpoint {
             return Err(ModelError::NotADirectory(dir));
         }
         let config = LladaConfig::from_file(&dir.join(CONFIG_FILE))?;
+        if let Some(generated) = Generated::from_config(&dir.join(CONFIG_FILE), &config)? {
+            // Weight files left in the directory are not read: config.json
+            // says what the checkpoint is.
+            return Ok(Checkpoint {
+                dir,
+                config,
+                maps: Vec::new(),
+                tensors: HashMap::new(),
+                generated: Some(generated),
+            });
+        }
         let files = weight_files(&dir)?;
         let mut maps = Vec::with_capacity(files.len());
         let mut tensors = HashMap::new();
@@ -158,6 +297,7 @@ impl Checkpoint {
             config,
             maps,
             tensors,
+            generated: None,
         })
     }
 
@@ -166,11 +306,54 @@ impl Checkpoint {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        match &self.generated {
+            Some(g) => g.tensors.contains_key(name),
+            None => self.tensors.contains_key(name),
+        }
     }
 
-    /// The stored tensor `name`, checked against `expected` shape.
+    /// Whether the weights are generated when loaded (`model init
+    /// --on-device-weights`) rather than stored in files.
+    pub fn is_generated(&self) -> bool {
+        self.generated.is_some()
+    }
+
+    /// The tensor `name`, checked against `expected` shape: the stored bytes,
+    /// or for a generated checkpoint the description of its values. What a
+    /// model loader asks for.
+    pub fn weight(&self, name: &str, expected: &[usize]) -> Result<WeightSource<'_>> {
+        let Some(g) = &self.generated else {
+            return self.tensor(name, expected).map(WeightSource::Stored);
+        };
+        let (tensor, shape, init) = g
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        if shape != expected {
+            return Err(ModelError::Shape {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: shape.clone(),
+            });
+        }
+        Ok(WeightSource::Generated(GeneratedTensor {
+            seed: g.seed,
+            tensor: *tensor,
+            init: *init,
+            shape: shape.clone(),
+        }))
+    }
+
+    /// The stored tensor `name`, checked against `expected` shape. A
+    /// generated checkpoint stores none: an error that says so (use `weight`).
     pub fn tensor(&self, name: &str, expected: &[usize]) -> Result<TensorRef<'_>> {
+        if let Some(g) = &self.generated {
+            return Err(ModelError::NotStored {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+                preset: g.preset,
+            });
+        }
         let e = self
             .tensors
             .get(name)

@@ -39,6 +39,14 @@ pub enum ModelError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    #[error(
+        "tensor '{name}': {dir} holds generated weights ({preset} preset, `model init --on-device-weights`), not stored tensors; load the model through a backend, or write the weights with `remask model init` without --on-device-weights"
+    )]
+    NotStored {
+        name: String,
+        dir: PathBuf,
+        preset: &'static str,
+    },
     #[error("tensor '{name}' has dtype {dtype}; supported are F32, BF16 and F16")]
     DType { name: String, dtype: String },
     #[error("{path}: tokenizer error: {reason}")]

@@ -4,9 +4,14 @@
 //!
 //! Weights are drawn from a counter-based generator, so a tensor's values
 //! depend only on (seed, tensor, index): files are streamed in parallel
-//! chunks and the 16 GB `llada-8b` shape never has to fit in memory.
+//! chunks and the 16 GB `llada-8b` shape never has to fit in memory. With
+//! `InitOptions::generated` (`--on-device-weights`) no weight file is written
+//! at all: the loader draws the same values (`init_value`) where they are
+//! used, on the GPU for the CUDA backend.
 
-use crate::checkpoint::{CONFIG_FILE, DType, INDEX_FILE, SINGLE_FILE};
+use crate::checkpoint::{
+    CONFIG_FILE, DType, GENERATED_KEY, GENERATED_VALUE, INDEX_FILE, SINGLE_FILE,
+};
 use crate::error::{ModelError, Result};
 use crate::tokenizer::{TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
 use rayon::prelude::*;
@@ -121,6 +126,11 @@ pub struct InitOptions {
     pub shards: usize,
     pub rope_theta: f64,
     pub weight_tying: bool,
+    /// Write no weight files: config.json says the weights are generated
+    /// (`"remask_weights": "generated"`) and whoever loads the checkpoint
+    /// draws them where they are used (on the GPU for the CUDA backend).
+    /// Only with bf16 and one shard.
+    pub generated: bool,
 }
 
 impl Default for InitOptions {
@@ -131,6 +141,7 @@ impl Default for InitOptions {
             shards: 1,
             rope_theta: 500_000.0,
             weight_tying: false,
+            generated: false,
         }
     }
 }
@@ -144,8 +155,9 @@ pub struct InitSummary {
     pub tokenizer_vocab: usize,
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Init {
+/// How the values of a random tensor are drawn.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
     /// N(0, std^2).
     Normal(f32),
     /// 1 + N(0, std^2): norm weights that are not all ones, so a missing
@@ -153,13 +165,17 @@ enum Init {
     OnePlus(f32),
 }
 
-struct TensorSpec {
-    name: String,
-    shape: Vec<usize>,
-    init: Init,
+/// One tensor of a preset: its name, shape and distribution. Its index in
+/// `tensor_specs` is the `tensor` argument of `init_value`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
 }
 
-fn tensor_specs(p: &Preset, weight_tying: bool) -> Vec<TensorSpec> {
+/// Every tensor of `p`, in the order their values are drawn.
+pub fn tensor_specs(p: &Preset, weight_tying: bool) -> Vec<TensorSpec> {
     let (d, hd) = (p.d_model, p.d_model / p.n_heads);
     let kv = p.n_kv_heads * hd;
     let fan_in = |n: usize| 1.0 / (n as f32).sqrt();
@@ -214,11 +230,17 @@ fn tensor_specs(p: &Preset, weight_tying: bool) -> Vec<TensorSpec> {
     specs
 }
 
-/// Writes a complete random-weight checkpoint for `preset` into `out`.
+/// Writes a complete random-weight checkpoint for `preset` into `out` (with
+/// `opts.generated`, everything but the weights).
 pub fn init_checkpoint(preset: &Preset, opts: &InitOptions, out: &Path) -> Result<InitSummary> {
     if opts.shards == 0 {
         return Err(ModelError::InvalidConfig(
             "--shards must be at least 1".into(),
+        ));
+    }
+    if opts.generated && (opts.dtype != DType::BF16 || opts.shards != 1) {
+        return Err(ModelError::InvalidConfig(
+            "generated weights are bf16 and have no files: use --dtype bf16 and one shard".into(),
         ));
     }
     std::fs::create_dir_all(out).map_err(ModelError::io(out))?;
@@ -230,6 +252,14 @@ pub fn init_checkpoint(preset: &Preset, opts: &InitOptions, out: &Path) -> Resul
         &config_json(preset, opts, &specials),
     )?;
 
+    if opts.generated {
+        return Ok(InitSummary {
+            parameters: preset.parameter_count(opts.weight_tying),
+            bytes: 0,
+            files: Vec::new(),
+            tokenizer_vocab,
+        });
+    }
     let specs = tensor_specs(preset, opts.weight_tying);
     let groups = shard_groups(&specs, opts.dtype, opts.shards);
     let n = groups.len();
@@ -353,12 +383,7 @@ fn fill(buf: &mut [u8], dtype: DType, init: Init, seed: u64, tensor: u64, first:
         .enumerate()
         .for_each(|(c, chunk)| {
             for (j, out) in chunk.chunks_exact_mut(size).enumerate() {
-                let index = first + (c * 4096 + j) as u64;
-                let z = normal(seed, tensor, index);
-                let v = match init {
-                    Init::Normal(std) => z * std,
-                    Init::OnePlus(std) => 1.0 + z * std,
-                };
+                let v = init_value(seed, tensor, first + (c * 4096 + j) as u64, init);
                 match dtype {
                     DType::F32 => out.copy_from_slice(&v.to_le_bytes()),
                     DType::BF16 => out.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
@@ -366,6 +391,20 @@ fn fill(buf: &mut [u8], dtype: DType, init: Init, seed: u64, tensor: u64, first:
                 }
             }
         });
+}
+
+/// Element `index` (row-major) of tensor `tensor` (its index in
+/// `tensor_specs`) of the checkpoint drawn with `seed`, in f32 before the
+/// rounding to the stored dtype. The one definition of the random weights:
+/// the files `model init` writes, the generated tensors of
+/// `--on-device-weights` checkpoints (`checkpoint::GeneratedTensor`) and the
+/// CUDA kernel `init_normal_bf16` (which computes the same, bit for bit).
+pub fn init_value(seed: u64, tensor: u64, index: u64, init: Init) -> f32 {
+    let z = normal(seed, tensor, index);
+    match init {
+        Init::Normal(std) => z * std,
+        Init::OnePlus(std) => 1.0 + z * std,
+    }
 }
 
 /// A standard normal number from (seed, tensor, index) by Box-Muller.
@@ -455,7 +494,19 @@ fn build_tokenizer(p: &Preset) -> Result<(String, SpecialIds, usize)> {
             eot: 126348,
         },
     };
-    assert!(ids.eot < ids.mask && (ids.mask as usize) < p.embedding_size - 1);
+    // Specials never collide with BPE tokens or each other, fit the
+    // embedding, and the mask is not its last id (LLaDA-8B's eot is above
+    // its mask, so no order among them is assumed).
+    let special: Vec<usize> = ids.tokens().iter().map(|(_, id)| *id as usize).collect();
+    assert!(
+        special
+            .iter()
+            .all(|&id| bpe_vocab <= id && id < p.embedding_size)
+            && (1..special.len()).all(|i| !special[..i].contains(&special[i]))
+            && (ids.mask as usize) < p.embedding_size - 1,
+        "special ids {special:?} of preset {}",
+        p.name
+    );
 
     let mut json: serde_json::Value =
         serde_json::from_str(&tokenizer.to_string(false).map_err(err)?).expect("valid JSON");
@@ -507,7 +558,7 @@ fn tokenizer_config(p: &Preset) -> serde_json::Value {
 }
 
 fn config_json(p: &Preset, opts: &InitOptions, ids: &SpecialIds) -> serde_json::Value {
-    serde_json::json!({
+    let mut config = serde_json::json!({
         "activation_type": "silu",
         "alibi": false,
         "architectures": ["LLaDAModelLM"],
@@ -544,7 +595,11 @@ fn config_json(p: &Preset, opts: &InitOptions, ids: &SpecialIds) -> serde_json::
         "remask_preset": p.name,
         "remask_random_weights": true,
         "remask_seed": opts.seed,
-    })
+    });
+    if opts.generated {
+        config[GENERATED_KEY] = GENERATED_VALUE.into();
+    }
+    config
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
@@ -641,5 +696,151 @@ mod tests {
         std::fs::write(&path, b"garbage!garbage!").unwrap();
         let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
         assert!(err.contains("not a valid safetensors"), "{err}");
+    }
+
+    /// The generated tensors of an `--on-device-weights` checkpoint hold
+    /// exactly the bf16 values the files of the same seed hold, whole and
+    /// by blocks (tensor-parallel slices).
+    #[test]
+    fn generated_tensors_equal_the_written_files() {
+        use crate::checkpoint::WeightSource;
+        let preset = Preset::get("tiny").unwrap();
+        let (files, generated) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let opts = InitOptions {
+            seed: 11,
+            shards: 2,
+            ..InitOptions::default()
+        };
+        init_checkpoint(preset, &opts, files.path()).unwrap();
+        let summary = init_checkpoint(
+            preset,
+            &InitOptions {
+                generated: true,
+                shards: 1,
+                ..opts.clone()
+            },
+            generated.path(),
+        )
+        .unwrap();
+        assert!(summary.files.is_empty() && summary.bytes == 0);
+        for entry in std::fs::read_dir(generated.path()).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            assert!(!name.contains("safetensors"), "{name} written");
+        }
+        // Same config and tokenizer but for the one key.
+        let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+        assert_eq!(
+            read(files.path(), "tokenizer.json"),
+            read(generated.path(), "tokenizer.json")
+        );
+        let mut config: serde_json::Value =
+            serde_json::from_str(&read(generated.path(), CONFIG_FILE)).unwrap();
+        assert_eq!(config[GENERATED_KEY], GENERATED_VALUE);
+        config.as_object_mut().unwrap().remove(GENERATED_KEY);
+        let want: serde_json::Value =
+            serde_json::from_str(&read(files.path(), CONFIG_FILE)).unwrap();
+        assert_eq!(config, want);
+
+        let stored = Checkpoint::open(files.path()).unwrap();
+        let gen_ckpt = Checkpoint::open(generated.path()).unwrap();
+        assert!(gen_ckpt.is_generated() && !stored.is_generated());
+        let specs = tensor_specs(preset, false);
+        for (i, spec) in specs.iter().enumerate() {
+            assert!(gen_ckpt.contains(&spec.name));
+            let file = stored.tensor(&spec.name, &spec.shape).unwrap();
+            let WeightSource::Generated(g) = gen_ckpt.weight(&spec.name, &spec.shape).unwrap()
+            else {
+                panic!("{} is not generated", spec.name)
+            };
+            assert_eq!((g.seed, g.tensor, g.init), (11, i as u64, spec.init));
+            let (r, c) = g.rows_cols();
+            assert_eq!(g.bf16_bytes(0..r, 0..c), file.bytes, "{}", spec.name);
+            // A block: the same elements of the file.
+            let (rows, cols) = (r / 2..r, c / 4..c / 2);
+            let mut block = Vec::new();
+            for row in rows.clone() {
+                block.extend_from_slice(
+                    &file.bytes[(row * c + cols.start) * 2..(row * c + cols.end) * 2],
+                );
+            }
+            assert_eq!(g.bf16_bytes(rows, cols), block, "{}", spec.name);
+            assert!(matches!(
+                stored.weight(&spec.name, &spec.shape).unwrap(),
+                WeightSource::Stored(_)
+            ));
+        }
+        // The same errors as for files; raw bytes are refused with a reason.
+        let k = "model.transformer.blocks.1.k_proj.weight";
+        for ckpt in [&stored, &gen_ckpt] {
+            let err = ckpt.weight(k, &[64, 64]).unwrap_err().to_string();
+            assert!(
+                err.contains("[32, 64]") && err.contains("[64, 64]"),
+                "{err}"
+            );
+            let err = ckpt.weight("model.nothing", &[1]).unwrap_err().to_string();
+            assert!(err.contains("'model.nothing' is missing"), "{err}");
+        }
+        let err = gen_ckpt.tensor(k, &[32, 64]).unwrap_err().to_string();
+        assert!(err.contains(k) && err.contains("generated"), "{err}");
+    }
+
+    /// The llada-8b preset with generated weights: written in seconds, the
+    /// real shape and special ids, every tensor described.
+    #[test]
+    fn llada_8b_with_generated_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let preset = Preset::get("llada-8b").unwrap();
+        let opts = InitOptions {
+            generated: true,
+            ..InitOptions::default()
+        };
+        init_checkpoint(preset, &opts, dir.path()).unwrap();
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(ckpt.config.mask_token_id, Some(126336));
+        let codec = TextCodec::load(dir.path()).unwrap();
+        let sp = codec.special_tokens(&ckpt.config).unwrap();
+        assert_eq!((sp.mask, sp.bos), (126336, Some(126080)));
+        for spec in tensor_specs(preset, false) {
+            ckpt.weight(&spec.name, &spec.shape).unwrap();
+        }
+    }
+
+    #[test]
+    fn generated_checkpoints_need_bf16_a_preset_and_a_seed() {
+        let preset = Preset::get("tiny").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for opts in [
+            InitOptions {
+                generated: true,
+                dtype: DType::F32,
+                ..InitOptions::default()
+            },
+            InitOptions {
+                generated: true,
+                shards: 2,
+                ..InitOptions::default()
+            },
+        ] {
+            let err = init_checkpoint(preset, &opts, dir.path()).unwrap_err();
+            assert!(err.to_string().contains("bf16"), "{err}");
+        }
+        let opts = InitOptions {
+            generated: true,
+            ..InitOptions::default()
+        };
+        init_checkpoint(preset, &opts, dir.path()).unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        let original = std::fs::read_to_string(&path).unwrap();
+        for (key, value, says) in [
+            ("remask_preset", serde_json::json!("huge"), "remask_preset"),
+            ("remask_seed", serde_json::json!(-1), "remask_seed"),
+            (GENERATED_KEY, serde_json::json!("somewhere"), "somewhere"),
+        ] {
+            let mut config: serde_json::Value = serde_json::from_str(&original).unwrap();
+            config[key] = value;
+            std::fs::write(&path, config.to_string()).unwrap();
+            let err = Checkpoint::open(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(says) && err.contains("config.json"), "{err}");
+        }
     }
 }

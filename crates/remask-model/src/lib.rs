@@ -9,8 +9,8 @@ pub mod error;
 pub mod init;
 pub mod tokenizer;
 
-pub use checkpoint::{Checkpoint, DType, TensorRef};
+pub use checkpoint::{Checkpoint, DType, GeneratedTensor, TensorRef, WeightSource};
 pub use config::LladaConfig;
 pub use error::{ModelError, Result};
-pub use init::{InitOptions, InitSummary, Preset, init_checkpoint};
+pub use init::{Init, InitOptions, InitSummary, Preset, init_checkpoint, init_value};
 pub use tokenizer::{Message, SpecialTokens, TextCodec};

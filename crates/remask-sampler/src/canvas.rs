@@ -56,6 +56,26 @@ pub struct TokenSpace {
     pub max_sequence_length: usize,
 }
 
+impl TokenSpace {
+    /// EOS, or the end of a chat turn.
+    pub fn is_stop(&self, token: u32) -> bool {
+        token == self.eos || Some(token) == self.eot
+    }
+
+    /// The answer in a generated span: the tokens before the first EOS or
+    /// end of turn. LLaDA pads what it does not need with EOS; anything a
+    /// model commits after its first stop token is not part of its answer
+    /// (the reference decodes it all; servers stop there, as an
+    /// autoregressive model would have).
+    pub fn answer<'a>(&self, generated: &'a [u32]) -> &'a [u32] {
+        let end = generated
+            .iter()
+            .position(|&t| self.is_stop(t))
+            .unwrap_or(generated.len());
+        &generated[..end]
+    }
+}
+
 /// A request the sampler refuses; the message says what to change.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum InvalidRequest {
@@ -214,6 +234,12 @@ impl Canvas {
     /// The generated span (without the suffix).
     pub fn generated(&self) -> &[u32] {
         &self.x[self.prompt_len..self.x.len() - self.suffix_len]
+    }
+
+    /// The generated tokens before the first EOS or end of turn
+    /// (`TokenSpace::answer`): what the CLI and the servers decode as text.
+    pub fn answer(&self) -> &[u32] {
+        self.space.answer(self.generated())
     }
 
     /// The fixed text after the generated span (empty unless infilling).

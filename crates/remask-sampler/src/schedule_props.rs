@@ -249,3 +249,16 @@ fn infill_refuses_bad_suffixes_and_guidance_masks_both_ends() {
     assert_eq!(&un[..2], &[MASK, MASK]);
     assert_eq!(&un[6..], &[MASK, MASK, MASK]);
 }
+
+#[test]
+fn the_answer_ends_at_the_first_eos_or_end_of_turn() {
+    let (eos, eot) = (1, 2);
+    let s = space();
+    assert_eq!(s.answer(&[5, 6, eot, 7, eos]), &[5, 6]);
+    assert_eq!(s.answer(&[5, eos, eot]), &[5]);
+    assert_eq!(s.answer(&[eos, eos, eos]), &[] as &[u32]);
+    assert_eq!(s.answer(&[5, 6, 7]), &[5, 6, 7]);
+    // Without an end-of-turn token only EOS stops.
+    let plain = TokenSpace { eot: None, ..s };
+    assert_eq!(plain.answer(&[5, eot, eos]), &[5, eot]);
+}

@@ -171,6 +171,9 @@ failureThreshold: {{ .failureThreshold }}
 {{- if and $v.workers.devices (eq (int $v.workers.gpusPerWorker) 0) -}}
 {{- fail "workers.devices: CUDA devices need workers.gpusPerWorker > 0" -}}
 {{- end -}}
+{{- if and $v.workers.devices (gt (int $v.workers.tensorParallel) 1) (ne (int $v.workers.tensorParallel) (len $v.workers.devices)) -}}
+{{- fail (printf "workers.tensorParallel (%d) must be 1 or the number of workers.devices (%d): each listed GPU is one rank" (int $v.workers.tensorParallel) (len $v.workers.devices)) -}}
+{{- end -}}
 {{- if and $v.metrics.serviceMonitor.enabled (not $v.coordinator.http.enabled) -}}
 {{- fail "metrics.serviceMonitor.enabled: /metrics is served on the HTTP port: set coordinator.http.enabled" -}}
 {{- end -}}

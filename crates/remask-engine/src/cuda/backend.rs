@@ -2,7 +2,8 @@
 
 use super::compile;
 use crate::backend::{Backend, Heads, Packing};
-use crate::engine::{Query, query_rows};
+use crate::engine::Query;
+use crate::launch::{self, AttentionPlan};
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
@@ -10,7 +11,6 @@ use cudarc::driver::{
 };
 use remask_model::{DType, Result, TensorRef};
 use remask_sampler::Partial;
-use remask_sampler::rng::{NoiseKey, Stream};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,27 @@ pub struct CudaTensor {
     data: CudaSlice<f32>,
     rows: usize,
     cols: usize,
+    /// The values rounded to bf16 for cuBLAS, made by the first matrix
+    /// product that reads this tensor and reused by the next ones (q, k and v
+    /// share their input, as do ff_proj and up_proj); dropped on mutation.
+    bf16: std::sync::OnceLock<CudaSlice<u16>>,
+}
+
+impl CudaTensor {
+    fn new(data: CudaSlice<f32>, rows: usize, cols: usize) -> Self {
+        CudaTensor {
+            data,
+            rows,
+            cols,
+            bf16: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The f32 values, for a kernel that changes them.
+    fn data_mut(&mut self) -> &mut CudaSlice<f32> {
+        self.bf16.take();
+        &mut self.data
+    }
 }
 
 /// A weight on the GPU: matrices in bf16, vectors and tables in f32.
@@ -47,7 +68,15 @@ pub struct CudaBackend {
     blas: CudaBlas,
     kernels: HashMap<&'static str, CudaFunction>,
     nccl: Option<Nccl>,
+    /// Index arrays that stay the same through a forward pass (RoPE
+    /// positions, attention tiles), uploaded once instead of once per layer:
+    /// a copy from pageable host memory may block the host until the stream
+    /// drains, which would stall the kernel launches behind the GPU.
+    indices: Mutex<HashMap<&'static str, IndexArray>>,
 }
+
+/// An index array on the host and its copy on the device.
+type IndexArray = (Vec<u32>, Arc<CudaSlice<u32>>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -61,16 +90,23 @@ pub enum CudaError {
     Compile(cudarc::nvrtc::CompileError),
     #[error("NCCL: {0:?}")]
     Nccl(cudarc::nccl::result::NcclError),
+    #[error("--devices lists GPU {0} twice")]
+    DuplicateDevice(usize),
+    #[error("a tensor-parallel group needs at least one GPU")]
+    NoDevices,
 }
 
-const BLOCK: u32 = 256;
-
-fn grid(n: usize) -> LaunchConfig {
+fn config(g: launch::Geometry) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: ((n as u32).div_ceil(BLOCK).max(1), 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
+        grid_dim: g.grid,
+        block_dim: g.block,
+        shared_mem_bytes: g.shared_bytes,
     }
+}
+
+/// One thread per element.
+fn grid(n: usize) -> LaunchConfig {
+    config(launch::elementwise(n))
 }
 
 impl CudaBackend {
@@ -93,6 +129,23 @@ impl CudaBackend {
             }
         }
         let ctx = CudaContext::new(device)?;
+        // SAFETY: one stream per backend, so cudarc's cross-stream event
+        // tracking (an event record per argument per launch) is pure overhead.
+        unsafe { ctx.disable_event_tracking() };
+        // Keep freed memory in the stream-ordered pool across synchronisations
+        // (the default threshold 0 hands it back to the driver at every sync,
+        // and each denoising step would then pay for fresh allocations).
+        // SAFETY: the device's own default pool; the attribute is a u64.
+        unsafe {
+            use cudarc::driver::{result, sys};
+            let pool = result::device::get_default_mem_pool(ctx.cu_device())?;
+            let mut keep = u64::MAX;
+            result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut keep as *mut u64 as *mut std::ffi::c_void,
+            )?;
+        }
         let (major, minor) = ctx.compute_capability()?;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
         let module = ctx.load_module(compile(arch).map_err(CudaError::Compile)?)?;
@@ -106,6 +159,7 @@ impl CudaBackend {
             stream,
             kernels,
             nccl: None,
+            indices: Mutex::new(HashMap::new()),
         })
     }
 
@@ -132,31 +186,54 @@ impl CudaBackend {
         &self.kernels[name]
     }
 
-    fn zeros(&self, rows: usize, cols: usize) -> CudaTensor {
-        CudaTensor {
-            data: self
-                .stream
-                .alloc_zeros(rows * cols)
-                .expect("CUDA: out of memory"),
-            rows,
-            cols,
-        }
+    /// An activation every element of which the next kernel writes: no memset.
+    fn uninit(&self, rows: usize, cols: usize) -> CudaTensor {
+        // SAFETY: every caller launches a kernel that writes all of it before
+        // anything reads it.
+        let data = unsafe { self.stream.alloc(rows * cols) }.expect("CUDA: out of memory");
+        CudaTensor::new(data, rows, cols)
     }
 
     fn upload_u32(&self, v: &[u32]) -> CudaSlice<u32> {
         self.stream.clone_htod(v).expect("CUDA: copy to the device")
     }
 
+    /// `v` on the device, uploaded only when it differs from the last array
+    /// of this `slot` (the same positions and tiles serve every layer).
+    fn cached_u32(&self, slot: &'static str, v: &[u32]) -> Arc<CudaSlice<u32>> {
+        let mut cache = self.indices.lock().unwrap();
+        if let Some((host, dev)) = cache.get(slot)
+            && host.as_slice() == v
+        {
+            return dev.clone();
+        }
+        let dev = Arc::new(self.upload_u32(v));
+        cache.insert(slot, (v.to_vec(), dev.clone()));
+        dev
+    }
+
     /// `out = x W^T` with bf16 inputs (the activations rounded to bf16) and
     /// f32 accumulation and output.
     fn gemm(&self, x: &CudaTensor, w: &CudaSlice<u16>, out_features: usize) -> CudaTensor {
+        // The ranks of a group run on threads of their own, and raw cuBLAS
+        // calls use the calling thread's current context.
+        self.stream
+            .context()
+            .bind_to_thread()
+            .expect("CUDA: bind the context");
         let (m, k) = (x.rows, x.cols);
-        let mut xb: CudaSlice<u16> = self.stream.alloc_zeros(m * k).expect("CUDA: out of memory");
-        let n = (m * k) as i64;
-        let mut launch = self.stream.launch_builder(self.f("to_bf16"));
-        launch.arg(&mut xb).arg(&x.data).arg(&n);
-        unsafe { launch.launch(grid(m * k)) }.expect("CUDA: to_bf16");
-        let mut out = self.zeros(m, out_features);
+        let xb = x.bf16.get_or_init(|| {
+            // SAFETY: to_bf16 writes all m * k elements.
+            let mut xb: CudaSlice<u16> =
+                unsafe { self.stream.alloc(m * k) }.expect("CUDA: out of memory");
+            let n = (m * k) as i64;
+            let mut launch = self.stream.launch_builder(self.f("to_bf16"));
+            launch.arg(&mut xb).arg(&x.data).arg(&n);
+            unsafe { launch.launch(grid(m * k)) }.expect("CUDA: to_bf16");
+            xb
+        });
+        // beta = 0: cuBLAS writes every element.
+        let mut out = self.uninit(m, out_features);
         let (alpha, beta) = (1.0f32, 0.0f32);
         {
             let (wp, _w) = w.device_ptr(&self.stream);
@@ -229,6 +306,38 @@ impl Backend for CudaBackend {
         })
     }
 
+    /// Matrices of a generated checkpoint are drawn on the GPU by
+    /// `init_normal_bf16`, straight into bf16: no host memory, no copy.
+    /// Vectors (norm weights, a few KB) take the host path.
+    fn generated_weight(
+        &self,
+        t: &remask_model::GeneratedTensor,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> CudaWeight {
+        let [_, full_cols] = t.shape[..] else {
+            return crate::backend::generated_on_host(self, t, rows, cols);
+        };
+        let n = rows.len() * cols.len();
+        let mut data: CudaSlice<u16> = self.stream.alloc_zeros(n).expect("CUDA: out of memory");
+        let (stddev, one_plus) = match t.init {
+            remask_model::Init::Normal(s) => (s, 0i32),
+            remask_model::Init::OnePlus(s) => (s, 1i32),
+        };
+        let (n_rows, n_cols) = (rows.len() as i32, cols.len() as i32);
+        let (full_cols, row0, col0) = (full_cols as i64, rows.start as i64, cols.start as i64);
+        let mut l = self.stream.launch_builder(self.f("init_normal_bf16"));
+        l.arg(&mut data).arg(&n_rows).arg(&n_cols);
+        l.arg(&full_cols).arg(&row0).arg(&col0);
+        l.arg(&t.seed).arg(&t.tensor).arg(&stddev).arg(&one_plus);
+        unsafe { l.launch(grid(n)) }.expect("CUDA: init_normal_bf16");
+        CudaWeight::Bf16 {
+            data,
+            rows: rows.len(),
+            cols: cols.len(),
+        }
+    }
+
     fn upload(&self, values: &[f32], rows: usize, cols: usize) -> CudaWeight {
         CudaWeight::F32 {
             data: self
@@ -244,7 +353,7 @@ impl Backend for CudaBackend {
         let CudaWeight::Bf16 { data, cols, .. } = table else {
             panic!("the embedding is a bf16 matrix")
         };
-        let mut out = self.zeros(ids.len(), *cols);
+        let mut out = self.uninit(ids.len(), *cols);
         let ids_d = self.upload_u32(ids);
         let (rows, d) = (ids.len() as i32, *cols as i32);
         let mut l = self.stream.launch_builder(self.f("embed"));
@@ -261,16 +370,11 @@ impl Backend for CudaBackend {
         let CudaWeight::F32 { data: w, .. } = weight else {
             panic!("norm weights are f32 vectors")
         };
-        let mut out = self.zeros(x.rows, x.cols);
+        let mut out = self.uninit(x.rows, x.cols);
         let d = x.cols as i32;
         let mut l = self.stream.launch_builder(self.f("rms_norm"));
         l.arg(&mut out.data).arg(&x.data).arg(w).arg(&d).arg(&eps);
-        let cfg = LaunchConfig {
-            grid_dim: (x.rows as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { l.launch(cfg) }.expect("CUDA: rms_norm");
+        unsafe { l.launch(config(launch::per_row(x.rows))) }.expect("CUDA: rms_norm");
         out
     }
 
@@ -293,17 +397,17 @@ impl Backend for CudaBackend {
         let (CudaWeight::F32 { data: c, .. }, CudaWeight::F32 { data: s, .. }) = (cos, sin) else {
             panic!("RoPE tables are f32")
         };
-        let pos = self.upload_u32(positions);
+        let pos = self.cached_u32("positions", positions);
         let (rows, cols, hd) = (x.rows as i32, x.cols as i32, head_dim as i32);
         let mut l = self.stream.launch_builder(self.f("rope"));
-        l.arg(&mut x.data)
-            .arg(&pos)
+        l.arg(x.data_mut())
+            .arg(pos.as_ref())
             .arg(c)
             .arg(s)
             .arg(&rows)
             .arg(&cols)
             .arg(&hd);
-        unsafe { l.launch(grid(x.rows * x.cols / 2)) }.expect("CUDA: rope");
+        unsafe { l.launch(grid((rows * cols / 2) as usize)) }.expect("CUDA: rope");
     }
 
     fn attention(
@@ -314,39 +418,48 @@ impl Backend for CudaBackend {
         h: Heads,
         packing: &Packing,
     ) -> CudaTensor {
-        let mut start = Vec::with_capacity(q.rows);
-        let mut len = Vec::with_capacity(q.rows);
-        let mut longest = 0;
-        for seq in packing.sequences() {
-            longest = longest.max(seq.len());
-            for _ in seq.clone() {
-                start.push(seq.start as u32);
-                len.push(seq.len() as u32);
-            }
-        }
-        let (start, len) = (self.upload_u32(&start), self.upload_u32(&len));
-        let mut out = self.zeros(q.rows, q.cols);
+        // Both kernels write every row of every head.
+        let mut out = self.uninit(q.rows, q.cols);
         let (nh, nkv, hd) = (h.n_heads as i32, h.n_kv_heads as i32, h.head_dim as i32);
         let scale = 1.0 / (h.head_dim as f32).sqrt();
-        let mut l = self.stream.launch_builder(self.f("attention"));
-        l.arg(&mut out.data)
-            .arg(&q.data)
-            .arg(&k.data)
-            .arg(&v.data)
-            .arg(&start)
-            .arg(&len);
-        l.arg(&nh).arg(&nkv).arg(&hd).arg(&scale);
-        let cfg = LaunchConfig {
-            grid_dim: (q.rows as u32, h.n_heads as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: (longest * 4) as u32,
-        };
-        unsafe { l.launch(cfg) }.expect("CUDA: attention");
+        match launch::attention(h, packing) {
+            AttentionPlan::Tiled {
+                kernel,
+                tiles,
+                geometry,
+            } => {
+                let tiles = self.cached_u32("attention tiles", &tiles);
+                let mut l = self.stream.launch_builder(self.f(kernel));
+                l.arg(&mut out.data)
+                    .arg(&q.data)
+                    .arg(&k.data)
+                    .arg(&v.data)
+                    .arg(tiles.as_ref());
+                l.arg(&nh).arg(&nkv).arg(&scale);
+                unsafe { l.launch(config(geometry)) }.expect("CUDA: attention_tc");
+            }
+            AttentionPlan::Rows {
+                start,
+                len,
+                geometry,
+            } => {
+                let (start, len) = (self.upload_u32(&start), self.upload_u32(&len));
+                let mut l = self.stream.launch_builder(self.f("attention"));
+                l.arg(&mut out.data)
+                    .arg(&q.data)
+                    .arg(&k.data)
+                    .arg(&v.data)
+                    .arg(&start)
+                    .arg(&len);
+                l.arg(&nh).arg(&nkv).arg(&hd).arg(&scale);
+                unsafe { l.launch(config(geometry)) }.expect("CUDA: attention");
+            }
+        }
         out
     }
 
     fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> CudaTensor {
-        let mut out = self.zeros(gate.rows, gate.cols);
+        let mut out = self.uninit(gate.rows, gate.cols);
         let n = (gate.rows * gate.cols) as i64;
         let mut l = self.stream.launch_builder(self.f("silu_mul"));
         l.arg(&mut out.data).arg(&gate.data).arg(&up.data).arg(&n);
@@ -357,14 +470,14 @@ impl Backend for CudaBackend {
     fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) {
         let n = (x.rows * x.cols) as i64;
         let mut l = self.stream.launch_builder(self.f("add_assign"));
-        l.arg(&mut x.data).arg(&y.data).arg(&n);
+        l.arg(x.data_mut()).arg(&y.data).arg(&n);
         unsafe { l.launch(grid(n as usize)) }.expect("CUDA: add_assign");
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> CudaTensor {
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx = self.upload_u32(&idx);
-        let mut out = self.zeros(rows.len(), x.cols);
+        let mut out = self.uninit(rows.len(), x.cols);
         let (n, cols) = (rows.len() as i32, x.cols as i32);
         let mut l = self.stream.launch_builder(self.f("gather_rows"));
         l.arg(&mut out.data)
@@ -383,14 +496,11 @@ impl Backend for CudaBackend {
     }
 
     fn load_hidden(&self, values: &[f32], rows: usize, cols: usize) -> CudaTensor {
-        CudaTensor {
-            data: self
-                .stream
-                .clone_htod(values)
-                .expect("CUDA: copy to the device"),
-            rows,
-            cols,
-        }
+        let data = self
+            .stream
+            .clone_htod(values)
+            .expect("CUDA: copy to the device");
+        CudaTensor::new(data, rows, cols)
     }
 
     fn rank_world(&self) -> (usize, usize) {
@@ -404,7 +514,7 @@ impl Backend for CudaBackend {
         if let Some(c) = &self.nccl {
             c.0.lock()
                 .unwrap()
-                .all_reduce_in_place(&mut x.data, &cudarc::nccl::ReduceOp::Sum)
+                .all_reduce_in_place(x.data_mut(), &cudarc::nccl::ReduceOp::Sum)
                 .expect("NCCL: all-reduce");
         }
     }
@@ -417,46 +527,21 @@ impl Backend for CudaBackend {
         vocab: Range<usize>,
         queries: &[Query],
     ) -> Vec<Vec<Partial>> {
-        let mut cond = Vec::new();
-        let mut uncond = Vec::new();
-        let (mut keys, mut temp, mut cfg, mut mask, mut eos, mut flags) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
-        let mut first = 0u32;
-        for q in queries {
-            let n = q.positions.len() as u32;
-            for (j, &pos) in q.positions.iter().enumerate() {
-                cond.push(first + j as u32);
-                uncond.push(q.uncond_base.map_or(-1, |_| (first + n + j as u32) as i32));
-                keys.push(NoiseKey::new(q.options.seed, Stream::Gumbel, q.step, pos as u64).raw());
-                temp.push(q.options.temperature);
-                cfg.push(q.options.cfg_scale);
-                mask.push(q.options.mask);
-                eos.push(q.options.eos);
-                flags.push(u32::from(q.options.logits_eos_inf));
-            }
-            first += if q.uncond_base.is_some() { 2 * n } else { n };
-        }
-        let p = cond.len();
-        debug_assert_eq!(first as usize, query_rows(queries).len());
+        let hq = launch::head_queries(queries);
+        let p = hq.cond.len();
         let s = &self.stream;
         let up = "CUDA: copy the head queries to the device";
         let (cond, uncond, keys) = (
-            s.clone_htod(&cond).expect(up),
-            s.clone_htod(&uncond).expect(up),
-            s.clone_htod(&keys).expect(up),
+            s.clone_htod(&hq.cond).expect(up),
+            s.clone_htod(&hq.uncond).expect(up),
+            s.clone_htod(&hq.keys).expect(up),
         );
         let (temp, cfg, mask, eos, flags) = (
-            s.clone_htod(&temp).expect(up),
-            s.clone_htod(&cfg).expect(up),
-            s.clone_htod(&mask).expect(up),
-            s.clone_htod(&eos).expect(up),
-            s.clone_htod(&flags).expect(up),
+            s.clone_htod(&hq.temperature).expect(up),
+            s.clone_htod(&hq.cfg_scale).expect(up),
+            s.clone_htod(&hq.mask).expect(up),
+            s.clone_htod(&hq.eos).expect(up),
+            s.clone_htod(&hq.flags).expect(up),
         );
         let mut score: CudaSlice<f64> = s.alloc_zeros(p).expect("CUDA: out of memory");
         let mut token: CudaSlice<u32> = s.alloc_zeros(p).expect("CUDA: out of memory");
@@ -477,13 +562,8 @@ impl Backend for CudaBackend {
             .arg(&mask)
             .arg(&eos)
             .arg(&flags);
-        let launch = LaunchConfig {
-            grid_dim: (p.max(1) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         if p > 0 {
-            unsafe { l.launch(launch) }.expect("CUDA: head_partials");
+            unsafe { l.launch(config(launch::head_geometry(p))) }.expect("CUDA: head_partials");
         }
         let down = "CUDA: copy the partials to the host";
         let (score, token, logit, lse) = (

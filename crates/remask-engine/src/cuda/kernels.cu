@@ -3,7 +3,15 @@
 // norm weights and RoPE tables are f32. Matrix products go to cuBLAS.
 
 // NVRTC has no <math.h>: the one constant we need from it.
+#ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
+#endif
+
+// Dynamic shared memory, spelled so the CPU emulation (tests/cuda_emu) can
+// provide it too.
+#ifndef DYNAMIC_SHARED
+#define DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 typedef unsigned short bf16_t;
 typedef unsigned long long u64;
@@ -90,13 +98,14 @@ extern "C" __global__ void rope(float* x, const unsigned int* positions, const f
     h[k + half] = x2 * c + x1 * s;
 }
 
-// Bidirectional attention within each packed sequence. One block per
-// (query row, head): the row's scores live in shared memory (seq_len floats),
-// never a T x T matrix in device memory. Grouped KV heads.
+// Bidirectional attention within each packed sequence, the simple way: one
+// block per (query row, head), the row's scores in shared memory (seq_len
+// floats). Every block reads its sequence's whole K and V, so this is only
+// the fallback for head dims the tiled kernel below does not cover.
 extern "C" __global__ void attention(float* out, const float* q, const float* k, const float* v,
                                      const unsigned int* seq_start, const unsigned int* seq_len,
                                      int n_heads, int n_kv_heads, int hd, float scale) {
-    extern __shared__ float scores[];
+    DYNAMIC_SHARED(float, scores);
     __shared__ float red[32];
     int row = blockIdx.x, head = blockIdx.y;
     int kv_head = head / (n_heads / n_kv_heads);
@@ -126,6 +135,192 @@ extern "C" __global__ void attention(float* out, const float* q, const float* k,
         out[(long long)row * qs + head * hd + c] = acc * inv;
     }
 }
+
+// ---------------------------------------------------------------- attention
+// Flash-style bidirectional attention on the tensor cores (the FlashAttention-2
+// scheme). A block of 4 warps takes 64 query rows of one sequence and one
+// head; each warp owns 16 rows. Keys and values stream through shared memory
+// in tiles of 64, rounded to bf16 (as PyTorch's bf16 attention sees them);
+// S = Q K^T and O += P V run as mma.sync m16n8k16 (bf16 in, f32 accumulate)
+// and the softmax is online (running max and sum per row, in f32). Nothing of
+// size T x T exists anywhere, and each K/V tile is read once per 64 queries.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4 * g + t;
+//   A 16x16 row-major: a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B 16x8 column:     b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
+//   C 16x8 f32:        c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+// A pair of bf16 in one 32-bit register holds the lower index in the low half.
+
+#define ATT_Q 64      // query rows per block (16 per warp)
+#define ATT_KV 64     // keys per tile
+#define ATT_PAD 8     // bf16 elements of padding per shared row: no bank conflicts
+
+__device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
+    return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
+}
+
+// d += a . b for one 16x8x16 tile (bf16 inputs, f32 accumulation).
+__device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* b) {
+#ifdef REMASK_EMU
+    emu_mma_bf16_16816(d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// tiles: 4 numbers per block.x: first query row, end of the query rows,
+// and the start and end of their sequence (rows of the packed batch).
+template <int HD>
+__device__ __forceinline__ void attention_tc(float* out, const float* q, const float* k, const float* v,
+                                             const unsigned int* tiles, int n_heads, int n_kv_heads,
+                                             float scale) {
+    __shared__ bf16_t ks[ATT_KV][HD + ATT_PAD];   // K tile, row = key
+    __shared__ bf16_t vt[HD][ATT_KV + ATT_PAD];   // V tile transposed, row = dim
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned int* tile = tiles + 4 * blockIdx.x;
+    const int q0 = tile[0], q_end = tile[1], s0 = tile[2], s_end = tile[3];
+    const int head = blockIdx.y, kv_head = head / (n_heads / n_kv_heads);
+    const long long qs = (long long)n_heads * HD, kvs = (long long)n_kv_heads * HD;
+    // log2(e) folded into the scale: the softmax runs on exp2.
+    const float sl2 = scale * 1.4426950408889634f;
+
+    // This warp's 16 query rows as A fragments, one per 16 dims.
+    const int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;
+    unsigned int qa[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+        const int c = kk * 16 + 2 * t;
+        const float* lo = q + r_lo * qs + head * HD;
+        const float* hi = q + r_hi * qs + head * HD;
+        bool in_lo = r_lo < q_end, in_hi = r_hi < q_end;
+        qa[kk][0] = in_lo ? pack_bf16(lo[c], lo[c + 1]) : 0u;
+        qa[kk][1] = in_hi ? pack_bf16(hi[c], hi[c + 1]) : 0u;
+        qa[kk][2] = in_lo ? pack_bf16(lo[c + 8], lo[c + 9]) : 0u;
+        qa[kk][3] = in_hi ? pack_bf16(hi[c + 8], hi[c + 9]) : 0u;
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    // Running max (log2 units) and this thread's part of the running sum,
+    // for rows g and g + 8.
+    float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.0f, l_hi = 0.0f;
+
+    for (int kv0 = s0; kv0 < s_end; kv0 += ATT_KV) {
+        __syncthreads();  // the previous tile is no longer read
+        for (int i = threadIdx.x; i < ATT_KV * HD / 2; i += blockDim.x) {
+            const int key = i / (HD / 2), c = 2 * (i % (HD / 2));
+            float k0 = 0.0f, k1 = 0.0f, v0 = 0.0f, v1 = 0.0f;
+            if (kv0 + key < s_end) {
+                const long long at = (kv0 + key) * kvs + kv_head * HD + c;
+                k0 = k[at]; k1 = k[at + 1]; v0 = v[at]; v1 = v[at + 1];
+            }
+            *(unsigned int*)&ks[key][c] = pack_bf16(k0, k1);
+            vt[c][key] = f32_to_bf16(v0);
+            vt[c + 1][key] = f32_to_bf16(v1);
+        }
+        __syncthreads();
+
+        // S = Q K^T for 16 rows x 64 keys: 8 tiles of 8 keys.
+        float s[ATT_KV / 8][4];
+#pragma unroll
+        for (int n = 0; n < ATT_KV / 8; ++n) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                unsigned int b[2];
+                b[0] = *(const unsigned int*)&ks[n * 8 + g][kk * 16 + 2 * t];
+                b[1] = *(const unsigned int*)&ks[n * 8 + g][kk * 16 + 8 + 2 * t];
+                mma_bf16_16816(s[n], qa[kk], b);
+            }
+        }
+        // Scale, hide keys past the sequence, and the tile's row maxima.
+        float mx_lo = -INFINITY, mx_hi = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < ATT_KV / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = kv0 + n * 8 + 2 * t + (e & 1);
+                s[n][e] = key < s_end ? s[n][e] * sl2 : -INFINITY;
+            }
+            mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
+            mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
+        }
+        // The 4 threads of a group share a row.
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 1));
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, 2));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 1));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, 2));
+        // Every tile has at least one key of the sequence: the maxima are finite.
+        const float new_lo = fmaxf(m_lo, mx_lo), new_hi = fmaxf(m_hi, mx_hi);
+        const float c_lo = exp2f(m_lo - new_lo), c_hi = exp2f(m_hi - new_hi);
+        m_lo = new_lo;
+        m_hi = new_hi;
+        l_lo *= c_lo;
+        l_hi *= c_hi;
+#pragma unroll
+        for (int n = 0; n < HD / 8; ++n) {
+            o[n][0] *= c_lo; o[n][1] *= c_lo;
+            o[n][2] *= c_hi; o[n][3] *= c_hi;
+        }
+#pragma unroll
+        for (int n = 0; n < ATT_KV / 8; ++n) {
+            s[n][0] = exp2f(s[n][0] - m_lo); s[n][1] = exp2f(s[n][1] - m_lo);
+            s[n][2] = exp2f(s[n][2] - m_hi); s[n][3] = exp2f(s[n][3] - m_hi);
+            l_lo += s[n][0] + s[n][1];
+            l_hi += s[n][2] + s[n][3];
+        }
+        // O += P V: the S accumulators of two key tiles are one A fragment.
+#pragma unroll
+        for (int kk = 0; kk < ATT_KV / 16; ++kk) {
+            unsigned int a[4];
+            a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int n = 0; n < HD / 8; ++n) {
+                unsigned int b[2];
+                b[0] = *(const unsigned int*)&vt[n * 8 + g][kk * 16 + 2 * t];
+                b[1] = *(const unsigned int*)&vt[n * 8 + g][kk * 16 + 8 + 2 * t];
+                mma_bf16_16816(o[n], a, b);
+            }
+        }
+    }
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
+    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
+    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
+    const float inv_lo = 1.0f / l_lo, inv_hi = 1.0f / l_hi;
+#pragma unroll
+    for (int n = 0; n < HD / 8; ++n) {
+        const int c = head * HD + n * 8 + 2 * t;
+        if (r_lo < q_end) {
+            out[r_lo * qs + c] = o[n][0] * inv_lo;
+            out[r_lo * qs + c + 1] = o[n][1] * inv_lo;
+        }
+        if (r_hi < q_end) {
+            out[r_hi * qs + c] = o[n][2] * inv_hi;
+            out[r_hi * qs + c + 1] = o[n][3] * inv_hi;
+        }
+    }
+}
+
+// One entry point per head dim (grid: tiles x heads, 128 threads).
+#define ATTENTION_TC(HD)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) attention_tc_##HD(                          \
+        float* out, const float* q, const float* k, const float* v, const unsigned int* tiles,    \
+        int n_heads, int n_kv_heads, float scale) {                                               \
+        attention_tc<HD>(out, q, k, v, tiles, n_heads, n_kv_heads, scale);                        \
+    }
+ATTENTION_TC(16)
+ATTENTION_TC(32)
+ATTENTION_TC(64)
+ATTENTION_TC(128)
 
 extern "C" __global__ void silu_mul(float* out, const float* gate, const float* up, long long n) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -213,4 +408,38 @@ extern "C" __global__ void head_partials(
         out_logit[p] = (double)s_logit[0];
         out_lse[p] = s_max[0] == -INFINITY ? -INFINITY : (double)s_max[0] + log(s_sum[0]);
     }
+}
+
+// Random weights drawn where they are used (`model init --on-device-weights`):
+// remask_model::init_value bit for bit (its counter hash, Box-Muller in
+// double, the scale in f32), rounded to bf16 as the file `model init --dtype
+// bf16` holds it. One thread per element of the block rows x cols at (row0,
+// col0) of a tensor full_cols wide: element (r, c) of the whole tensor has
+// index r * full_cols + c, so a tensor-parallel rank draws exactly its slice.
+__device__ __forceinline__ u64 init_mix(u64 z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+#ifdef REMASK_EMU
+#define INIT_FMUL(a, b) ((a) * (b))
+#else
+// Rounded on its own, never fused with the + 1 of OnePlus (Rust does not fuse).
+#define INIT_FMUL(a, b) __fmul_rn((a), (b))
+#endif
+
+extern "C" __global__ void init_normal_bf16(bf16_t* out, int rows, int cols, long long full_cols, long long row0,
+                                            long long col0, u64 seed, u64 tensor, float stddev, int one_plus) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * cols) return;
+    long long r = i / cols, c = i % cols;
+    u64 index = (u64)((row0 + r) * full_cols + col0 + c);
+    u64 h = init_mix(init_mix(init_mix(seed) ^ tensor) ^ index);
+    double u1 = ((double)(h >> 40) + 0.5) / 16777216.0;
+    double u2 = (double)(h & 0xFFFFFFull) / 16777216.0;
+    double z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+    float v = INIT_FMUL((float)z, stddev);
+    if (one_plus) v = 1.0f + v;
+    out[i] = f32_to_bf16(v);
 }

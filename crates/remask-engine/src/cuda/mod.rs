@@ -3,13 +3,15 @@
 //! accumulation and output), and our own kernels (`kernels.cu`, compiled by
 //! NVRTC at start-up) for everything else, including the fused output-head
 //! reduction. The CUDA libraries are loaded at run time, so this builds
-//! without a CUDA toolkit or a GPU.
+//! without a CUDA toolkit or a GPU. `tp_group` makes several GPUs of this
+//! process one tensor-parallel group over NCCL (for `TpEngine`).
 
 mod backend;
+mod group;
 pub use backend::{CudaBackend, CudaError, CudaTensor, CudaWeight};
+pub use group::tp_group;
 
-/// The CUDA C source of every kernel.
-pub const KERNELS: &str = include_str!("kernels.cu");
+pub use crate::launch::KERNELS;
 
 /// Kernel names, in the order the backend loads them.
 pub const KERNEL_NAMES: &[&str] = &[
@@ -18,10 +20,15 @@ pub const KERNEL_NAMES: &[&str] = &[
     "to_bf16",
     "rope",
     "attention",
+    "attention_tc_16",
+    "attention_tc_32",
+    "attention_tc_64",
+    "attention_tc_128",
     "silu_mul",
     "add_assign",
     "gather_rows",
     "head_partials",
+    "init_normal_bf16",
 ];
 
 /// Compiles the kernels to PTX for `arch` (e.g. "compute_90"). Needs only

@@ -1,0 +1,219 @@
+//! How the CUDA kernels (`cuda/kernels.cu`) are launched: grid, block,
+//! shared memory and the small index arrays the host prepares for them.
+//! Plain Rust without the CUDA libraries, so that the CPU emulation test
+//! (`tests/kernels_emulated.rs`) runs the kernels under exactly the plans the
+//! GPU gets.
+
+use crate::backend::{Heads, Packing};
+use crate::engine::{Query, query_rows};
+use remask_sampler::rng::{NoiseKey, Stream};
+
+/// The CUDA source of every kernel.
+pub const KERNELS: &str = include_str!("cuda/kernels.cu");
+
+/// Threads per block of the element-wise kernels.
+pub const BLOCK: u32 = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+}
+
+/// One thread per element, `BLOCK` per block.
+pub fn elementwise(n: usize) -> Geometry {
+    Geometry {
+        grid: ((n as u32).div_ceil(BLOCK).max(1), 1, 1),
+        block: (BLOCK, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// One block of `BLOCK` threads per row.
+pub fn per_row(rows: usize) -> Geometry {
+    Geometry {
+        grid: (rows.max(1) as u32, 1, 1),
+        block: (BLOCK, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// Query rows per block of the tiled attention kernel (4 warps of 16).
+pub const ATTENTION_TILE: usize = 64;
+
+/// Which attention kernel runs, on what.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttentionPlan {
+    /// `attention_tc_<head_dim>`: tensor cores, flash-style; `tiles` holds
+    /// (first query row, end, sequence start, sequence end) per block.
+    Tiled {
+        kernel: &'static str,
+        tiles: Vec<u32>,
+        geometry: Geometry,
+    },
+    /// `attention`: one block per (row, head), for other head dims; `start`
+    /// and `len` give each row's sequence.
+    Rows {
+        start: Vec<u32>,
+        len: Vec<u32>,
+        geometry: Geometry,
+    },
+}
+
+/// The head dims with a tiled kernel (multiples of 16 up to 128).
+pub fn tiled_attention_kernel(head_dim: usize) -> Option<&'static str> {
+    match head_dim {
+        16 => Some("attention_tc_16"),
+        32 => Some("attention_tc_32"),
+        64 => Some("attention_tc_64"),
+        128 => Some("attention_tc_128"),
+        _ => None,
+    }
+}
+
+pub fn attention(heads: Heads, packing: &Packing) -> AttentionPlan {
+    if let Some(kernel) = tiled_attention_kernel(heads.head_dim) {
+        let mut tiles = Vec::new();
+        for seq in packing.sequences() {
+            for q0 in seq.clone().step_by(ATTENTION_TILE) {
+                let q_end = (q0 + ATTENTION_TILE).min(seq.end);
+                tiles.extend([q0, q_end, seq.start, seq.end].map(|v| v as u32));
+            }
+        }
+        let n = (tiles.len() / 4) as u32;
+        return AttentionPlan::Tiled {
+            kernel,
+            tiles,
+            geometry: Geometry {
+                grid: (n.max(1), heads.n_heads as u32, 1),
+                block: (128, 1, 1),
+                shared_bytes: 0,
+            },
+        };
+    }
+    let (mut start, mut len, mut longest) = (Vec::new(), Vec::new(), 0);
+    for seq in packing.sequences() {
+        longest = longest.max(seq.len());
+        for _ in seq.clone() {
+            start.push(seq.start as u32);
+            len.push(seq.len() as u32);
+        }
+    }
+    AttentionPlan::Rows {
+        geometry: Geometry {
+            grid: (start.len().max(1) as u32, heads.n_heads as u32, 1),
+            block: (128, 1, 1),
+            shared_bytes: (longest * 4) as u32,
+        },
+        start,
+        len,
+    }
+}
+
+/// The per-position inputs of the fused head reduction (`head_partials`),
+/// one entry per queried position in `query_rows` order of the conditional
+/// rows.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeadQueries {
+    /// Row of the position's logits.
+    pub cond: Vec<u32>,
+    /// Row of its prompt-masked twin under guidance, else -1.
+    pub uncond: Vec<i32>,
+    /// The Gumbel key of (seed, step, position).
+    pub keys: Vec<u64>,
+    pub temperature: Vec<f64>,
+    pub cfg_scale: Vec<f64>,
+    pub mask: Vec<u32>,
+    pub eos: Vec<u32>,
+    /// Bit 0: the EOS logit is set to -inf.
+    pub flags: Vec<u32>,
+}
+
+pub fn head_queries(queries: &[Query]) -> HeadQueries {
+    let mut h = HeadQueries::default();
+    let mut first = 0u32;
+    for q in queries {
+        let n = q.positions.len() as u32;
+        for (j, &pos) in q.positions.iter().enumerate() {
+            h.cond.push(first + j as u32);
+            h.uncond
+                .push(q.uncond_base.map_or(-1, |_| (first + n + j as u32) as i32));
+            h.keys
+                .push(NoiseKey::new(q.options.seed, Stream::Gumbel, q.step, pos as u64).raw());
+            h.temperature.push(q.options.temperature);
+            h.cfg_scale.push(q.options.cfg_scale);
+            h.mask.push(q.options.mask);
+            h.eos.push(q.options.eos);
+            h.flags.push(u32::from(q.options.logits_eos_inf));
+        }
+        first += if q.uncond_base.is_some() { 2 * n } else { n };
+    }
+    debug_assert_eq!(first as usize, query_rows(queries).len());
+    h
+}
+
+/// `head_partials`: one block of 256 threads per queried position.
+pub fn head_geometry(positions: usize) -> Geometry {
+    Geometry {
+        grid: (positions.max(1) as u32, 1, 1),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_tiles_cover_every_row_once_within_its_sequence() {
+        let heads = Heads {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 64,
+        };
+        let packing = Packing::new([1, 64, 65, 130, 7]);
+        let AttentionPlan::Tiled {
+            kernel,
+            tiles,
+            geometry,
+        } = attention(heads, &packing)
+        else {
+            panic!("head dim 64 is tiled")
+        };
+        assert_eq!(kernel, "attention_tc_64");
+        let mut covered = vec![0; packing.tokens()];
+        for t in tiles.chunks_exact(4) {
+            let (q0, q1, s0, s1) = (t[0] as usize, t[1] as usize, t[2] as usize, t[3] as usize);
+            assert!(s0 <= q0 && q0 < q1 && q1 <= s1 && q1 - q0 <= ATTENTION_TILE);
+            assert!(packing.sequences().any(|s| s == (s0..s1)));
+            for c in &mut covered[q0..q1] {
+                *c += 1;
+            }
+        }
+        assert!(covered.iter().all(|&c| c == 1));
+        assert_eq!(geometry.grid, ((tiles.len() / 4) as u32, 4, 1));
+    }
+
+    #[test]
+    fn other_head_dims_fall_back_to_rows() {
+        let heads = Heads {
+            n_heads: 2,
+            n_kv_heads: 2,
+            head_dim: 24,
+        };
+        let plan = attention(heads, &Packing::new([3, 5]));
+        let AttentionPlan::Rows {
+            start,
+            len,
+            geometry,
+        } = plan
+        else {
+            panic!("head dim 24 has no tiled kernel")
+        };
+        assert_eq!(start, [0, 0, 0, 3, 3, 3, 3, 3]);
+        assert_eq!(len, [3, 3, 3, 5, 5, 5, 5, 5]);
+        assert_eq!(geometry.shared_bytes, 20);
+    }
+}
