@@ -2,7 +2,8 @@
 //! of the CUDA execution model (`tests/cuda_emu/emu.h`: one fiber per CUDA
 //! thread, real barriers, warp shuffles, mma.sync with the PTX fragment
 //! layout), launched with the plans the GPU gets (`remask_engine::launch`),
-//! and compared with the CPU backend or an f64 reference. CI has no GPU: this
+//! and compared with the CPU backend, an f64 reference or the host's generated
+//! weights. CI has no GPU: this
 //! is where the kernel code itself is tested. Needs g++ (C++17); without one
 //! every test says so and passes, unless `REMASK_KERNEL_EMU=required` (as
 //! `scripts/test.sh` sets it).
@@ -10,7 +11,9 @@
 use remask_engine::backend::{Backend, Heads, Packing};
 use remask_engine::launch::{self, AttentionPlan, Geometry};
 use remask_engine::{CpuBackend, Matrix, Query, partial_queries};
+use remask_model::{GeneratedTensor, Init, Preset};
 use remask_sampler::{PredictOptions, Remasking};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
@@ -568,4 +571,122 @@ fn head_partials_match_the_host_reduction() {
     }
     // The planted mask never wins; the EOS wins exactly where it is allowed.
     assert!(token.iter().all(|&t| t != 3999));
+}
+
+// ------------------------------------------------------ generated weights
+
+/// `init_normal_bf16` draws generated weights on the GPU: it must give
+/// exactly the bf16 bits of the host path (`GeneratedTensor::bf16_bytes`, the
+/// bytes of the files `model init --dtype bf16` writes), for whole tensors
+/// and tensor-parallel blocks. On a GPU, `log` and `cos` in double may differ
+/// from the host's libm in the last bit, which changes a bf16 value only in
+/// the rarest cases; everything else (hash, index, Box-Muller, rounding) is
+/// checked here.
+/// The block `rows` x `cols` of `t` drawn by `init_normal_bf16`, launched
+/// as `CudaBackend::generated_weight` launches it.
+fn kernel_block(
+    emu: &Emu,
+    t: &GeneratedTensor,
+    rows: Range<usize>,
+    cols: Range<usize>,
+) -> Vec<u16> {
+    let n = rows.len() * cols.len();
+    let mut out = vec![0xffffu16; n];
+    let (stddev, one_plus) = match t.init {
+        Init::Normal(s) => (s, 0),
+        Init::OnePlus(s) => (s, 1),
+    };
+    launch!(
+        emu,
+        "init_normal_bf16",
+        launch::elementwise(n),
+        (*mut u16, i32, i32, i64, i64, i64, u64, u64, f32, i32),
+        (
+            out.as_mut_ptr(),
+            rows.len() as i32,
+            cols.len() as i32,
+            t.shape[1] as i64,
+            rows.start as i64,
+            cols.start as i64,
+            t.seed,
+            t.tensor,
+            stddev,
+            one_plus
+        )
+    );
+    out
+}
+
+fn host_block(t: &GeneratedTensor, rows: Range<usize>, cols: Range<usize>) -> Vec<u16> {
+    t.bf16_bytes(rows, cols)
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+#[test]
+fn generated_weights_are_the_host_values_bit_for_bit() {
+    let Some(emu) = emu() else { return };
+    let tiny = Preset::get("tiny").unwrap();
+    // The tiny preset's matrices as a checkpoint of seed 5 describes them.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = remask_model::InitOptions {
+        seed: 5,
+        generated: true,
+        ..Default::default()
+    };
+    remask_model::init_checkpoint(tiny, &opts, dir.path()).unwrap();
+    let ckpt = remask_model::Checkpoint::open(dir.path()).unwrap();
+    let (d, e, mlp) = (tiny.d_model, tiny.embedding_size, tiny.mlp_hidden_size);
+    let mut checked = 0;
+    for (name, shape) in [
+        ("model.transformer.wte.weight", [e, d]),
+        ("model.transformer.blocks.0.k_proj.weight", [32, d]),
+        ("model.transformer.blocks.1.ff_out.weight", [d, mlp]),
+        ("model.transformer.ff_out.weight", [e, d]),
+    ] {
+        let remask_model::WeightSource::Generated(t) = ckpt.weight(name, &shape).unwrap() else {
+            panic!("{name} is not generated")
+        };
+        let (r, c) = (shape[0], shape[1]);
+        // The whole tensor, a column-parallel and a row-parallel block, and
+        // an odd block that does not fill the last thread block.
+        for (rows, cols) in [
+            (0..r, 0..c),
+            (r / 2..r, 0..c),
+            (0..r, c / 2..c),
+            (3..r - 5, 7..c - 2),
+        ] {
+            assert_eq!(
+                kernel_block(emu, &t, rows.clone(), cols.clone()),
+                host_block(&t, rows.clone(), cols.clone()),
+                "{name} rows {rows:?} cols {cols:?}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 16);
+    // OnePlus (the + 1 rounded apart from the product), and element indices
+    // past 2^32 (the llada-8b head holds 5.2e8 elements; this is safer).
+    for (init, shape, rows) in [
+        (Init::OnePlus(0.1), vec![40, 70], 0..40),
+        (
+            Init::Normal(0.02),
+            vec![3_000_000, 4096],
+            2_999_000..2_999_003,
+        ),
+    ] {
+        let t = GeneratedTensor {
+            seed: 123,
+            tensor: 9,
+            init,
+            shape: shape.clone(),
+        };
+        let cols = 0..shape[1];
+        assert_eq!(
+            kernel_block(emu, &t, rows.clone(), cols.clone()),
+            host_block(&t, rows, cols),
+            "{init:?} {shape:?}"
+        );
+    }
 }

@@ -57,4 +57,8 @@ void launch_head_partials(GEOM, double* score, unsigned* token, double* logit, d
     RUN(head_partials, score, token, logit, lse, logits, width, offset, cond, uncond, keys, temp, cfg, mask, eos,
         flags);
 }
+void launch_init_normal_bf16(GEOM, bf16_t* out, int rows, int cols, long long full_cols, long long row0,
+                             long long col0, u64 seed, u64 tensor, float stddev, int one_plus) {
+    RUN(init_normal_bf16, out, rows, cols, full_cols, row0, col0, seed, tensor, stddev, one_plus);
+}
 }
