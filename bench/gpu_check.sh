@@ -13,7 +13,9 @@
 # 2. speed on the llada-8b shape (random weights made on the GPU at load:
 #    `model init --on-device-weights` writes only config and tokenizer, no
 #    16 GB checkpoint): ms per full-forward step at B=1, L=320 and B=8, L=320,
-#    and the end-to-end generate of prompt 64, gen 256, block 32, steps 256.
+#    and the end-to-end generate of prompt 64, gen 256, block 32, steps 256;
+#    the forward again with REMASK_CUDA_ATTENTION=rows (the simple kernel) to
+#    show what the tiled tensor-core attention buys, in the same run.
 # Prints a table; writes everything under $OUT (or /tmp/gpu_check).
 set -uo pipefail
 R=${1:-gpu/remask}
@@ -58,6 +60,9 @@ echo "checkpoint (config and tokenizer, no weight files) written in $(( $(date +
 for b in 1 8; do
   "$R" bench --model "$BIG" --backend cuda --batch $b --seq-len 320 --iters 10 --warmup 2 --json 2>>"$O/log" |
     tee "$O/bench_b$b.json"
+  # The same with the simple row attention kernel: the tiled kernel's share, side by side.
+  REMASK_CUDA_ATTENTION=rows "$R" bench --model "$BIG" --backend cuda --batch $b --seq-len 320 --iters 10 \
+    --warmup 2 --json 2>>"$O/log" | tee "$O/bench_rows_b$b.json"
 done
 "$R" generate --model "$BIG" --backend cuda --prompt-ids "$(seq -s, 1 64)" --gen-length 256 --steps 256 \
   --block-length 32 --json 2>>"$O/log" >"$O/generate.json"
@@ -69,6 +74,11 @@ for b, floor, ref, target in ((1, 6.3, "19.6-27.3", 7.5), (8, 50.7, "84-89", 56.
     d = json.load(open(f"{o}/bench_b{b}.json"))
     rows.append((f"B={b} L=320 full forward", d["ms_per_forward_median"], f"{floor} ms", ref, f"<= {target}"))
     rows.append((f"B={b} L=320 denoising step", d["ms_per_step_median"], f"{floor} ms", ref, f"<= {target}"))
+    try:
+        r = json.load(open(f"{o}/bench_rows_b{b}.json"))
+        rows.append((f"B={b} full forward, row attention", r["ms_per_forward_median"], "-", "-", "-"))
+    except (OSError, ValueError, KeyError):
+        pass
 g = json.load(open(f"{o}/generate.json"))
 rows.append(("generate 64+256, block 32, 256 steps", g["elapsed_ms"], "-", "5030", "< 2200"))
 print(f"{'what':40} {'remask ms':>10} {'floor':>8} {'pytorch ms':>11} {'target':>8}")

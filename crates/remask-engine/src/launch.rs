@@ -72,8 +72,11 @@ pub fn tiled_attention_kernel(head_dim: usize) -> Option<&'static str> {
     }
 }
 
-pub fn attention(heads: Heads, packing: &Packing) -> AttentionPlan {
-    if let Some(kernel) = tiled_attention_kernel(heads.head_dim) {
+/// The plan for `heads` over `packing`: tiled where the head dim allows
+/// and `tiled` is set (`REMASK_CUDA_ATTENTION=rows` clears it, to compare
+/// the two kernels on one GPU or to step around the tiled one).
+pub fn attention(heads: Heads, packing: &Packing, tiled: bool) -> AttentionPlan {
+    if let Some(kernel) = tiled_attention_kernel(heads.head_dim).filter(|_| tiled) {
         let mut tiles = Vec::new();
         for seq in packing.sequences() {
             for q0 in seq.clone().step_by(ATTENTION_TILE) {
@@ -178,7 +181,7 @@ mod tests {
             kernel,
             tiles,
             geometry,
-        } = attention(heads, &packing)
+        } = attention(heads, &packing, true)
         else {
             panic!("head dim 64 is tiled")
         };
@@ -203,7 +206,7 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 24,
         };
-        let plan = attention(heads, &Packing::new([3, 5]));
+        let plan = attention(heads, &Packing::new([3, 5]), true);
         let AttentionPlan::Rows {
             start,
             len,
@@ -215,5 +218,12 @@ mod tests {
         assert_eq!(start, [0, 0, 0, 3, 3, 3, 3, 3]);
         assert_eq!(len, [3, 3, 3, 5, 5, 5, 5, 5]);
         assert_eq!(geometry.shared_bytes, 20);
+        // Head dims with a tiled kernel take the row kernel when asked.
+        let h64 = Heads {
+            head_dim: 64,
+            ..heads
+        };
+        let plan = attention(h64, &Packing::new([3, 5]), false);
+        assert!(matches!(plan, AttentionPlan::Rows { .. }));
     }
 }

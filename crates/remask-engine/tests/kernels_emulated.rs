@@ -155,11 +155,12 @@ fn emulated_attention(
     v: &[f32],
     h: Heads,
     packing: &Packing,
+    tiled: bool,
 ) -> (Vec<f32>, &'static str) {
     let mut out = vec![f32::NAN; q.len()];
     let (nh, nkv, hd) = (h.n_heads as i32, h.n_kv_heads as i32, h.head_dim as i32);
     let scale = 1.0 / (h.head_dim as f32).sqrt();
-    let kernel = match launch::attention(h, packing) {
+    let kernel = match launch::attention(h, packing, tiled) {
         AttentionPlan::Tiled {
             kernel,
             tiles,
@@ -260,7 +261,7 @@ fn tiled_attention_matches_f64_on_bf16_inputs() {
             .map(|x| x * amplitude)
             .collect();
         let v = values(t * 2 * hd, 3);
-        let (out, kernel) = emulated_attention(emu, &q, &k, &v, h, &packing);
+        let (out, kernel) = emulated_attention(emu, &q, &k, &v, h, &packing, true);
         assert_eq!(kernel, format!("attention_tc_{hd}"));
         // The kernel rounds Q, K, V (and P) to bf16, as a bf16 model does.
         let round = |x: &[f32]| x.iter().map(|&v| bf16(v)).collect::<Vec<_>>();
@@ -302,7 +303,7 @@ fn row_attention_matches_the_cpu_backend() {
     let packing = Packing::new([5, 1, 40]);
     let t = packing.tokens();
     let (q, k, v) = (values(t * 72, 4), values(t * 24, 5), values(t * 24, 6));
-    let (out, kernel) = emulated_attention(emu, &q, &k, &v, h, &packing);
+    let (out, kernel) = emulated_attention(emu, &q, &k, &v, h, &packing, true);
     assert_eq!(kernel, "attention");
     let cpu = CpuBackend::default().attention(
         &matrix(q, t, 72),

@@ -73,6 +73,9 @@ pub struct CudaBackend {
     /// a copy from pageable host memory may block the host until the stream
     /// drains, which would stall the kernel launches behind the GPU.
     indices: Mutex<HashMap<&'static str, IndexArray>>,
+    /// The tensor-core attention kernel where the head dim has one
+    /// (`REMASK_CUDA_ATTENTION=tiled`, the default), else the row kernel.
+    tiled_attention: bool,
 }
 
 /// An index array on the host and its copy on the device.
@@ -90,6 +93,8 @@ pub enum CudaError {
     Compile(cudarc::nvrtc::CompileError),
     #[error("NCCL: {0:?}")]
     Nccl(cudarc::nccl::result::NcclError),
+    #[error("REMASK_CUDA_ATTENTION={0}: use tiled (the default) or rows")]
+    AttentionKernel(String),
     #[error("--devices lists GPU {0} twice")]
     DuplicateDevice(usize),
     #[error("a tensor-parallel group needs at least one GPU")]
@@ -128,6 +133,11 @@ impl CudaBackend {
                 return Err(CudaError::Missing(name));
             }
         }
+        let tiled_attention = match std::env::var("REMASK_CUDA_ATTENTION").as_deref() {
+            Err(_) | Ok("tiled") => true,
+            Ok("rows") => false,
+            Ok(other) => return Err(CudaError::AttentionKernel(other.to_string())),
+        };
         let ctx = CudaContext::new(device)?;
         // SAFETY: one stream per backend, so cudarc's cross-stream event
         // tracking (an event record per argument per launch) is pure overhead.
@@ -160,6 +170,7 @@ impl CudaBackend {
             kernels,
             nccl: None,
             indices: Mutex::new(HashMap::new()),
+            tiled_attention,
         })
     }
 
@@ -422,7 +433,7 @@ impl Backend for CudaBackend {
         let mut out = self.uninit(q.rows, q.cols);
         let (nh, nkv, hd) = (h.n_heads as i32, h.n_kv_heads as i32, h.head_dim as i32);
         let scale = 1.0 / (h.head_dim as f32).sqrt();
-        match launch::attention(h, packing) {
+        match launch::attention(h, packing, self.tiled_attention) {
             AttentionPlan::Tiled {
                 kernel,
                 tiles,
