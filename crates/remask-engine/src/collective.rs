@@ -1,16 +1,19 @@
 //! Collectives of a tensor-parallel group. The forward pass needs one: the
 //! sum of the row-parallel projections' partial outputs over the ranks
-//! (all-reduce). On GPUs this is NCCL; here, ranks are threads of one
-//! process, so the tensor-parallel math runs (and is tested) on any CPU.
+//! (all-reduce). Two implementations: here, ranks as threads of one process
+//! over host memory (`ThreadRank`), so the tensor-parallel math runs and is
+//! tested on any CPU; on GPUs, NCCL over device buffers
+//! (`cuda::NcclRank`, feature `cuda`).
 
 use std::sync::{Arc, Barrier, Mutex};
 
-pub trait Collective: Send + Sync {
+/// One rank's view of its group, over buffers of type `Buf` (host slices by
+/// default; device buffers for NCCL).
+pub trait Collective<Buf: ?Sized = [f32]>: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     /// Replaces `data` on every rank by the element-wise sum over the ranks.
-    /// Every rank sums in rank order, so all ranks end with identical bits.
-    fn all_reduce_sum(&self, data: &mut [f32]);
+    fn all_reduce_sum(&self, data: &mut Buf);
 }
 
 /// State shared by the ranks of one thread group.
@@ -39,6 +42,7 @@ pub fn thread_group(world: usize) -> Vec<ThreadRank> {
         .collect()
 }
 
+/// Every rank sums in rank order, so all ranks end with identical bits.
 impl Collective for ThreadRank {
     fn rank(&self) -> usize {
         self.rank

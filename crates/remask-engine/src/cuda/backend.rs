@@ -1,7 +1,9 @@
 //! `CudaBackend`: the `Backend` trait on one GPU.
 
+use super::NcclRank;
 use super::compile;
 use crate::backend::{Backend, Heads, Packing};
+use crate::collective::Collective;
 use crate::engine::Query;
 use crate::launch::{self, AttentionPlan};
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
@@ -57,17 +59,12 @@ pub enum CudaWeight {
     },
 }
 
-/// An NCCL communicator; NCCL calls on one communicator are serialised.
-struct Nccl(Mutex<cudarc::nccl::Comm>);
-// SAFETY: the communicator is only used under the mutex.
-unsafe impl Send for Nccl {}
-unsafe impl Sync for Nccl {}
-
 pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     kernels: HashMap<&'static str, CudaFunction>,
-    nccl: Option<Nccl>,
+    /// This GPU's rank in its tensor-parallel group (NCCL), if any.
+    comm: Option<Box<dyn Collective<CudaSlice<f32>>>>,
     /// Index arrays that stay the same through a forward pass (RoPE
     /// positions, attention tiles), uploaded once instead of once per layer:
     /// a copy from pageable host memory may block the host until the stream
@@ -168,23 +165,23 @@ impl CudaBackend {
             blas: CudaBlas::new(stream.clone())?,
             stream,
             kernels,
-            nccl: None,
+            comm: None,
             indices: Mutex::new(HashMap::new()),
             tiled_attention,
         })
     }
 
-    /// One rank of a tensor-parallel group over NCCL. `id` comes from rank 0
-    /// (`cudarc::nccl::Id::new()`), handed to the others by the coordinator.
+    /// Rank `rank` of a tensor-parallel group of `world` GPUs over NCCL. `id`
+    /// is rank 0's (`cudarc::nccl::Id::new()`), the same for every rank (see
+    /// `tp_group`). Blocks until every rank has joined.
     pub fn with_nccl(
         mut self,
         rank: usize,
         world: usize,
         id: cudarc::nccl::Id,
     ) -> std::result::Result<Self, CudaError> {
-        let comm = cudarc::nccl::Comm::from_rank(self.stream.clone(), rank, world, id)
-            .map_err(CudaError::Nccl)?;
-        self.nccl = Some(Nccl(Mutex::new(comm)));
+        let comm = NcclRank::join(self.stream.clone(), rank, world, id)?;
+        self.comm = Some(Box::new(comm));
         Ok(self)
     }
 
@@ -515,18 +512,12 @@ impl Backend for CudaBackend {
     }
 
     fn rank_world(&self) -> (usize, usize) {
-        self.nccl.as_ref().map_or((0, 1), |c| {
-            let c = c.0.lock().unwrap();
-            (c.rank(), c.world_size())
-        })
+        self.comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()))
     }
 
     fn all_reduce(&self, x: &mut CudaTensor) {
-        if let Some(c) = &self.nccl {
-            c.0.lock()
-                .unwrap()
-                .all_reduce_in_place(x.data_mut(), &cudarc::nccl::ReduceOp::Sum)
-                .expect("NCCL: all-reduce");
+        if let Some(c) = &self.comm {
+            c.all_reduce_sum(x.data_mut());
         }
     }
 

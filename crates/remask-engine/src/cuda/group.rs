@@ -8,8 +8,60 @@
 //! nodes).
 
 use super::{CudaBackend, CudaError};
-use std::sync::Barrier;
+use crate::collective::Collective;
+use cudarc::driver::{CudaSlice, CudaStream};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+
+/// One GPU's rank in an NCCL group: the GPU implementation of `Collective`,
+/// over device buffers. Calls on one communicator are serialised.
+pub struct NcclRank {
+    comm: Mutex<cudarc::nccl::Comm>,
+    rank: usize,
+    world: usize,
+}
+
+// SAFETY: the communicator is only used under the mutex.
+unsafe impl Send for NcclRank {}
+unsafe impl Sync for NcclRank {}
+
+impl NcclRank {
+    /// Joins the group of `id` as `rank` of `world`, on `stream`'s GPU
+    /// (`ncclCommInitRank`: blocks until every rank has joined).
+    pub fn join(
+        stream: Arc<CudaStream>,
+        rank: usize,
+        world: usize,
+        id: cudarc::nccl::Id,
+    ) -> Result<Self, CudaError> {
+        let comm =
+            cudarc::nccl::Comm::from_rank(stream, rank, world, id).map_err(CudaError::Nccl)?;
+        Ok(NcclRank {
+            comm: Mutex::new(comm),
+            rank,
+            world,
+        })
+    }
+}
+
+impl Collective<CudaSlice<f32>> for NcclRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    /// NCCL's sum, queued on the rank's stream like any kernel.
+    fn all_reduce_sum(&self, data: &mut CudaSlice<f32>) {
+        self.comm
+            .lock()
+            .unwrap()
+            .all_reduce_in_place(data, &cudarc::nccl::ReduceOp::Sum)
+            .expect("NCCL: all-reduce");
+    }
+}
 
 /// The backends of a tensor-parallel group over `devices`, in rank order
 /// (rank i on `devices[i]`), for `TpEngine::from_backends`. One device is a

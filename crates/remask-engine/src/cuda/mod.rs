@@ -9,7 +9,7 @@
 mod backend;
 mod group;
 pub use backend::{CudaBackend, CudaError, CudaTensor, CudaWeight};
-pub use group::tp_group;
+pub use group::{NcclRank, tp_group};
 
 pub use crate::launch::KERNELS;
 
