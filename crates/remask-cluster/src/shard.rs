@@ -226,7 +226,7 @@ mod tests {
     use super::*;
     use remask_engine::StepBatch;
     use remask_model::{DType, InitOptions, Preset, init_checkpoint};
-    use remask_sampler::{Canvas, SamplerConfig, TokenSpace};
+    use remask_sampler::{Canvas, SamplerConfig};
 
     /// A stage split over thread ranks computes what one rank computes: the
     /// same hidden states mid-pipeline, the same predictions at the end (the
@@ -242,13 +242,11 @@ mod tests {
         init_checkpoint(Preset::get("tiny").unwrap(), &opts, dir.path()).unwrap();
         let ckpt = Checkpoint::open(dir.path()).unwrap();
         let c = &ckpt.config;
-        let space = TokenSpace {
-            vocab_size: c.vocab_size,
-            mask: c.mask_token_id.unwrap(),
-            eos: c.eos_token_id.unwrap(),
-            eot: None,
-            max_sequence_length: c.max_sequence_length,
-        };
+        let special = remask_model::TextCodec::load(dir.path())
+            .unwrap()
+            .special_tokens(c)
+            .unwrap();
+        let space = remask_engine::token_space(c, &special);
         let config = SamplerConfig {
             gen_length: 8,
             steps: 4,

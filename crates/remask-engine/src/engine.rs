@@ -131,13 +131,9 @@ impl<B: Backend> Engine<B> {
     /// Like `run`, but the head is reduced by the backend (on the GPU for
     /// CUDA): only (token, confidence) partials come back, never logits.
     pub fn run_fused(&self, batch: &StepBatch) -> Vec<Vec<Prediction>> {
-        let rows = query_rows(&batch.queries);
-        let x = self.model.embed(&self.backend, &batch.ids);
-        let x = self.model.layers(&self.backend, x, &batch.packing());
-        let logits = self.model.head_logits(&self.backend, &x, Some(&rows));
-        let partials = self
-            .backend
-            .head_partials(logits, self.model.vocab.clone(), &batch.queries);
+        let partials =
+            self.model
+                .partials(&self.backend, &batch.ids, &batch.packing(), &batch.queries);
         combine_ranks(&[partials], &batch.queries)
     }
 
@@ -307,14 +303,8 @@ impl<B: Backend> TpEngine<B> {
     /// One step: each rank reduces its slice of the head through
     /// `head_partials` (on the host for the CPU, on the device for CUDA).
     pub fn run(&self, batch: &StepBatch) -> Vec<Vec<Prediction>> {
-        let rows = query_rows(&batch.queries);
         let packing = batch.packing();
-        let per_rank = self.on_ranks(|b, m| {
-            let x = m.embed(b, &batch.ids);
-            let x = m.layers(b, x, &packing);
-            let logits = m.head_logits(b, &x, Some(&rows));
-            b.head_partials(logits, m.vocab.clone(), &batch.queries)
-        });
+        let per_rank = self.on_ranks(|b, m| m.partials(b, &batch.ids, &packing, &batch.queries));
         combine_ranks(&per_rank, &batch.queries)
     }
 

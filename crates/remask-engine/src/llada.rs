@@ -262,6 +262,23 @@ impl<B: Backend> Llada<B> {
         backend.linear(&h, head)
     }
 
+    /// One denoising step's forward pass with the head reduced by the
+    /// backend (on the device for CUDA): this rank's partials for every
+    /// queried position, never logits on the host.
+    pub fn partials(
+        &self,
+        backend: &B,
+        ids: &[u32],
+        packing: &Packing,
+        queries: &[crate::engine::Query],
+    ) -> Vec<Vec<remask_sampler::Partial>> {
+        let rows = crate::engine::query_rows(queries);
+        let x = self.embed(backend, ids);
+        let x = self.layers(backend, x, packing);
+        let logits = self.head_logits(backend, &x, Some(&rows));
+        backend.head_partials(logits, self.vocab.clone(), queries)
+    }
+
     /// The whole model on one shard: ids of packed sequences to logits.
     pub fn logits(
         &self,

@@ -416,12 +416,8 @@ extern "C" __global__ void head_partials(
 // bf16` holds it. One thread per element of the block rows x cols at (row0,
 // col0) of a tensor full_cols wide: element (r, c) of the whole tensor has
 // index r * full_cols + c, so a tensor-parallel rank draws exactly its slice.
-__device__ __forceinline__ u64 init_mix(u64 z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
+// SplitMix64 with its increment: init.rs's `mix`, over the sampler's finaliser.
+__device__ __forceinline__ u64 init_mix(u64 z) { return mix64(z + 0x9E3779B97F4A7C15ull); }
 #ifdef REMASK_EMU
 #define INIT_FMUL(a, b) ((a) * (b))
 #else
