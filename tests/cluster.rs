@@ -494,12 +494,14 @@ fn remote_json(logs: &Logs, endpoint: &str, request: &[String]) -> Value {
 }
 
 /// The fields of a result that must not depend on where it was computed.
-const SAME_FIELDS: [&str; 8] = [
+const SAME_FIELDS: [&str; 10] = [
     "token_ids",
     "prompt_ids",
     "generated_ids",
     "text",
     "steps",
+    "forwards",
+    "finish_reason",
     "gen_length",
     "block_length",
     "random_weights",
@@ -572,8 +574,52 @@ fn assert_unavailable_fast(logs: &Logs, endpoint: &str, when: &str) -> Duration 
     took
 }
 
-/// Sampler configurations for the equivalence tests: (name, request arguments).
+/// The commit rules at settings where the `small` preset's random weights
+/// commit several tokens in some steps and one in others (4 blocks of 8:
+/// 19, 8 and 10 forwards for 32 tokens), for the equivalence tests.
+fn rule_configs() -> Vec<(&'static str, Vec<String>)> {
+    vec![
+        (
+            "threshold 0.3",
+            argv(
+                "--prompt-ids 7,8,9 --gen-length 32 --block-length 8 --threshold 0.3",
+                &[],
+            ),
+        ),
+        (
+            "factor 4",
+            argv(
+                "--prompt-ids 7,8,9 --gen-length 32 --block-length 8 --factor 4",
+                &[],
+            ),
+        ),
+        (
+            "entropy 10, temperature 0.6",
+            argv(
+                "--prompt-ids 7,8,9 --gen-length 32 --block-length 8 --entropy 10 --temperature 0.6 --seed 4",
+                &[],
+            ),
+        ),
+        (
+            "factor 4, cfg 1, no early stop",
+            argv(
+                "--prompt-ids 5,6 --gen-length 16 --block-length 8 --factor 4 --cfg-scale 1 --no-early-stop",
+                &[],
+            ),
+        ),
+    ]
+}
+
+/// Sampler configurations for the equivalence tests: (name, request
+/// arguments); the commit rules last.
 fn sampler_configs() -> Vec<(&'static str, Vec<String>)> {
+    let mut configs = fixed_configs();
+    configs.extend(rule_configs());
+    configs
+}
+
+/// The fixed schedule's configurations.
+fn fixed_configs() -> Vec<(&'static str, Vec<String>)> {
     vec![
         (
             "greedy, one block",
@@ -704,8 +750,9 @@ fn static_cluster_matches_in_process() {
     }
 }
 
-/// 8 concurrent requests of different lengths and settings to one `serve`
-/// share forward passes; each gets exactly its solo in-process result.
+/// 10 concurrent requests of different lengths, settings and commit rules to
+/// one `serve` share forward passes; each gets exactly its solo in-process
+/// result.
 #[test]
 fn concurrent_requests_get_their_solo_results() {
     let logs = Logs::new("concurrent_requests_get_their_solo_results");
@@ -746,6 +793,15 @@ fn concurrent_requests_get_their_solo_results() {
             "--chat --gen-length 64 --steps 32 --block-length 32 --logits-eos-inf --prompt",
             &["hello"],
         ),
+        // The adaptive rules batched with the fixed schedule.
+        argv(
+            "--prompt-ids 7,8,9 --gen-length 32 --block-length 8 --threshold 0.3",
+            &[],
+        ),
+        argv(
+            "--prompt-ids 9,8,7,6 --gen-length 24 --block-length 8 --entropy 10",
+            &[],
+        ),
     ];
     let solo: Vec<Value> = requests.iter().map(|r| local(model, r)).collect();
     wait_serving(&logs, &server.addr, READY_TIMEOUT);
@@ -757,7 +813,7 @@ fn concurrent_requests_get_their_solo_results() {
         .collect();
     let outputs: Vec<Output> = pending.into_iter().map(Pending::wait).collect();
     let wall = start.elapsed();
-    eprintln!("8 concurrent requests done in {wall:?}");
+    eprintln!("{} concurrent requests done in {wall:?}", requests.len());
     let mut busy_ms = 0.0;
     for (i, (out, want)) in outputs.iter().zip(&solo).enumerate() {
         let got = parse_json(out).unwrap_or_else(|e| {
@@ -1323,7 +1379,8 @@ fn tensor_parallel_workers_match_in_process() {
     let workers = format!("{},{}", a.addr, b.addr);
     let coordinator = coordinator(&logs, small(), 2, &["--workers", &workers]);
     wait_serving(&logs, &coordinator.addr, READY_TIMEOUT);
-    for (name, request) in sampler_configs().into_iter().take(4) {
+    let configs = fixed_configs().into_iter().take(4).chain(rule_configs());
+    for (name, request) in configs {
         let got = remote_json(&logs, &coordinator.addr, &request);
         assert_same(
             &format!("TP=2 x 2 stages, {name}"),

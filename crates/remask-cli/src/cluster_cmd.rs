@@ -26,6 +26,10 @@ pub struct BatchArgs {
     /// Requests waiting for a place at most; beyond, RESOURCE_EXHAUSTED.
     #[arg(long, env = "REMASK_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
+    /// Commit rule of requests that name none: fixed (LLaDA's schedule),
+    /// threshold=T, factor=F or entropy=G.
+    #[arg(long, env = "REMASK_RULE", default_value = "fixed")]
+    pub rule: remask_sampler::CommitRule,
 }
 
 /// What clients see: the HTTP API and API keys.
@@ -248,7 +252,6 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     rt.block_on(async move {
         let pipeline = Pipeline {
             stages: vec![StageClient::Local(Arc::new(runner))],
-            shards: vec![shard],
         };
         let (_pipeline_tx, pipeline_rx) = watch::channel(Some(Arc::new(pipeline)));
         let (failures_tx, _failures_rx) = mpsc::unbounded_channel();
@@ -331,6 +334,7 @@ fn start_coordinator(
         stages,
         metrics,
         api_keys,
+        default_rule: batch.rule,
     }))
 }
 

@@ -1,28 +1,88 @@
 //! Step-level continuous batching. One task owns every running canvas; per
 //! step it makes one forward pass over all of them (packed, so requests of
 //! different lengths and settings share the pass and each gets exactly its
-//! solo result), commits each request's predictions with the shared sampler,
-//! and streams what was committed. A request joins at the next step boundary
-//! and leaves when its canvas is complete, cancelled, or past its deadline.
+//! solo result), commits each request's predictions with the shared sampler
+//! (`BatchStep`: the one place request state moves), and streams what was
+//! committed. A request joins at the next step boundary and leaves when its
+//! answer is final (early stop) or its canvas complete, when it is
+//! cancelled, or past its deadline.
+//!
+//! Events and errors are the scheduler's own types: the gRPC and HTTP layers
+//! map them to their wire shapes.
 
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, StageFailure};
 use remask_engine::StepBatch;
 use remask_model::TextCodec;
-use remask_proto::v1 as pb;
-use remask_sampler::{Canvas, Prediction, StepPlan};
+use remask_sampler::{BatchStep, Canvas, Committed, FinishReason, StepPlan};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
-use tonic::Status;
 
-/// What a request's caller receives.
-pub enum Event {
-    Step(pb::StepUpdate),
-    Done(pb::GenerateResponse),
+/// One denoising step of a streaming request.
+#[derive(Clone, Debug)]
+pub struct StepEvent {
+    /// The request's step, from 0.
+    pub step: usize,
+    /// What the step committed (several tokens under an adaptive rule).
+    pub committed: Vec<Committed>,
+    /// The answer's final prefix after the step (`Canvas::final_prefix`):
+    /// what a text stream may send.
+    pub final_prefix: Vec<u32>,
 }
 
-pub type EventSender = mpsc::UnboundedSender<Result<Event, Status>>;
+/// A finished request.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    /// The whole sequence: prompt, generation, suffix.
+    pub token_ids: Vec<u32>,
+    pub generated_ids: Vec<u32>,
+    /// Tokens of the answer (generated ids before the first stop token).
+    pub answer_tokens: usize,
+    /// The answer decoded.
+    pub text: String,
+    pub prompt_length: usize,
+    pub steps: usize,
+    /// Forward passes the request took part in.
+    pub forwards: usize,
+    pub finish_reason: FinishReason,
+    pub elapsed_ms: f64,
+    pub queue_ms: f64,
+    pub forward_ms: f64,
+    pub compute_ms: f64,
+}
+
+/// What a request's caller receives: steps (when streaming), then `Done`.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Step(StepEvent),
+    Done(Finished),
+}
+
+/// Why a request did not finish.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum InferError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error("deadline exceeded after {forwards} forward passes")]
+    DeadlineExceeded { forwards: usize },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("the queue is full ({0} requests waiting): retry later")]
+    QueueFull(usize),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl InferError {
+    pub fn no_pipeline() -> Self {
+        InferError::Unavailable(
+            "the cluster has no complete set of shards: waiting for workers".into(),
+        )
+    }
+}
+
+pub type EventSender = mpsc::UnboundedSender<Result<Event, InferError>>;
 
 /// A request waiting for, or holding, a place in the running batch.
 pub struct Job {
@@ -93,14 +153,11 @@ impl Scheduler {
         }
     }
 
-    pub fn submit(&self, job: Job) -> Result<(), Status> {
+    pub fn submit(&self, job: Job) -> Result<(), InferError> {
         self.queue.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Status::resource_exhausted(format!(
-                "the queue is full ({} requests waiting): retry later",
-                self.max_queue
-            )),
+            mpsc::error::TrySendError::Full(_) => InferError::QueueFull(self.max_queue),
             mpsc::error::TrySendError::Closed(_) => {
-                Status::unavailable("the scheduler has stopped")
+                InferError::Unavailable("the scheduler has stopped".into())
             }
         })
     }
@@ -115,12 +172,12 @@ struct Context {
 }
 
 impl Context {
-    fn abort(&self, job: Job, status: Status) {
+    fn abort(&self, job: Job, error: InferError) {
         self.metrics
             .request_success
             .get_or_create(&self.metrics.finished("abort"))
             .inc();
-        let _ = job.events.send(Err(status));
+        let _ = job.events.send(Err(error));
     }
 }
 
@@ -150,14 +207,10 @@ async fn run(mut queue: mpsc::Receiver<Job>, max_batch: usize, ctx: Context) {
         for job in std::mem::take(&mut running) {
             if job.events.is_closed() {
                 tracing::debug!("request cancelled by the client");
-                ctx.abort(job, Status::cancelled("cancelled"));
+                ctx.abort(job, InferError::Cancelled);
             } else if job.deadline.is_some_and(|d| d <= now) {
-                let status = Status::deadline_exceeded(format!(
-                    "deadline exceeded after {} of {} steps",
-                    job.canvas.step(),
-                    job.canvas.config().steps
-                ));
-                ctx.abort(job, status);
+                let forwards = job.canvas.forwards();
+                ctx.abort(job, InferError::DeadlineExceeded { forwards });
             } else {
                 running.push(job);
             }
@@ -167,12 +220,7 @@ async fn run(mut queue: mpsc::Receiver<Job>, max_batch: usize, ctx: Context) {
         }
         let Some(pipeline) = ctx.pipeline.borrow().clone() else {
             for job in running.drain(..) {
-                ctx.abort(
-                    job,
-                    Status::unavailable(
-                        "the cluster has no complete set of shards: waiting for workers",
-                    ),
-                );
+                ctx.abort(job, InferError::no_pipeline());
             }
             continue;
         };
@@ -189,61 +237,49 @@ fn admit(mut job: Job) -> Job {
 async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) {
     let started = Instant::now();
     let m = &ctx.metrics;
-    let plans: Vec<StepPlan> = running.iter().map(|j| j.canvas.plan()).collect();
-    // Steps that commit nothing (more steps than masks) need no forward pass.
-    let active: Vec<usize> = (0..running.len())
-        .filter(|&i| plans[i].transfer > 0)
-        .collect();
-    let mut predictions: Vec<Option<Vec<Prediction>>> = vec![None; running.len()];
+    let step = BatchStep::new(running.iter().map(|j| &j.canvas));
+    let active = step.active();
+    let mut predictions = Vec::new();
     if !active.is_empty() {
         let requests: Vec<(&Canvas, &StepPlan)> = active
             .iter()
-            .map(|&i| (&running[i].canvas, &plans[i]))
+            .map(|&i| (&running[i].canvas, &step.plans()[i]))
             .collect();
         let batch = StepBatch::new(&requests);
         match pipeline.step(&batch, m).await {
             Ok((preds, timing)) => {
-                for (&i, p) in active.iter().zip(preds) {
-                    predictions[i] = Some(p);
+                for &i in &active {
                     running[i].forward_ms += timing.forward_ms;
                     running[i].compute_ms += timing.compute_ms;
                 }
+                predictions = preds;
             }
             Err(failure) => {
                 tracing::warn!(%failure, "forward pass failed; failing the running requests");
                 for job in running.drain(..) {
-                    let status = Status::unavailable(format!(
+                    let error = InferError::Unavailable(format!(
                         "a worker failed during the request: {failure}"
                     ));
-                    ctx.abort(job, status);
+                    ctx.abort(job, error);
                 }
                 let _ = ctx.failures.send(failure);
                 return;
             }
         }
     }
-    for (job, (plan, preds)) in running.iter_mut().zip(plans.iter().zip(predictions)) {
-        let preds = preds.unwrap_or_else(|| {
-            vec![
-                Prediction {
-                    token: job.canvas.mask_id(),
-                    confidence: f64::NEG_INFINITY
-                };
-                plan.positions.len()
-            ]
-        });
-        let committed = job.canvas.commit(plan, &preds);
-        if plan.transfer > 0 {
-            m.tokens_per_step
+    let plans: Vec<StepPlan> = step.plans().to_vec();
+    let commits = step.commit(running.iter_mut().map(|j| &mut j.canvas), predictions);
+    for ((job, plan), committed) in running.iter().zip(&plans).zip(commits) {
+        if plan.needs_forward() {
+            m.tokens_per_forward
                 .get_or_create(m.model())
                 .observe(committed.len() as f64);
         }
         if job.stream {
-            let _ = job.events.send(Ok(Event::Step(pb::StepUpdate {
-                step: plan.step as u32,
-                positions: committed.iter().map(|c| c.position as u32).collect(),
-                tokens: committed.iter().map(|c| c.token).collect(),
-                confidences: committed.iter().map(|c| c.confidence).collect(),
+            let _ = job.events.send(Ok(Event::Step(StepEvent {
+                step: plan.step,
+                committed,
+                final_prefix: job.canvas.final_prefix().to_vec(),
             })));
         }
     }
@@ -254,43 +290,52 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) {
         if !job.canvas.is_done() {
             return true;
         }
-        let c = &job.canvas;
-        let reason = if c.generated().contains(&c.predict_options().eos) {
-            "stop"
-        } else {
-            "length"
-        };
-        m.request_success.get_or_create(&m.finished(reason)).inc();
-        m.prompt_tokens
-            .get_or_create(m.model())
-            .inc_by(c.prompt_len() as u64);
-        m.generation_tokens
-            .get_or_create(m.model())
-            .inc_by(c.generated().len() as u64);
-        m.e2e_latency
-            .get_or_create(m.model())
-            .observe(job.queued_at.elapsed().as_secs_f64());
-        let admitted = job.admitted_at.unwrap_or(job.queued_at);
-        m.queue_time
-            .get_or_create(m.model())
-            .observe((admitted - job.queued_at).as_secs_f64());
-        let _ = job.events.send(finish(job, &ctx.codec));
+        let event = finish(job, &ctx.codec);
+        match &event {
+            Ok(Event::Done(done)) => {
+                m.request_success
+                    .get_or_create(&m.finished(done.finish_reason.as_str()))
+                    .inc();
+                m.prompt_tokens
+                    .get_or_create(m.model())
+                    .inc_by(done.prompt_length as u64);
+                m.generation_tokens
+                    .get_or_create(m.model())
+                    .inc_by(done.answer_tokens as u64);
+                m.forwards_per_request
+                    .get_or_create(m.model())
+                    .observe(done.forwards as f64);
+                m.e2e_latency
+                    .get_or_create(m.model())
+                    .observe(job.queued_at.elapsed().as_secs_f64());
+                m.queue_time
+                    .get_or_create(m.model())
+                    .observe(done.queue_ms / 1e3);
+            }
+            _ => {
+                m.request_success.get_or_create(&m.finished("abort")).inc();
+            }
+        }
+        let _ = job.events.send(event);
         false
     });
 }
 
-fn finish(job: &Job, codec: &TextCodec) -> Result<Event, Status> {
+fn finish(job: &Job, codec: &TextCodec) -> Result<Event, InferError> {
     let c = &job.canvas;
     let text = codec
         .decode(c.answer(), true)
-        .map_err(|e| Status::internal(format!("cannot decode the generation: {e}")))?;
+        .map_err(|e| InferError::Internal(format!("cannot decode the generation: {e}")))?;
     let admitted = job.admitted_at.unwrap_or(job.queued_at);
-    Ok(Event::Done(pb::GenerateResponse {
+    Ok(Event::Done(Finished {
         token_ids: c.tokens().to_vec(),
         generated_ids: c.generated().to_vec(),
+        answer_tokens: c.answer().len(),
         text,
-        steps: c.step() as u32,
-        prompt_length: c.prompt_len() as u32,
+        prompt_length: c.prompt_len(),
+        steps: c.step(),
+        forwards: c.forwards(),
+        finish_reason: c.finish_reason(),
         elapsed_ms: admitted.elapsed().as_secs_f64() * 1e3,
         queue_ms: (admitted - job.queued_at).as_secs_f64() * 1e3,
         forward_ms: job.forward_ms,
