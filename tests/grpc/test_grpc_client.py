@@ -160,7 +160,9 @@ def test_text_is_the_answer_up_to_the_first_eos(stubs, gen_stub, model_dir, mode
     stops = {model_config["eos_token_id"], tok.token_to_id("<|eot_id|>")}
     cut_cases = 0
     for seed in range(40):
-        s = dict(gen_length=64, steps=32, block_length=32, temperature=1.0, seed=seed)
+        # the whole canvas (no early stop), so that words after the EOS remain
+        s = dict(gen_length=64, steps=32, block_length=32, temperature=1.0, seed=seed,
+                 full_canvas=True)
         resp = gen_stub.Generate(make_request(stubs.pb, prompt_ids=PROMPT_IDS, **s), timeout=60)
         ids = list(resp.generated_ids)
         first = next((i for i, t in enumerate(ids) if t in stops), len(ids))

@@ -338,7 +338,8 @@ def test_raw_sse_one_event_per_step(endpoint, steps, block, server, cli, model_i
             generated[p - prompt_len] = t
     assert generated == want["generated_ids"]
     final = events[-1]
-    assert "remask" not in final
+    # the result's own fields, not a step's
+    assert "step" not in final["remask"] and final["remask"]["forwards"] == steps
     assert final["choices"][0]["finish_reason"] == ("stop" if model_config["eos_token_id"] in want["generated_ids"]
                                                     else "length")
     assert len({ev["id"] for ev in events}) == 1
