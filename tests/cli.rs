@@ -1353,10 +1353,10 @@ fn eval_reports_every_section_on_stdout_and_in_json() {
         if i < 8 {
             // early stop: at most the schedule's steps
             let steps = r["steps"].as_f64().expect("steps");
-            assert!(forwards >= 1.0 && forwards <= steps, "{r}");
+            assert!((1.0..=steps).contains(&forwards), "{r}");
             assert_eq!(r["rule"], "fixed", "{r}");
         } else {
-            assert!(forwards >= 1.0 && forwards <= 16.0, "{r}");
+            assert!((1.0..=16.0).contains(&forwards), "{r}");
             assert_ne!(r["rule"], "fixed", "{r}");
         }
         assert!(

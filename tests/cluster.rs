@@ -391,8 +391,9 @@ fn worker(logs: &Logs, id: &str, etcd: Option<&Etcd>) -> Server {
     Server::start(logs, id, &format!("remask worker {id}:"), &args, &[])
 }
 
-/// `remask coordinator --stages N` with `discovery` (`--etcd URL` or `--workers A,B`).
-/// Logs at info level for `remask_cluster`, so the stage assignments can be read.
+/// `remask coordinator --stages N` with `discovery` (`--etcd URL` or `--workers A,B`)
+/// and any further flags. Logs at info level for `remask_cluster`, so the stage
+/// assignments can be read.
 fn coordinator(logs: &Logs, model: &Path, stages: usize, discovery: &[&str]) -> Server {
     let mut args = argv(
         &format!("coordinator --listen 127.0.0.1:0 --stages {stages} --model"),
@@ -841,7 +842,8 @@ fn concurrent_requests_get_their_solo_results() {
     );
 }
 
-/// kill -9 of a worker mid-request: the request fails with UNAVAILABLE at once,
+/// kill -9 of a worker mid-request without a spare: the request waits
+/// `--failover-timeout` (1 s here) for a worker, then fails with UNAVAILABLE;
 /// new requests fail fast while its stage is empty, and a new worker restores
 /// service with the in-process ids.
 #[test]
@@ -859,7 +861,12 @@ fn worker_crash_fails_in_flight_then_recovers() {
         worker(&logs, "w0", Some(&etcd)),
         worker(&logs, "w1", Some(&etcd)),
     ];
-    let coord = coordinator(&logs, model, 2, &["--etcd", &etcd.endpoint]);
+    let coord = coordinator(
+        &logs,
+        model,
+        2,
+        &["--etcd", &etcd.endpoint, "--failover-timeout", "1"],
+    );
     wait_serving(&logs, &coord.addr, READY_TIMEOUT);
     let assigned = assignments(&coord);
     let victim_id = assigned
@@ -915,6 +922,10 @@ fn worker_crash_fails_in_flight_then_recovers() {
         describe(&out)
     );
     eprintln!("in-flight request failed {failed_after:?} after the kill");
+    assert!(
+        failed_after >= Duration::from_millis(900),
+        "the in-flight request must wait --failover-timeout for a worker first: it failed after {failed_after:?}"
+    );
 
     // No replacement yet: fail fast, before and after the dead worker's lease
     // expires (TTL 2 s) and while the coordinator retries it.
@@ -943,6 +954,143 @@ fn worker_crash_fails_in_flight_then_recovers() {
         "stage 0 stays on its worker; stage 1 goes to the new one\n{}",
         logs.dump()
     );
+}
+
+/// kill -9 of a worker mid-request with a spare registered: every in-flight
+/// request (unary and streaming, fixed schedule and adaptive rules) waits
+/// for the spare to take the stage over and finishes with its solo ids.
+#[test]
+fn in_flight_requests_survive_a_worker_crash() {
+    use remask_proto::v1 as pb;
+    let logs = Logs::new("in_flight_requests_survive_a_worker_crash");
+    let model = small();
+    let etcd = Etcd::start();
+    let mut workers: Vec<Server> = (0..3)
+        .map(|i| worker(&logs, &format!("w{i}"), Some(&etcd)))
+        .collect();
+    let coord = coordinator(&logs, model, 2, &["--etcd", &etcd.endpoint]);
+    wait_serving(&logs, &coord.addr, READY_TIMEOUT);
+    let before = assignments(&coord);
+    let victim_id = before[&1].clone();
+    let victim = workers
+        .iter()
+        .position(|w| w.name == victim_id)
+        .expect("stage 1 is on a known worker");
+
+    // Long enough to be in flight when the worker dies (hundreds of steps).
+    let unary = [
+        argv(
+            "--prompt-ids 1,2,3 --gen-length 160 --steps 160 --block-length 32",
+            &[],
+        ),
+        argv(
+            "--prompt-ids 4,5 --gen-length 128 --steps 128 --block-length 64 --temperature 0.8 --seed 3",
+            &[],
+        ),
+        argv(
+            "--prompt-ids 7,8,9 --gen-length 192 --block-length 8 --factor 1 --no-early-stop",
+            &[],
+        ),
+    ];
+    let t = Instant::now();
+    let solo: Vec<Value> = unary.iter().map(|r| local(model, r)).collect();
+    eprintln!("solo runs took {:?}", t.elapsed());
+    let stream_request = pb::GenerateRequest {
+        prompt_ids: vec![6, 5, 4, 3],
+        gen_length: Some(128),
+        steps: Some(128),
+        block_length: Some(32),
+        full_canvas: true,
+        ..Default::default()
+    };
+    let stream_solo = local(
+        model,
+        &argv(
+            "--prompt-ids 6,5,4,3 --gen-length 128 --steps 128 --block-length 32 --no-early-stop",
+            &[],
+        ),
+    );
+    let mut pending: Vec<Pending> = unary
+        .iter()
+        .map(|r| Pending::spawn(&remote_args(&coord.addr, r)))
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let endpoint = format!("http://{}", coord.addr);
+    let streamed = rt.spawn(async move {
+        let mut client = pb::generation_client::GenerationClient::connect(endpoint)
+            .await
+            .expect("connect");
+        let mut stream = client
+            .generate_stream(stream_request)
+            .await
+            .expect("stream starts")
+            .into_inner();
+        let mut steps = 0;
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => match m.event {
+                    Some(pb::generate_stream_response::Event::Step(_)) => steps += 1,
+                    Some(pb::generate_stream_response::Event::Done(d)) => return Ok((steps, d)),
+                    None => return Err("an empty message".to_string()),
+                },
+                Ok(None) => return Err("the stream ended without a result".to_string()),
+                Err(status) => return Err(format!("{}: {}", status.code(), status.message())),
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(1000));
+    assert!(
+        pending.iter_mut().all(Pending::is_running),
+        "a request finished before the crash: make them longer"
+    );
+    workers[victim].crash();
+    let killed_at = Instant::now();
+    for (i, (p, want)) in pending.iter_mut().zip(&solo).enumerate() {
+        let Some(out) = p.wait_timeout(Duration::from_secs(120)) else {
+            panic!(
+                "request {i} still runs 120 s after the crash
+=== server logs ==={}",
+                logs.dump()
+            )
+        };
+        let got = parse_json(&out).unwrap_or_else(|e| {
+            panic!(
+                "request {i} failed after the crash: {e}
+=== server logs ==={}",
+                logs.dump()
+            )
+        });
+        assert_same(&format!("request {i} across the crash"), &got, want);
+    }
+    let (steps, done) = rt.block_on(streamed).unwrap().unwrap_or_else(|e| {
+        panic!(
+            "the stream failed: {e}
+=== server logs ==={}",
+            logs.dump()
+        )
+    });
+    assert_eq!(
+        steps, 128,
+        "one step message per step, none lost or repeated"
+    );
+    assert_eq!(
+        serde_json::json!(done.generated_ids),
+        stream_solo["generated_ids"],
+        "the streamed request across the crash"
+    );
+    eprintln!(
+        "every in-flight request finished {:?} after the crash",
+        killed_at.elapsed()
+    );
+    let after = assignments(&coord);
+    assert_ne!(
+        after[&1],
+        victim_id,
+        "stage 1 moved to the spare
+{}",
+        logs.dump()
+    );
+    assert_eq!(after[&0], before[&0], "stage 0 stayed");
 }
 
 /// 3 workers for 2 stages: SIGTERM of an assigned worker hands its stage to

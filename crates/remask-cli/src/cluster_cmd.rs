@@ -30,6 +30,11 @@ pub struct BatchArgs {
     /// threshold=T, factor=F or entropy=G.
     #[arg(long, env = "REMASK_RULE", default_value = "fixed")]
     pub rule: remask_sampler::CommitRule,
+    /// Seconds running requests wait for a stage to get a worker again after
+    /// theirs failed or left (a spare, a restarted worker), then UNAVAILABLE;
+    /// never past a request's deadline. 0: fail them at once.
+    #[arg(long, env = "REMASK_FAILOVER_TIMEOUT", default_value_t = 30.0)]
+    pub failover_timeout: f64,
 }
 
 /// What clients see: the HTTP API and API keys.
@@ -219,6 +224,12 @@ fn check_batch(b: &BatchArgs) -> CliResult {
             "--max-batch and --max-queue must be at least 1".into(),
         ));
     }
+    if !(b.failover_timeout.is_finite() && (0.0..=86_400.0).contains(&b.failover_timeout)) {
+        return Err(CliError::Usage(format!(
+            "--failover-timeout must be between 0 and 86400 seconds, got {}",
+            b.failover_timeout
+        )));
+    }
     Ok(())
 }
 
@@ -321,6 +332,7 @@ fn start_coordinator(
         SchedulerConfig {
             max_batch: batch.max_batch,
             max_queue: batch.max_queue,
+            failover_timeout: Duration::from_secs_f64(batch.failover_timeout),
         },
         pipeline.clone(),
         failures,

@@ -266,6 +266,8 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
             "text": text,
             "steps": canvas.step(),
             "forwards": canvas.forwards(),
+            "committed": canvas.committed(),
+            "completion_tokens": canvas.answer().len(),
             "finish_reason": canvas.finish_reason().as_str(),
             "rule": config.rule.to_string(),
             "gen_length": config.gen_length,

@@ -7,6 +7,12 @@
 //! answer is final (early stop) or its canvas complete, when it is
 //! cancelled, or past its deadline.
 //!
+//! A worker failing mid-step loses nothing: the coordinator owns every
+//! canvas, and a failed step commits nothing, so the running requests wait
+//! (up to `failover_timeout`, and never past their deadline) for the manager
+//! to put another worker on the stage, then go on from their committed
+//! canvases with the ids they would have had.
+//!
 //! Events and errors are the scheduler's own types: the gRPC and HTTP layers
 //! map them to their wire shapes.
 
@@ -16,7 +22,7 @@ use remask_engine::StepBatch;
 use remask_model::TextCodec;
 use remask_sampler::{BatchStep, Canvas, Committed, FinishReason, StepPlan};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
 /// One denoising step of a streaming request.
@@ -95,7 +101,13 @@ pub struct Job {
     admitted_at: Option<Instant>,
     forward_ms: f64,
     compute_ms: f64,
+    /// Steps of this request that failed on a worker.
+    failures: u32,
 }
+
+/// A request whose steps failed this often on workers is given up (a request
+/// that breaks every worker it meets must not go round the cluster forever).
+const MAX_STEP_FAILURES: u32 = 3;
 
 impl Job {
     pub fn new(
@@ -113,6 +125,7 @@ impl Job {
             admitted_at: None,
             forward_ms: 0.0,
             compute_ms: 0.0,
+            failures: 0,
         }
     }
 }
@@ -123,6 +136,9 @@ pub struct SchedulerConfig {
     pub max_batch: usize,
     /// Requests waiting for a place at most; beyond, RESOURCE_EXHAUSTED.
     pub max_queue: usize,
+    /// How long running requests wait for a stage to get a worker again
+    /// after theirs failed or left; then UNAVAILABLE. Zero: at once.
+    pub failover_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -146,7 +162,7 @@ impl Scheduler {
             codec,
             metrics,
         };
-        tokio::spawn(run(rx, config.max_batch.max(1), ctx));
+        tokio::spawn(run(rx, config, ctx));
         Scheduler {
             queue,
             max_queue: config.max_queue,
@@ -181,8 +197,14 @@ impl Context {
     }
 }
 
-async fn run(mut queue: mpsc::Receiver<Job>, max_batch: usize, ctx: Context) {
+async fn run(mut queue: mpsc::Receiver<Job>, config: SchedulerConfig, ctx: Context) {
+    let max_batch = config.max_batch.max(1);
     let mut running: Vec<Job> = Vec::new();
+    // The pipeline a step last failed on, and since when the running
+    // requests wait for a working one.
+    let mut failed: Option<Arc<Pipeline>> = None;
+    let mut waiting_since: Option<Instant> = None;
+    let mut pipeline_rx = ctx.pipeline.clone();
     loop {
         let m = &ctx.metrics;
         m.waiting.get_or_create(m.model()).set(queue.len() as i64);
@@ -216,15 +238,44 @@ async fn run(mut queue: mpsc::Receiver<Job>, max_batch: usize, ctx: Context) {
             }
         }
         if running.is_empty() {
+            waiting_since = None;
             continue;
         }
-        let Some(pipeline) = ctx.pipeline.borrow().clone() else {
-            for job in running.drain(..) {
-                ctx.abort(job, InferError::no_pipeline());
+        let current = ctx.pipeline.borrow().clone();
+        let usable = current.filter(|p| !failed.as_ref().is_some_and(|f| Arc::ptr_eq(f, p)));
+        let Some(pipeline) = usable else {
+            // A stage lost its worker: wait for the manager to fill it.
+            let since = *waiting_since.get_or_insert_with(Instant::now);
+            let give_up = since + config.failover_timeout;
+            if Instant::now() >= give_up {
+                let error = InferError::Unavailable(format!(
+                    "a stage has had no working worker for {:.1} s: {}",
+                    since.elapsed().as_secs_f64(),
+                    "the cluster has no complete set of shards"
+                ));
+                for job in running.drain(..) {
+                    ctx.abort(job, error.clone());
+                }
+                continue;
             }
+            // Wake for a new pipeline, the give-up time, or at least every
+            // 100 ms (cancellations, deadlines and arrivals are handled at
+            // the top of the loop).
+            let nap = (give_up - Instant::now()).min(Duration::from_millis(100));
+            let _ = tokio::time::timeout(nap, pipeline_rx.changed()).await;
             continue;
         };
-        step(&mut running, &pipeline, &ctx).await;
+        if let Some(since) = waiting_since.take() {
+            tracing::info!(
+                waited_ms = since.elapsed().as_secs_f64() * 1e3,
+                requests = running.len(),
+                "a worker holds every stage again: the running requests go on"
+            );
+        }
+        failed = None;
+        if !step(&mut running, &pipeline, &ctx).await {
+            failed = Some(pipeline);
+        }
     }
 }
 
@@ -233,8 +284,10 @@ fn admit(mut job: Job) -> Job {
     job
 }
 
+/// One step of every running request; false when the forward pass failed
+/// on a worker (nothing was committed: the requests can retry the step).
 #[tracing::instrument(skip_all, fields(requests = running.len()))]
-async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) {
+async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) -> bool {
     let started = Instant::now();
     let m = &ctx.metrics;
     let step = BatchStep::new(running.iter().map(|j| &j.canvas));
@@ -255,15 +308,22 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) {
                 predictions = preds;
             }
             Err(failure) => {
-                tracing::warn!(%failure, "forward pass failed; failing the running requests");
-                for job in running.drain(..) {
-                    let error = InferError::Unavailable(format!(
-                        "a worker failed during the request: {failure}"
-                    ));
-                    ctx.abort(job, error);
+                tracing::warn!(%failure, "forward pass failed; the running requests wait for the stage to be re-assigned");
+                for job in std::mem::take(running) {
+                    let mut job = job;
+                    job.failures += 1;
+                    if job.failures >= MAX_STEP_FAILURES {
+                        let error = InferError::Unavailable(format!(
+                            "{} steps of this request failed on workers; the last: {failure}",
+                            job.failures
+                        ));
+                        ctx.abort(job, error);
+                    } else {
+                        running.push(job);
+                    }
                 }
                 let _ = ctx.failures.send(failure);
-                return;
+                return false;
             }
         }
     }
@@ -319,6 +379,7 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) {
         let _ = job.events.send(event);
         false
     });
+    true
 }
 
 fn finish(job: &Job, codec: &TextCodec) -> Result<Event, InferError> {
