@@ -1165,6 +1165,9 @@ fn infill<B: Backend>(setup: &Setup, runner: &Runner<B>, md: &mut String) -> Cli
     let (mut fwd, fwd_texts) = half_scores(setup, &gen_f, &truth_f)?;
     back["wall_s"] = json!(backward_s);
     fwd["wall_s"] = json!(forward_s);
+    let forwards = |c: &[Canvas]| c.iter().map(Canvas::forwards).sum::<usize>();
+    back["forwards"] = json!(forwards(&backward));
+    fwd["forwards"] = json!(forwards(&forward));
 
     let _ = writeln!(md, "## Infill and continuation (held-out sentences)\n");
     let _ = writeln!(
@@ -1173,24 +1176,29 @@ fn infill<B: Backend>(setup: &Setup, runner: &Runner<B>, md: &mut String) -> Cli
          not fit the model or split cleanly into tokens). \
          Infill: BOS, a gap as long as the first half, then the second half fixed; the model \
          writes the first half. Continuation: BOS and the first half, the model writes the \
-         second half. One token per step, no blocks. Token accuracy is position by position \
-         against the original tokens; word F1 as in SQuAD.\n",
+         second half. No blocks; commit rule {} (fixed: one token per step). Token accuracy is \
+         position by position against the original tokens; word F1 as in SQuAD.\n",
         halves.len(),
         INFILL_WORDS.start(),
-        INFILL_WORDS.end()
+        INFILL_WORDS.end(),
+        args.rule.rule()?
     );
-    let _ = writeln!(md, "| direction | tokens | token accuracy | word F1 |");
-    let _ = writeln!(md, "|---|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "| direction | tokens | token accuracy | word F1 | forward passes |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
     for (name, v) in [
         ("infill: first half given the second", &back),
         ("continuation: second half given the first", &fwd),
     ] {
         let _ = writeln!(
             md,
-            "| {name} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} |",
             v["tokens"],
             num(&v["token_accuracy"]),
-            num(&v["word_f1"])
+            num(&v["word_f1"]),
+            v["forwards"]
         );
     }
     let _ = writeln!(
