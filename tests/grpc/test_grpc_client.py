@@ -466,3 +466,37 @@ def test_full_canvas_runs_every_step_and_keeps_the_answer(stubs, gen_stub):
         assert n == full.completion_tokens
         assert list(early.generated_ids[:n]) == list(full.generated_ids[:n])
         assert early.forwards <= full.forwards
+
+
+# --------------------------------------------------------------------------- oversized prompts
+
+
+def test_huge_prompts_are_refused_before_tokenizing(stubs, gen_stub):
+    """An attacker's 3.5 MB prompts (and chat turns, and suffixes) are refused at once for
+    their size in bytes, without being tokenized (that took 2-3 s each, on the async runtime),
+    and a small request sent meanwhile is served as fast as ever."""
+    import time
+
+    pb = stubs.pb
+    text = "word " * 700_000
+    huge = [pb.GenerateRequest(prompt=text, gen_length=8, steps=8, block_length=8),
+            pb.GenerateRequest(prompt=text, chat=True, gen_length=8, steps=8, block_length=8),
+            pb.GenerateRequest(prompt="a", suffix=text, gen_length=8, steps=8, block_length=8)]
+
+    def refused(req):
+        t = time.monotonic()
+        with pytest.raises(grpc.RpcError) as ei:
+            gen_stub.Generate(req, timeout=60)
+        return time.monotonic() - t, ei.value
+
+    with ThreadPoolExecutor(4) as pool:
+        attacks = [pool.submit(refused, huge[i % 3]) for i in range(4)]
+        t = time.monotonic()
+        assert_still_serving(stubs, gen_stub)
+        small = time.monotonic() - t
+        results = [a.result() for a in attacks]
+    for took, err in results:
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+        assert "bytes" in err.details() and "max_sequence_length" in err.details(), err.details()
+        assert took < 1.0, f"refusing a 3.5 MB prompt took {took:.2f} s"
+    assert small < 1.0, f"a small request took {small:.2f} s beside the attack"

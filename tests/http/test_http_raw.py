@@ -386,3 +386,21 @@ def test_unready_metrics(curl, unready, model_id):
     assert status == 200
     assert _value(text, "remask:workers", model_name=model_id) == 0
     assert _value(text, "remask:shard_coverage", model_name=model_id) == 0
+
+
+def test_huge_prompt_is_refused_before_tokenizing(server, model_id):
+    """1.5 MB of prompt (under the 2 MB body limit) is refused for its size at once, in
+    OpenAI's error shape, for completions and chat alike."""
+    import time
+
+    text = "word " * 300_000
+    for path, body in (("completions", {"prompt": text}),
+                       ("chat/completions", {"messages": [{"role": "user", "content": text}]})):
+        t = time.monotonic()
+        r = requests.post(f"{server.base_url}/{path}", headers=AUTH, timeout=60,
+                          json={"model": model_id, "max_tokens": 8, **body})
+        took = time.monotonic() - t
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and "bytes" in err["message"], err
+        assert took < 1.0, f"{path}: refusing took {took:.2f} s"

@@ -99,8 +99,13 @@ pub fn response_to_pb(d: Finished) -> pb::GenerateResponse {
 impl Coordinator {
     /// Checks every field and lays out the canvas; any problem is
     /// INVALID_ARGUMENT with a message saying what to change.
+    ///
+    /// Tokenizing is CPU work proportional to the text: call it off the
+    /// async runtime (`canvas_blocking`) so other clients are not delayed.
     pub fn canvas(&self, req: &pb::GenerateRequest) -> Result<Canvas, Status> {
         let invalid = |m: String| Status::invalid_argument(m);
+        self.check_text_len("prompt", req.prompt.len())?;
+        self.check_text_len("suffix", req.suffix.len())?;
         let prompt = match (req.prompt.is_empty(), req.prompt_ids.is_empty()) {
             (false, false) => {
                 return Err(invalid("give either prompt or prompt_ids, not both".into()));
@@ -178,6 +183,36 @@ impl Coordinator {
         Canvas::infill(&prompt, &suffix, config, space).map_err(|e| invalid(e.to_string()))
     }
 
+    /// `canvas` on a thread of its own (the runtime's other tasks move to
+    /// another worker while it tokenizes).
+    pub fn canvas_blocking(&self, req: &pb::GenerateRequest) -> Result<Canvas, Status> {
+        tokio::task::block_in_place(|| self.canvas(req))
+    }
+
+    /// Refuses text that is certainly longer than the model's
+    /// max_sequence_length before it is tokenized: a token covers at most
+    /// `max_token_bytes` bytes, so more than `max_sequence_length` times that
+    /// cannot fit. (A 4 MB prompt took seconds to tokenize only to be
+    /// refused.)
+    pub fn check_text_len(&self, what: &str, bytes: usize) -> Result<(), Status> {
+        let Some(per_token) = self.meta.codec.max_token_bytes() else {
+            return Ok(());
+        };
+        let limit = self
+            .meta
+            .config
+            .max_sequence_length
+            .saturating_mul(per_token);
+        if bytes > limit {
+            return Err(Status::invalid_argument(format!(
+                "the {what} is {bytes} bytes: more than the model's max_sequence_length of {} tokens \
+                 can hold (a token covers at most {per_token} bytes, so at most {limit} bytes fit)",
+                self.meta.config.max_sequence_length
+            )));
+        }
+        Ok(())
+    }
+
     pub fn is_ready(&self) -> bool {
         self.pipeline.borrow().is_some()
     }
@@ -251,7 +286,7 @@ impl Generation for Coordinator {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let canvas = self.canvas(request.get_ref())?;
+        let canvas = self.canvas_blocking(request.get_ref())?;
         let (mut events, deadline) = self.submit(&request, canvas, false)?;
         let result = async {
             while let Some(event) = events.recv().await {
@@ -282,7 +317,7 @@ impl Generation for Coordinator {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         use pb::generate_stream_response::Event as E;
-        let canvas = self.canvas(request.get_ref())?;
+        let canvas = self.canvas_blocking(request.get_ref())?;
         let (events, _) = self.submit(&request, canvas, true)?;
         let codec = self.meta.codec.clone();
         let stream =

@@ -353,10 +353,10 @@ async fn chat_completions(State(c): State<Arc<Coordinator>>, body: axum::body::B
                 })
             })
             .collect::<Result<Vec<_>, ApiError>>()?;
-        let prompt_ids =
-            c.meta.codec.encode_chat(&messages).map_err(|e| {
-                ApiError::bad_request(format!("cannot apply the chat template: {e}"))
-            })?;
+        let bytes = messages.iter().map(|m| m.content.len()).sum();
+        c.check_text_len("conversation", bytes)?;
+        let prompt_ids = tokio::task::block_in_place(|| c.meta.codec.encode_chat(&messages))
+            .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))?;
         let grpc = req.sampling.request(&c, prompt_ids)?;
         run(c.clone(), grpc, req.sampling.stream, Kind::Chat).await
     }
@@ -369,13 +369,14 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
+/// Tokenizes a prompt off the async runtime, after refusing text that is
+/// certainly too long.
 fn encode(c: &Coordinator, text: &str) -> Result<Vec<u32>, ApiError> {
     if text.trim().is_empty() {
         return Err(ApiError::bad_request("the prompt is empty"));
     }
-    c.meta
-        .codec
-        .encode(text)
+    c.check_text_len("prompt", text.len())?;
+    tokio::task::block_in_place(|| c.meta.codec.encode(text))
         .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}")))
 }
 
@@ -407,7 +408,7 @@ async fn run(
     stream: bool,
     kind: Kind,
 ) -> Result<Response, ApiError> {
-    let canvas = c.canvas(&grpc)?;
+    let canvas = c.canvas_blocking(&grpc)?;
     let mut events = c.start(canvas, stream, None)?;
     let id = format!(
         "{}-{:x}",

@@ -33,6 +33,10 @@ pub struct TextCodec {
     chat_template: Option<String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// The most input bytes one token can stand for, when the tokenizer
+    /// keeps every input byte (no normalizer; byte-level or no
+    /// pre-tokenizer); see `max_token_bytes`.
+    max_token_bytes: Option<usize>,
 }
 
 impl TextCodec {
@@ -62,7 +66,9 @@ impl TextCodec {
             Some(v) => v.get("content").and_then(|c| c.as_str()).map(String::from),
             None => None,
         };
+        let max_token_bytes = bytes_per_token_bound(&tokenizer);
         Ok(TextCodec {
+            max_token_bytes,
             tokenizer,
             chat_template: config
                 .get("chat_template")
@@ -171,4 +177,34 @@ impl TextCodec {
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
+
+    /// The most bytes of text one token can cover, when that is certain:
+    /// then text longer than `tokens * max_token_bytes` bytes is certainly
+    /// more than `tokens` tokens, and a server can refuse it without
+    /// tokenizing it. `None` for tokenizers that may drop input (a
+    /// normalizer, a pre-tokenizer that removes whitespace).
+    pub fn max_token_bytes(&self) -> Option<usize> {
+        self.max_token_bytes
+    }
+}
+
+/// `TextCodec::max_token_bytes`: the longest vocabulary entry, counted in
+/// characters (a byte-level token has one character per byte) or UTF-8
+/// bytes, whichever is more.
+fn bytes_per_token_bound(tokenizer: &Tokenizer) -> Option<usize> {
+    use tokenizers::PreTokenizerWrapper;
+    let keeps_bytes = tokenizer.get_normalizer().is_none()
+        && matches!(
+            tokenizer.get_pre_tokenizer(),
+            None | Some(PreTokenizerWrapper::ByteLevel(_))
+        );
+    keeps_bytes.then(|| {
+        tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(|t| t.len().max(t.chars().count()))
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    })
 }
