@@ -56,7 +56,13 @@ struct Server {
 impl Server {
     /// `remask ARGS` (through `wrapper`, e.g. `prlimit ...`, when given);
     /// waits for the line that starts with `marker`.
-    fn start(name: &str, marker: &str, wrapper: &[&str], args: &[&str]) -> Server {
+    fn start(
+        name: &str,
+        marker: &str,
+        wrapper: &[&str],
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Server {
         let log = scratch().join(format!("{name}.log"));
         let file = File::create(&log).expect("a log file");
         let mut cmd = match wrapper.split_first() {
@@ -70,6 +76,7 @@ impl Server {
             None => command(bin(), args),
         };
         let child = cmd
+            .envs(envs.iter().copied())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
@@ -144,8 +151,15 @@ fn clock_ticks_per_second() -> u64 {
 }
 
 /// `remask serve` of the embedded model with gRPC and HTTP on free ports:
-/// (server, gRPC address, HTTP address).
-fn serve(name: &str, wrapper: &[&str], extra: &[&str]) -> (Server, SocketAddr, SocketAddr) {
+/// (server, gRPC address, HTTP address). The limits are set through their
+/// environment variables (REMASK_HEADER_TIMEOUT_S, ...), so that a binary
+/// from before them starts too and shows the attack working.
+fn serve(
+    name: &str,
+    wrapper: &[&str],
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> (Server, SocketAddr, SocketAddr) {
     let mut args = vec![
         "serve",
         "--listen",
@@ -154,7 +168,7 @@ fn serve(name: &str, wrapper: &[&str], extra: &[&str]) -> (Server, SocketAddr, S
         "127.0.0.1:0",
     ];
     args.extend(extra);
-    let server = Server::start(name, "remask serve:", wrapper, &args);
+    let server = Server::start(name, "remask serve:", wrapper, &args, envs);
     // "..., HTTP on A; gRPC on B"
     let (http, grpc) = (server.addrs[0], server.addrs[1]);
     (server, grpc, http)
@@ -226,6 +240,7 @@ fn https_clients_are_not_held_up_by_silent_connections() {
             "--tls-key",
             key.to_str().unwrap(),
         ],
+        &[],
     );
     let url = format!("https://{http}/health");
     let curl = |max: &str| {
@@ -274,7 +289,12 @@ fn https_clients_are_not_held_up_by_silent_connections() {
 /// port; a well-behaved client is served meanwhile.
 #[test]
 fn silent_and_partial_clients_are_cut_off() {
-    let (server, grpc, http) = serve("header-timeout", &[], &["--header-timeout-s", "1"]);
+    let (server, grpc, http) = serve(
+        "header-timeout",
+        &[],
+        &[],
+        &[("REMASK_HEADER_TIMEOUT_S", "1")],
+    );
     let open = |addr: SocketAddr, bytes: &[u8]| {
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(bytes).unwrap();
@@ -315,7 +335,11 @@ fn connections_beyond_the_limit_are_refused() {
     let (server, grpc, http) = serve(
         "max-connections",
         &[],
-        &["--max-connections", "3", "--header-timeout-s", "30"],
+        &[],
+        &[
+            ("REMASK_MAX_CONNECTIONS", "3"),
+            ("REMASK_HEADER_TIMEOUT_S", "30"),
+        ],
     );
     for addr in [http, grpc] {
         let mut idle: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
@@ -358,7 +382,8 @@ fn accept_backs_off_at_the_descriptor_limit() {
     let (server, grpc, http) = serve(
         "emfile",
         &["prlimit", "--nofile=64:64", "--"],
-        &["--header-timeout-s", "60"],
+        &[],
+        &[("REMASK_HEADER_TIMEOUT_S", "60")],
     );
     let mut clients = Vec::new();
     for addr in [grpc, http] {
@@ -373,6 +398,7 @@ fn accept_backs_off_at_the_descriptor_limit() {
     let before = server.cpu_time();
     thread::sleep(Duration::from_secs(2));
     let used = server.cpu_time() - before;
+    eprintln!("CPU time of the server in 2 s at its descriptor limit: {used:?}");
     assert!(
         used < Duration::from_millis(300),
         "the server used {used:?} of CPU in 2 s at its descriptor limit\n{}",
@@ -391,4 +417,179 @@ fn accept_backs_off_at_the_descriptor_limit() {
         }
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A checkpoint of the `tiny` preset (f32), made once per test process.
+fn tiny() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = scratch().join("tiny");
+        let out = command(
+            bin(),
+            &[
+                "model",
+                "init",
+                "--preset",
+                "tiny",
+                "--dtype",
+                "f32",
+                "--out",
+                dir.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .expect("run remask model init");
+        assert!(out.status.success(), "{}", support_bin::describe(&out));
+        dir
+    })
+}
+
+/// A copy of the tiny checkpoint whose `tensor` holds a NaN at element 3.
+fn tiny_with_nan(name: &str, tensor: &str) -> PathBuf {
+    let dir = scratch().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(tiny()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let begin = header[tensor]["data_offsets"][0].as_u64().unwrap() as usize;
+    let at = 8 + header_len + begin + 3 * 4;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    dir
+}
+
+/// LoadShard and Forward from a gRPC client that is not the coordinator:
+/// a refused LoadShard (layers outside the model, a path without a
+/// checkpoint) leaves the loaded shard serving; Forward calls beyond what
+/// the shard serves (a sequence over max_sequence_length, too many
+/// sequences, more query rows than tokens) are INVALID_ARGUMENT with a
+/// message that says so.
+#[test]
+fn malformed_worker_calls_are_refused_and_keep_the_shard() {
+    use remask_proto::worker as pb;
+    use remask_proto::worker::worker_client::WorkerClient;
+    let model = tiny().to_str().unwrap().to_string();
+    let nan = tiny_with_nan(
+        "tiny-nan-worker",
+        "model.transformer.blocks.1.ff_out.weight",
+    );
+    let worker = Server::start(
+        "worker",
+        "remask worker w:",
+        &[],
+        &["worker", "--listen", "127.0.0.1:0", "--id", "w"],
+        &[],
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut client = WorkerClient::connect(format!("http://{}", worker.addrs[0]))
+            .await
+            .unwrap()
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let load = |model: &str, start: u32, end: u32, generation: u64| pb::LoadShardRequest {
+            model: model.to_string(),
+            shard: Some(pb::ShardSpec {
+                layer_start: start,
+                layer_end: end,
+                embedding: true,
+                head: true,
+            }),
+            generation,
+        };
+        client.load_shard(load(&model, 0, 2, 1)).await.unwrap();
+        let forward = |lengths: Vec<u32>, queries: Vec<pb::HeadQuery>| pb::ForwardRequest {
+            generation: 1,
+            token_ids: vec![5; lengths.iter().map(|&l| l as usize).sum()],
+            lengths,
+            queries,
+            ..Default::default()
+        };
+        let query = |positions: Vec<u32>| pb::HeadQuery {
+            positions,
+            options: Some(pb::PredictOptions {
+                temperature: 0.0,
+                mask: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        client
+            .forward(forward(vec![4], vec![query(vec![0, 1])]))
+            .await
+            .unwrap();
+
+        // Refused loads: the shard of generation 1 still serves after each.
+        for (what, request, code, needle) in [
+            (
+                "layers outside the model",
+                load(&model, 0, 99, 2),
+                tonic::Code::InvalidArgument,
+                "layers 0..99",
+            ),
+            (
+                "a path without a checkpoint",
+                load("/nonexistent/model", 0, 2, 3),
+                tonic::Code::FailedPrecondition,
+                "/nonexistent/model",
+            ),
+            // Fails while loading, after the old shard made room: it is
+            // loaded again.
+            (
+                "a checkpoint with a NaN weight",
+                load(nan.to_str().unwrap(), 0, 2, 4),
+                tonic::Code::FailedPrecondition,
+                "'model.transformer.blocks.1.ff_out.weight' holds a non-finite value (NaN) at element 3",
+            ),
+        ] {
+            let err = client.load_shard(request).await.unwrap_err();
+            let status = client
+                .status(pb::StatusRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(status.generation, 1, "{what}: {status:?}");
+            client
+                .forward(forward(vec![4], vec![query(vec![0, 1])]))
+                .await
+                .unwrap_or_else(|e| panic!("{what}: the shard no longer serves: {e:?}"));
+            assert_eq!(err.code(), code, "{what}: {err:?}");
+            assert!(err.message().contains(needle), "{what}: {}", err.message());
+            if code == tonic::Code::InvalidArgument {
+                // The layer range is the request's fault, not the checkpoint's.
+                assert!(!err.message().contains("config.json"), "{}", err.message());
+            }
+        }
+
+        // Forward beyond what the shard serves.
+        for (what, request, needle) in [
+            (
+                "a sequence over max_sequence_length",
+                forward(vec![513], vec![]),
+                "more than the model's max_sequence_length 512",
+            ),
+            (
+                "too many sequences",
+                forward(vec![1; 5000], vec![]),
+                "5000 sequences",
+            ),
+            (
+                "more query rows than tokens",
+                forward(vec![4], vec![query(vec![0; 100])]),
+                "100 query rows for a batch of 4 tokens",
+            ),
+        ] {
+            let err = client.forward(request).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+            assert!(err.message().contains(needle), "{what}: {}", err.message());
+        }
+    });
 }

@@ -268,6 +268,15 @@ fn check_batch(b: &BatchArgs) -> CliResult {
             "--max-batch and --max-queue must be at least 1".into(),
         ));
     }
+    // A forward pass carries up to two sequences a request (guidance), and
+    // workers serve at most MAX_SEQUENCES.
+    let most = remask_cluster::shard::MAX_SEQUENCES / 2;
+    if b.max_batch > most {
+        return Err(CliError::Usage(format!(
+            "--max-batch must be at most {most}, got {}",
+            b.max_batch
+        )));
+    }
     Ok(())
 }
 
