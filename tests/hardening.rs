@@ -446,21 +446,16 @@ fn tiny() -> &'static Path {
 
 /// A copy of the tiny checkpoint whose `tensor` holds a NaN at element 3.
 fn tiny_with_nan(name: &str, tensor: &str) -> PathBuf {
-    let dir = scratch().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(tiny()).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    let path = dir.join("model.safetensors");
-    let mut bytes = std::fs::read(&path).unwrap();
-    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
-    let begin = header[tensor]["data_offsets"][0].as_u64().unwrap() as usize;
-    let at = 8 + header_len + begin + 3 * 4;
-    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
-    std::fs::write(&path, bytes).unwrap();
-    dir
+    tiny_copy(name, |dir| {
+        let path = dir.join("model.safetensors");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        let begin = header[tensor]["data_offsets"][0].as_u64().unwrap() as usize;
+        let at = 8 + header_len + begin + 3 * 4;
+        bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        std::fs::write(&path, bytes).unwrap();
+    })
 }
 
 /// LoadShard and Forward from a gRPC client that is not the coordinator:
@@ -592,4 +587,177 @@ fn malformed_worker_calls_are_refused_and_keep_the_shard() {
             assert!(err.message().contains(needle), "{what}: {}", err.message());
         }
     });
+}
+
+/// A copy of the tiny checkpoint, changed by `edit(dir)`.
+fn tiny_copy(name: &str, edit: impl FnOnce(&Path)) -> PathBuf {
+    let dir = scratch().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(tiny()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    edit(&dir);
+    dir
+}
+
+/// Sets config.json's `field` to `value`.
+fn set_config(dir: &Path, field: &str, value: serde_json::Value) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config[field] = value;
+    std::fs::write(&path, config.to_string()).unwrap();
+}
+
+/// `remask generate` of a short request on `model`: (exit code, stderr).
+/// A death by signal (an abort) fails the test.
+fn generate(model: &Path) -> (i32, String) {
+    let out = command(
+        bin(),
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt-ids",
+            "1,2,3",
+            "--gen-length",
+            "4",
+            "--steps",
+            "4",
+            "--block-length",
+            "4",
+        ],
+    )
+    .output()
+    .expect("run remask generate");
+    let code = out
+        .status
+        .code()
+        .unwrap_or_else(|| panic!("killed by a signal: {}", support_bin::describe(&out)));
+    (code, support_bin::stderr(&out))
+}
+
+/// Corrupt model files are refused with exit code 2 and a message that
+/// names the field or tensor at fault: absurd sizes (they aborted on a
+/// 64 TB allocation), NaN weights (they generated token 0 over and over,
+/// exit 0), values of the wrong type in valid JSON, inconsistent
+/// safetensors offsets.
+#[test]
+fn corrupt_models_are_refused_by_name() {
+    let cases: Vec<(&str, PathBuf, Vec<&str>)> = vec![
+        (
+            "max_sequence_length 2^42",
+            tiny_copy("huge-seq", |d| {
+                set_config(d, "max_sequence_length", serde_json::json!(1u64 << 42))
+            }),
+            vec!["max_sequence_length 4398046511104 is over the limit"],
+        ),
+        (
+            "n_layers 2^40",
+            tiny_copy("huge-layers", |d| {
+                set_config(d, "n_layers", serde_json::json!(1u64 << 40))
+            }),
+            vec!["n_layers 1099511627776 is over the limit"],
+        ),
+        (
+            "a NaN weight",
+            tiny_with_nan("tiny-nan-cli", "model.transformer.blocks.0.q_proj.weight"),
+            vec![
+                "'model.transformer.blocks.0.q_proj.weight'",
+                "non-finite value (NaN) at element 3",
+            ],
+        ),
+        (
+            "d_model a string",
+            tiny_copy("string-d-model", |d| {
+                set_config(d, "d_model", serde_json::json!("sixty-four"))
+            }),
+            vec!["\"d_model\": invalid type: string"],
+        ),
+        (
+            "data_offsets of the wrong length",
+            tiny_copy("bad-offsets", |d| {
+                let path = d.join("model.safetensors");
+                let mut bytes = std::fs::read(&path).unwrap();
+                let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+                let mut header: serde_json::Value =
+                    serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+                let name = "model.transformer.ln_f.weight";
+                let end = header[name]["data_offsets"][1].as_u64().unwrap();
+                header[name]["data_offsets"][1] = serde_json::json!(end - 4);
+                // The same length, padded with spaces as the format allows.
+                let mut text = header.to_string();
+                text.push_str(&" ".repeat(len - text.len()));
+                bytes.splice(8..8 + len, text.into_bytes());
+                std::fs::write(&path, bytes).unwrap();
+            }),
+            vec!["tensor 'model.transformer.ln_f.weight'", "takes 256 bytes"],
+        ),
+    ];
+    for (what, model, needles) in cases {
+        let (code, stderr) = generate(&model);
+        assert_eq!(code, 2, "{what}: exit code {code}\n{stderr}");
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "{what}: no {needle:?} in\n{stderr}"
+            );
+        }
+        for library in ["TensorInvalidInfo", "InvalidOffset", "not valid JSON"] {
+            assert!(!stderr.contains(library), "{what}: {library} in\n{stderr}");
+        }
+    }
+}
+
+/// A corrupt TLS file is a usage error (exit code 2) reported before the
+/// server says it listens, naming the file.
+#[test]
+fn corrupt_tls_files_are_refused_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let other_key = dir.path().join("other-key.pem");
+    std::fs::write(
+        &other_key,
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    for (what, cert, key, needle) in [
+        ("a corrupt certificate", &garbage, &key, "garbage.pem"),
+        ("a corrupt key", &cert, &garbage, "garbage.pem"),
+        (
+            "a key of another certificate",
+            &cert,
+            &other_key,
+            "other-key.pem",
+        ),
+    ] {
+        let out = command(
+            bin(),
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+        let stderr = support_bin::stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{what}:\n{stderr}");
+        assert!(
+            !stderr.contains("gRPC on"),
+            "{what}: banner first:\n{stderr}"
+        );
+        assert!(stderr.contains(needle), "{what}: no {needle}:\n{stderr}");
+    }
 }

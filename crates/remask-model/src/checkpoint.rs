@@ -391,25 +391,29 @@ impl Checkpoint {
 
 /// The first element of `bytes` (little-endian `dtype` values) that is NaN
 /// or infinite, and how it prints: a test of the exponent bits, over
-/// 1 MiB chunks in parallel.
+/// 1 MiB chunks in parallel. Each chunk is first tested without an early
+/// exit (a loop the compiler vectorises); only a chunk that fails is
+/// searched for the element.
 fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<(usize, String)> {
     const CHUNK: usize = 1 << 20;
     let size = dtype.size();
+    let bad = move |c: &[u8]| match dtype {
+        DType::F32 => u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000,
+        DType::BF16 => u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80,
+        DType::F16 => u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00,
+    };
     let found = bytes
         .par_chunks(CHUNK)
         .enumerate()
         .find_map_first(|(chunk, data)| {
-            let at = match dtype {
-                DType::F32 => data.chunks_exact(4).position(|c| {
-                    u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000
-                }),
-                DType::BF16 => data
-                    .chunks_exact(2)
-                    .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
-                DType::F16 => data
-                    .chunks_exact(2)
-                    .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
-            }?;
+            let any = match dtype {
+                DType::F32 => data.chunks_exact(4).fold(false, |a, c| a | bad(c)),
+                DType::BF16 | DType::F16 => data.chunks_exact(2).fold(false, |a, c| a | bad(c)),
+            };
+            if !any {
+                return None;
+            }
+            let at = data.chunks_exact(size).position(bad)?;
             Some(chunk * CHUNK / size + at)
         })?;
     let value = TensorRef {
