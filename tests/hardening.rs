@@ -761,3 +761,102 @@ fn corrupt_tls_files_are_refused_before_listening() {
         assert!(stderr.contains(needle), "{what}: no {needle}:\n{stderr}");
     }
 }
+
+/// An HTTP/1.1 POST of `body` on a fresh connection: the status code.
+fn http_post(addr: SocketAddr, path: &str, body: &[u8]) -> std::io::Result<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let head = String::from_utf8_lossy(&out[..out.len().min(64)]).into_owned();
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line: {head:?}")))
+}
+
+/// Fuzzed request bodies on the OpenAI routes: byte edits and extreme field
+/// values of valid bodies (a fixed-seed xorshift, 300 requests). Each gets a
+/// well-formed answer that is not a server error, and the server serves on.
+#[test]
+fn fuzzed_http_bodies_get_client_errors() {
+    let (server, _grpc, http) = serve("http-fuzz", &[], &[], &[]);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let completion = serde_json::json!({
+        "model": "remask", "prompt": "Hello", "max_tokens": 8, "steps": 8, "block_length": 8,
+        "temperature": 0.5, "seed": 1
+    });
+    let chat = serde_json::json!({
+        "model": "remask", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
+        "steps": 8, "stream": false
+    });
+    let extremes = [
+        serde_json::json!(-1),
+        serde_json::json!(0),
+        serde_json::json!(u64::MAX),
+        serde_json::json!(1e308),
+        serde_json::json!(-1e308),
+        serde_json::json!("x"),
+        serde_json::json!(null),
+        serde_json::json!([]),
+        serde_json::json!({}),
+        serde_json::json!(true),
+    ];
+    for i in 0..300 {
+        let (path, base) = if i % 2 == 0 {
+            ("/v1/completions", &completion)
+        } else {
+            ("/v1/chat/completions", &chat)
+        };
+        let body: Vec<u8> = if next() % 2 == 0 {
+            let mut v = base.clone();
+            let keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            for _ in 0..1 + next() % 3 {
+                let key = &keys[(next() % keys.len() as u64) as usize];
+                v[key] = extremes[(next() % extremes.len() as u64) as usize].clone();
+            }
+            v.to_string().into_bytes()
+        } else {
+            let mut b = base.to_string().into_bytes();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % b.len() as u64) as usize;
+                match next() % 3 {
+                    0 => b[at] = next() as u8,
+                    1 => {
+                        b.remove(at);
+                    }
+                    _ => b.insert(at, b"{}[]\",:0-e\\"[(next() % 11) as usize]),
+                }
+            }
+            b
+        };
+        let status = http_post(http, path, &body).unwrap_or_else(|e| {
+            panic!(
+                "{path} {}: no answer: {e}\n{}",
+                String::from_utf8_lossy(&body),
+                server.log()
+            )
+        });
+        assert!(
+            (200..500).contains(&status) && status != 408,
+            "{path} {}: status {status}\n{}",
+            String::from_utf8_lossy(&body),
+            server.log()
+        );
+    }
+    let answer = http_get(http, "/health").unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
