@@ -400,6 +400,11 @@ fn accept_backs_off_at_the_descriptor_limit() {
     let used = server.cpu_time() - before;
     eprintln!("CPU time of the server in 2 s at its descriptor limit: {used:?}");
     assert!(
+        server.log().contains("Too many open files"),
+        "the server never reached its descriptor limit:\n{}",
+        server.log()
+    );
+    assert!(
         used < Duration::from_millis(300),
         "the server used {used:?} of CPU in 2 s at its descriptor limit\n{}",
         server.log()

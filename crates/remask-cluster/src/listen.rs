@@ -39,7 +39,7 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const MAX_REFUSING: usize = 64;
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-connection: close\r\ncontent-length: 99\r\n\r\n\
+connection: close\r\ncontent-length: 95\r\n\r\n\
 {\"error\":{\"message\":\"too many open connections\",\"type\":\"server_error\",\"param\":null,\"code\":503}}";
 
 /// What a listener tolerates from its clients.
