@@ -355,6 +355,47 @@ fn generate_rejects_unknown_remasking() {
 }
 
 #[test]
+fn generate_rejects_bad_commit_rules_naming_the_flag() {
+    let base = "--prompt-ids 1,2 --gen-length 8 --block-length 8";
+    for (rule, mentions) in [
+        ("--threshold 0", &["threshold", "(0, 1]"][..]),
+        ("--threshold 1.5", &["threshold", "1.5"]),
+        ("--threshold nan", &["threshold", "NaN"]),
+        ("--factor 0", &["factor", "> 0"]),
+        ("--factor -1", &["factor", "-1"]),
+        ("--entropy -0.5", &["entropy", "-0.5"]),
+        ("--entropy inf", &["entropy", "inf"]),
+        ("--threshold 0.9 --factor 1", &["--threshold", "--factor"]),
+        ("--threshold x", &["--threshold", "x"]),
+    ] {
+        let out = generate_tiny(&format!("{base} {rule}"));
+        assert_user_error(&out, mentions);
+    }
+}
+
+/// The adaptive rules need no --steps, report their forwards, and keep their
+/// answer with and without early stop.
+#[test]
+fn generate_with_a_commit_rule() {
+    let base = "--prompt-ids 5,6,7 --gen-length 32 --block-length 8 --factor 3";
+    let early = json_output(&generate_tiny(base));
+    let full = json_output(&generate_tiny(&format!("{base} --no-early-stop")));
+    assert_eq!(early["rule"], "factor=3", "{early}");
+    let forwards = full["forwards"].as_u64().expect("forwards");
+    assert!(
+        (4..32).contains(&forwards),
+        "factor 3 should commit several tokens per forward: {full}"
+    );
+    assert_eq!(full["steps"], full["forwards"]);
+    assert!(early["forwards"].as_u64() <= Some(forwards));
+    assert_eq!(early["text"], full["text"]);
+    assert_eq!(early["finish_reason"], full["finish_reason"]);
+    // --steps, when given, is checked as for the fixed rule
+    let out = generate_tiny(&format!("{base} --steps 3"));
+    assert_user_error(&out, &["steps 3", "blocks 4"]);
+}
+
+#[test]
 fn generate_rejects_negative_temperature() {
     let out = generate_tiny(
         "--prompt-ids 1,2 --gen-length 8 --block-length 8 --steps 8 --temperature -1",
@@ -1296,14 +1337,32 @@ fn eval_reports_every_section_on_stdout_and_in_json() {
         assert_eq!(k["answers"].as_array().map(Vec::len), Some(2), "{k}");
     }
 
-    // k = 1, 2, 4, 8 tokens per step, each without and with blocks of 8.
+    // The fixed rule at k = 1, 2, 4, 8 tokens per step, each without and
+    // with blocks of 8, then nine settings of the adaptive rules.
     let rows = v["sweep"]["rows"].as_array().expect("sweep.rows");
-    assert_eq!(rows.len(), 8, "{v}");
-    for r in rows {
+    assert_eq!(rows.len(), 17, "{v}");
+    assert_eq!(
+        rows[0]["agreement_with_k1"], 1.0,
+        "the baseline agrees with itself"
+    );
+    for (i, r) in rows.iter().enumerate() {
         assert_fraction(r, "exact_match");
         assert_fraction(r, "f1");
-        let steps = r["steps"].as_f64().expect("steps");
-        assert_eq!(r["forwards_per_answer"].as_f64(), Some(steps), "{r}");
+        assert_fraction(r, "agreement_with_k1");
+        let forwards = r["forwards_per_answer"].as_f64().expect("forwards");
+        if i < 8 {
+            // early stop: at most the schedule's steps
+            let steps = r["steps"].as_f64().expect("steps");
+            assert!((1.0..=steps).contains(&forwards), "{r}");
+            assert_eq!(r["rule"], "fixed", "{r}");
+        } else {
+            assert!((1.0..=16.0).contains(&forwards), "{r}");
+            assert_ne!(r["rule"], "fixed", "{r}");
+        }
+        assert!(
+            r["tokens_per_forward"].as_f64().is_some_and(|t| t >= 1.0),
+            "{r}"
+        );
         assert!(
             r["ms_per_answer"].as_f64().is_some_and(|ms| ms >= 0.0),
             "{r}"

@@ -391,8 +391,9 @@ fn worker(logs: &Logs, id: &str, etcd: Option<&Etcd>) -> Server {
     Server::start(logs, id, &format!("remask worker {id}:"), &args, &[])
 }
 
-/// `remask coordinator --stages N` with `discovery` (`--etcd URL` or `--workers A,B`).
-/// Logs at info level for `remask_cluster`, so the stage assignments can be read.
+/// `remask coordinator --stages N` with `discovery` (`--etcd URL` or `--workers A,B`)
+/// and any further flags. Logs at info level for `remask_cluster`, so the stage
+/// assignments can be read.
 fn coordinator(logs: &Logs, model: &Path, stages: usize, discovery: &[&str]) -> Server {
     let mut args = argv(
         &format!("coordinator --listen 127.0.0.1:0 --stages {stages} --model"),
@@ -494,12 +495,14 @@ fn remote_json(logs: &Logs, endpoint: &str, request: &[String]) -> Value {
 }
 
 /// The fields of a result that must not depend on where it was computed.
-const SAME_FIELDS: [&str; 8] = [
+const SAME_FIELDS: [&str; 10] = [
     "token_ids",
     "prompt_ids",
     "generated_ids",
     "text",
     "steps",
+    "forwards",
+    "finish_reason",
     "gen_length",
     "block_length",
     "random_weights",
@@ -572,8 +575,52 @@ fn assert_unavailable_fast(logs: &Logs, endpoint: &str, when: &str) -> Duration 
     took
 }
 
-/// Sampler configurations for the equivalence tests: (name, request arguments).
+/// The commit rules at settings where the `small` preset's random weights
+/// commit several tokens in some steps and one in others (4 blocks of 8:
+/// 19, 8 and 10 forwards for 32 tokens), for the equivalence tests.
+fn rule_configs() -> Vec<(&'static str, Vec<String>)> {
+    vec![
+        (
+            "threshold 0.3",
+            argv(
+                "--prompt-ids 7,8,9 --gen-length 32 --block-length 8 --threshold 0.3",
+                &[],
+            ),
+        ),
+        (
+            "factor 4",
+            argv(
+                "--prompt-ids 7,8,9 --gen-length 32 --block-length 8 --factor 4",
+                &[],
+            ),
+        ),
+        (
+            "entropy 10, temperature 0.6",
+            argv(
+                "--prompt-ids 7,8,9 --gen-length 32 --block-length 8 --entropy 10 --temperature 0.6 --seed 4",
+                &[],
+            ),
+        ),
+        (
+            "factor 4, cfg 1, no early stop",
+            argv(
+                "--prompt-ids 5,6 --gen-length 16 --block-length 8 --factor 4 --cfg-scale 1 --no-early-stop",
+                &[],
+            ),
+        ),
+    ]
+}
+
+/// Sampler configurations for the equivalence tests: (name, request
+/// arguments); the commit rules last.
 fn sampler_configs() -> Vec<(&'static str, Vec<String>)> {
+    let mut configs = fixed_configs();
+    configs.extend(rule_configs());
+    configs
+}
+
+/// The fixed schedule's configurations.
+fn fixed_configs() -> Vec<(&'static str, Vec<String>)> {
     vec![
         (
             "greedy, one block",
@@ -704,8 +751,9 @@ fn static_cluster_matches_in_process() {
     }
 }
 
-/// 8 concurrent requests of different lengths and settings to one `serve`
-/// share forward passes; each gets exactly its solo in-process result.
+/// 10 concurrent requests of different lengths, settings and commit rules to
+/// one `serve` share forward passes; each gets exactly its solo in-process
+/// result.
 #[test]
 fn concurrent_requests_get_their_solo_results() {
     let logs = Logs::new("concurrent_requests_get_their_solo_results");
@@ -746,6 +794,15 @@ fn concurrent_requests_get_their_solo_results() {
             "--chat --gen-length 64 --steps 32 --block-length 32 --logits-eos-inf --prompt",
             &["hello"],
         ),
+        // The adaptive rules batched with the fixed schedule.
+        argv(
+            "--prompt-ids 7,8,9 --gen-length 32 --block-length 8 --threshold 0.3",
+            &[],
+        ),
+        argv(
+            "--prompt-ids 9,8,7,6 --gen-length 24 --block-length 8 --entropy 10",
+            &[],
+        ),
     ];
     let solo: Vec<Value> = requests.iter().map(|r| local(model, r)).collect();
     wait_serving(&logs, &server.addr, READY_TIMEOUT);
@@ -757,7 +814,7 @@ fn concurrent_requests_get_their_solo_results() {
         .collect();
     let outputs: Vec<Output> = pending.into_iter().map(Pending::wait).collect();
     let wall = start.elapsed();
-    eprintln!("8 concurrent requests done in {wall:?}");
+    eprintln!("{} concurrent requests done in {wall:?}", requests.len());
     let mut busy_ms = 0.0;
     for (i, (out, want)) in outputs.iter().zip(&solo).enumerate() {
         let got = parse_json(out).unwrap_or_else(|e| {
@@ -785,7 +842,8 @@ fn concurrent_requests_get_their_solo_results() {
     );
 }
 
-/// kill -9 of a worker mid-request: the request fails with UNAVAILABLE at once,
+/// kill -9 of a worker mid-request without a spare: the request waits
+/// `--failover-timeout` (1 s here) for a worker, then fails with UNAVAILABLE;
 /// new requests fail fast while its stage is empty, and a new worker restores
 /// service with the in-process ids.
 #[test]
@@ -803,7 +861,12 @@ fn worker_crash_fails_in_flight_then_recovers() {
         worker(&logs, "w0", Some(&etcd)),
         worker(&logs, "w1", Some(&etcd)),
     ];
-    let coord = coordinator(&logs, model, 2, &["--etcd", &etcd.endpoint]);
+    let coord = coordinator(
+        &logs,
+        model,
+        2,
+        &["--etcd", &etcd.endpoint, "--failover-timeout", "1"],
+    );
     wait_serving(&logs, &coord.addr, READY_TIMEOUT);
     let assigned = assignments(&coord);
     let victim_id = assigned
@@ -859,6 +922,10 @@ fn worker_crash_fails_in_flight_then_recovers() {
         describe(&out)
     );
     eprintln!("in-flight request failed {failed_after:?} after the kill");
+    assert!(
+        failed_after >= Duration::from_millis(900),
+        "the in-flight request must wait --failover-timeout for a worker first: it failed after {failed_after:?}"
+    );
 
     // No replacement yet: fail fast, before and after the dead worker's lease
     // expires (TTL 2 s) and while the coordinator retries it.
@@ -887,6 +954,143 @@ fn worker_crash_fails_in_flight_then_recovers() {
         "stage 0 stays on its worker; stage 1 goes to the new one\n{}",
         logs.dump()
     );
+}
+
+/// kill -9 of a worker mid-request with a spare registered: every in-flight
+/// request (unary and streaming, fixed schedule and adaptive rules) waits
+/// for the spare to take the stage over and finishes with its solo ids.
+#[test]
+fn in_flight_requests_survive_a_worker_crash() {
+    use remask_proto::v1 as pb;
+    let logs = Logs::new("in_flight_requests_survive_a_worker_crash");
+    let model = small();
+    let etcd = Etcd::start();
+    let mut workers: Vec<Server> = (0..3)
+        .map(|i| worker(&logs, &format!("w{i}"), Some(&etcd)))
+        .collect();
+    let coord = coordinator(&logs, model, 2, &["--etcd", &etcd.endpoint]);
+    wait_serving(&logs, &coord.addr, READY_TIMEOUT);
+    let before = assignments(&coord);
+    let victim_id = before[&1].clone();
+    let victim = workers
+        .iter()
+        .position(|w| w.name == victim_id)
+        .expect("stage 1 is on a known worker");
+
+    // Long enough to be in flight when the worker dies (hundreds of steps).
+    let unary = [
+        argv(
+            "--prompt-ids 1,2,3 --gen-length 160 --steps 160 --block-length 32",
+            &[],
+        ),
+        argv(
+            "--prompt-ids 4,5 --gen-length 128 --steps 128 --block-length 64 --temperature 0.8 --seed 3",
+            &[],
+        ),
+        argv(
+            "--prompt-ids 7,8,9 --gen-length 192 --block-length 8 --factor 1 --no-early-stop",
+            &[],
+        ),
+    ];
+    let t = Instant::now();
+    let solo: Vec<Value> = unary.iter().map(|r| local(model, r)).collect();
+    eprintln!("solo runs took {:?}", t.elapsed());
+    let stream_request = pb::GenerateRequest {
+        prompt_ids: vec![6, 5, 4, 3],
+        gen_length: Some(128),
+        steps: Some(128),
+        block_length: Some(32),
+        full_canvas: true,
+        ..Default::default()
+    };
+    let stream_solo = local(
+        model,
+        &argv(
+            "--prompt-ids 6,5,4,3 --gen-length 128 --steps 128 --block-length 32 --no-early-stop",
+            &[],
+        ),
+    );
+    let mut pending: Vec<Pending> = unary
+        .iter()
+        .map(|r| Pending::spawn(&remote_args(&coord.addr, r)))
+        .collect();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let endpoint = format!("http://{}", coord.addr);
+    let streamed = rt.spawn(async move {
+        let mut client = pb::generation_client::GenerationClient::connect(endpoint)
+            .await
+            .expect("connect");
+        let mut stream = client
+            .generate_stream(stream_request)
+            .await
+            .expect("stream starts")
+            .into_inner();
+        let mut steps = 0;
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => match m.event {
+                    Some(pb::generate_stream_response::Event::Step(_)) => steps += 1,
+                    Some(pb::generate_stream_response::Event::Done(d)) => return Ok((steps, d)),
+                    None => return Err("an empty message".to_string()),
+                },
+                Ok(None) => return Err("the stream ended without a result".to_string()),
+                Err(status) => return Err(format!("{}: {}", status.code(), status.message())),
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(1000));
+    assert!(
+        pending.iter_mut().all(Pending::is_running),
+        "a request finished before the crash: make them longer"
+    );
+    workers[victim].crash();
+    let killed_at = Instant::now();
+    for (i, (p, want)) in pending.iter_mut().zip(&solo).enumerate() {
+        let Some(out) = p.wait_timeout(Duration::from_secs(120)) else {
+            panic!(
+                "request {i} still runs 120 s after the crash
+=== server logs ==={}",
+                logs.dump()
+            )
+        };
+        let got = parse_json(&out).unwrap_or_else(|e| {
+            panic!(
+                "request {i} failed after the crash: {e}
+=== server logs ==={}",
+                logs.dump()
+            )
+        });
+        assert_same(&format!("request {i} across the crash"), &got, want);
+    }
+    let (steps, done) = rt.block_on(streamed).unwrap().unwrap_or_else(|e| {
+        panic!(
+            "the stream failed: {e}
+=== server logs ==={}",
+            logs.dump()
+        )
+    });
+    assert_eq!(
+        steps, 128,
+        "one step message per step, none lost or repeated"
+    );
+    assert_eq!(
+        serde_json::json!(done.generated_ids),
+        stream_solo["generated_ids"],
+        "the streamed request across the crash"
+    );
+    eprintln!(
+        "every in-flight request finished {:?} after the crash",
+        killed_at.elapsed()
+    );
+    let after = assignments(&coord);
+    assert_ne!(
+        after[&1],
+        victim_id,
+        "stage 1 moved to the spare
+{}",
+        logs.dump()
+    );
+    assert_eq!(after[&0], before[&0], "stage 0 stayed");
 }
 
 /// 3 workers for 2 stages: SIGTERM of an assigned worker hands its stage to
@@ -1323,7 +1527,8 @@ fn tensor_parallel_workers_match_in_process() {
     let workers = format!("{},{}", a.addr, b.addr);
     let coordinator = coordinator(&logs, small(), 2, &["--workers", &workers]);
     wait_serving(&logs, &coordinator.addr, READY_TIMEOUT);
-    for (name, request) in sampler_configs().into_iter().take(4) {
+    let configs = fixed_configs().into_iter().take(4).chain(rule_configs());
+    for (name, request) in configs {
         let got = remote_json(&logs, &coordinator.addr, &request);
         assert_same(
             &format!("TP=2 x 2 stages, {name}"),

@@ -84,7 +84,8 @@ class Cli:
     def command(self, *, prompt_ids=None, prompt=None, chat=False, suffix=None, gen_length=None,
                 steps=None, block_length=None, remasking=None, temperature=None, cfg_scale=None,
                 seed=None, logits_eos_inf=False, confidence_eos_eot_inf=False, endpoint=None,
-                api_key=None) -> list:
+                api_key=None, threshold=None, factor=None, entropy=None,
+                full_canvas=False) -> list:
         cmd = [str(self.bin), "generate", "--json"]
         cmd += ["--model", str(self.model)] if endpoint is None else ["--endpoint", endpoint]
         if api_key is not None:
@@ -99,7 +100,8 @@ class Cli:
             cmd += ["--suffix", suffix]
         for flag, v in (("--gen-length", gen_length), ("--steps", steps),
                         ("--block-length", block_length), ("--temperature", temperature),
-                        ("--cfg-scale", cfg_scale), ("--seed", seed)):
+                        ("--cfg-scale", cfg_scale), ("--seed", seed),
+                        ("--threshold", threshold), ("--factor", factor), ("--entropy", entropy)):
             if v is not None:
                 cmd += [flag, repr(v) if isinstance(v, float) else str(v)]
         if remasking is not None:
@@ -108,6 +110,8 @@ class Cli:
             cmd.append("--logits-eos-inf")
         if confidence_eos_eot_inf:
             cmd.append("--confidence-eos-eot-inf")
+        if full_canvas:
+            cmd.append("--no-early-stop")
         return cmd
 
     def run(self, **kw) -> subprocess.CompletedProcess:

@@ -38,11 +38,16 @@ def cli_kwargs(settings: dict) -> dict:
     return out
 
 
+FINISH_NAMES = {1: "stop", 2: "length"}
+
+
 def assert_same_result(got, want: dict, what: str = ""):
     assert list(got.token_ids) == want["token_ids"], f"{what} token_ids differ from the CLI"
     assert list(got.generated_ids) == want["generated_ids"], f"{what} generated_ids differ from the CLI"
     assert got.text == want["text"], f"{what} text differs from the CLI"
     assert got.steps == want["steps"], f"{what} steps differ from the CLI"
+    assert got.forwards == want["forwards"], f"{what} forwards differ from the CLI"
+    assert FINISH_NAMES[got.finish_reason] == want["finish_reason"], f"{what} finish_reason differs"
     assert got.prompt_length == len(want["prompt_ids"])
 
 
@@ -155,7 +160,9 @@ def test_text_is_the_answer_up_to_the_first_eos(stubs, gen_stub, model_dir, mode
     stops = {model_config["eos_token_id"], tok.token_to_id("<|eot_id|>")}
     cut_cases = 0
     for seed in range(40):
-        s = dict(gen_length=64, steps=32, block_length=32, temperature=1.0, seed=seed)
+        # the whole canvas (no early stop), so that words after the EOS remain
+        s = dict(gen_length=64, steps=32, block_length=32, temperature=1.0, seed=seed,
+                 full_canvas=True)
         resp = gen_stub.Generate(make_request(stubs.pb, prompt_ids=PROMPT_IDS, **s), timeout=60)
         ids = list(resp.generated_ids)
         first = next((i for i, t in enumerate(ids) if t in stops), len(ids))
@@ -293,6 +300,13 @@ def _error_cases(cfg):
         "inf_cfg_scale": with_(cfg_scale=float("inf")),
         "unknown_remasking": with_(remasking=7),
         "more_steps_than_tokens": with_(gen_length=8, steps=16, block_length=8),
+        "threshold_zero": with_(threshold=0.0),
+        "threshold_above_one": with_(threshold=1.5),
+        "threshold_nan": with_(threshold=float("nan")),
+        "factor_zero": with_(factor=0.0),
+        "entropy_negative": with_(entropy=-1.0),
+        "entropy_inf": with_(entropy=float("inf")),
+        "two_rules": with_(threshold=0.9, factor=1.0),
     }
 
 
@@ -308,7 +322,14 @@ ERROR_CASE_NAMES = [
     "empty_prompt_text_chat", "whitespace_prompt_text", "chat_with_prompt_ids", "token_id_outside_vocabulary", "token_id_u32_max",
     "mask_token_in_prompt", "over_max_sequence_length", "negative_temperature", "nan_temperature",
     "negative_cfg_scale", "inf_cfg_scale", "unknown_remasking", "more_steps_than_tokens",
+    "threshold_zero", "threshold_above_one", "threshold_nan", "factor_zero", "entropy_negative",
+    "entropy_inf", "two_rules",
 ]
+
+# The field each rule error must name.
+RULE_ERROR_FIELD = {"threshold_zero": "threshold", "threshold_above_one": "threshold",
+                    "threshold_nan": "threshold", "factor_zero": "factor",
+                    "entropy_negative": "entropy", "entropy_inf": "entropy", "two_rules": "threshold"}
 
 
 @pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
@@ -324,6 +345,8 @@ def test_invalid_argument(case, rpc, stubs, gen_stub, model_config):
     err = ei.value
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{case}: got {err.code()} ({err.details()!r})"
     assert err.details(), f"{case}: empty error message"
+    if case in RULE_ERROR_FIELD:
+        assert RULE_ERROR_FIELD[case] in err.details(), f"{case}: {err.details()!r} names no field"
     assert_still_serving(stubs, gen_stub)
 
 
@@ -388,3 +411,58 @@ def test_huge_steps_is_refused_and_server_survives(stubs, gen_stub, server):
 
 def test_server_process_alive(server):
     assert server.proc.poll() is None, f"server exited:\n{server.log()}"
+
+
+# --------------------------------------------------------------------------- commit rules, early stop
+
+# The tiny random model is unsure of most positions: these settings commit
+# several tokens in some steps and one in others (checked below).
+RULE_SETTINGS = {
+    "threshold": dict(gen_length=32, block_length=8, threshold=0.05),
+    "factor": dict(gen_length=32, block_length=8, factor=3.0),
+    "entropy": dict(gen_length=32, block_length=8, entropy=8.0),
+    "entropy_temperature": dict(gen_length=24, block_length=8, entropy=8.0, temperature=0.7, seed=5),
+    "factor_full_canvas": dict(gen_length=16, block_length=8, factor=3.0, full_canvas=True),
+}
+
+
+@pytest.mark.parametrize("name", list(RULE_SETTINGS))
+def test_commit_rules_match_the_cli(name, stubs, gen_stub, cli):
+    s = RULE_SETTINGS[name]
+    want = cli.generate(prompt_ids=PROMPT_IDS, **s)
+    got = gen_stub.Generate(make_request(stubs.pb, prompt_ids=PROMPT_IDS, **s), timeout=60)
+    assert_same_result(got, want, name)
+    # fewer forwards than tokens: some steps committed several
+    assert got.forwards < s["gen_length"], f"{name}: {got.forwards} forwards for {s['gen_length']} tokens"
+    assert got.completion_tokens <= s["gen_length"]
+
+
+def test_stream_shows_several_commits_per_step(stubs, gen_stub):
+    s = RULE_SETTINGS["factor"]
+    req = make_request(stubs.pb, prompt_ids=PROMPT_IDS, **s)
+    msgs = list(gen_stub.GenerateStream(req, timeout=60))
+    steps, done = [m.step for m in msgs[:-1]], msgs[-1].done
+    assert len(steps) == done.forwards == done.steps
+    assert max(len(u.positions) for u in steps) >= 2, "no step committed several tokens"
+    assert sum(len(u.positions) for u in steps) <= s["gen_length"]
+    # the final text only grows, and ends as the answer's text
+    texts = [u.final_text for u in steps]
+    for a, b in zip(texts, texts[1:]):
+        assert b.startswith(a), f"final text shrank: {a!r} -> {b!r}"
+    assert done.text.startswith(texts[-1])
+
+
+def test_full_canvas_runs_every_step_and_keeps_the_answer(stubs, gen_stub):
+    """Early stop changes only the forward count and what follows the answer."""
+    pb = stubs.pb
+    for seed in range(12):
+        s = dict(gen_length=32, steps=32, block_length=32, temperature=1.0, seed=seed)
+        early = gen_stub.Generate(make_request(pb, prompt_ids=PROMPT_IDS, **s), timeout=60)
+        full = gen_stub.Generate(make_request(pb, prompt_ids=PROMPT_IDS, full_canvas=True, **s),
+                                 timeout=60)
+        assert full.steps == 32 and full.forwards == 32
+        assert early.text == full.text and early.finish_reason == full.finish_reason
+        n = early.completion_tokens
+        assert n == full.completion_tokens
+        assert list(early.generated_ids[:n]) == list(full.generated_ids[:n])
+        assert early.forwards <= full.forwards

@@ -21,7 +21,8 @@ METRIC_NAMES = [
     "remask:request_success_total",
     "remask:e2e_request_latency_seconds_bucket",
     "remask:time_per_denoising_step_seconds",
-    "remask:tokens_committed_per_step",
+    "remask:tokens_committed_per_forward",
+    "remask:forwards_per_request",
     "remask:stage_forward_time_seconds",
     "remask:workers",
     "remask:shard_coverage",
@@ -225,7 +226,8 @@ def test_metrics_need_no_key_and_name_everything(curl, server, model_id):
     label = f'model_name="{model_id}"'
     for sample in ("remask:num_requests_running", "remask:prompt_tokens_total", "remask:generation_tokens_total",
                    "remask:e2e_request_latency_seconds_count", "remask:request_queue_time_seconds_count",
-                   "remask:time_per_denoising_step_seconds_count", "remask:tokens_committed_per_step_count",
+                   "remask:time_per_denoising_step_seconds_count", "remask:tokens_committed_per_forward_count",
+                   "remask:forwards_per_request_count",
                    "remask:stage_forward_time_seconds_count", "remask:workers", "remask:shard_coverage"):
         assert any(line.startswith(sample + "{") and label in line for line in text.splitlines()), \
             f"no {sample}{{{label}...}} sample"
@@ -264,15 +266,23 @@ def test_metrics_grow_after_a_request(curl, server, client, model_id):
     assert delta("remask:request_success_total", **label) == 1
     assert delta("remask:request_success_total", finished_reason=reason, **label) == 1
     assert delta("remask:prompt_tokens_total", **label) == got.usage.prompt_tokens
-    assert delta("remask:generation_tokens_total", **label) == got.usage.completion_tokens == 16
+    # the answer's tokens (before any stop token), not the canvas
+    completion = got.usage.completion_tokens
+    assert delta("remask:generation_tokens_total", **label) == completion
+    assert completion == 16 or (completion < 16 and reason == "stop")
     assert delta("remask:e2e_request_latency_seconds_count", **label) == 1
     assert delta("remask:e2e_request_latency_seconds_sum", **label) > 0
     assert delta("remask:request_queue_time_seconds_count", **label) == 1
-    # 8 steps for this request, each committing 2 tokens
-    assert delta("remask:tokens_committed_per_step_count", **label) == 8
-    assert delta("remask:tokens_committed_per_step_sum", **label) == 16
-    assert delta("remask:time_per_denoising_step_seconds_count", **label) >= 8
-    assert delta("remask:stage_forward_time_seconds_count", **label) >= 8
+    # one sample per forward pass, each committing 2 tokens (8 steps for 16
+    # tokens, fewer when the answer ended early)
+    forwards = got.model_extra["remask"]["forwards"]
+    assert 1 <= forwards <= 8 and (forwards == 8 or reason == "stop")
+    assert delta("remask:tokens_committed_per_forward_count", **label) == forwards
+    assert delta("remask:tokens_committed_per_forward_sum", **label) == 2 * forwards
+    assert delta("remask:forwards_per_request_count", **label) == 1
+    assert delta("remask:forwards_per_request_sum", **label) == forwards
+    assert delta("remask:time_per_denoising_step_seconds_count", **label) >= forwards
+    assert delta("remask:stage_forward_time_seconds_count", **label) >= forwards
     # the +Inf bucket of a histogram is its count
     assert delta("remask:e2e_request_latency_seconds_bucket", le="+Inf", **label) == 1
     assert _value(after, "remask:num_requests_running", **label) == 0
@@ -328,7 +338,8 @@ def test_raw_sse_one_event_per_step(endpoint, steps, block, server, cli, model_i
             generated[p - prompt_len] = t
     assert generated == want["generated_ids"]
     final = events[-1]
-    assert "remask" not in final
+    # the result's own fields, not a step's
+    assert "step" not in final["remask"] and final["remask"]["forwards"] == steps
     assert final["choices"][0]["finish_reason"] == ("stop" if model_config["eos_token_id"] in want["generated_ids"]
                                                     else "length")
     assert len({ev["id"] for ev in events}) == 1

@@ -233,7 +233,9 @@ def test_completion_stream_matches_non_streamed(client, cli, model_id, model_con
         == expected_finish(want, model_config)
     steps = [c.model_extra["remask"]["step"] for c in chunks[:-1]]
     assert steps == list(range(16))
-    assert "remask" not in (chunks[-1].model_extra or {})
+    # the last chunk carries the result's fields, not a step's
+    assert "step" not in chunks[-1].model_extra["remask"]
+    assert chunks[-1].model_extra["remask"]["forwards"] == 16
     text = "".join(c.choices[0].text for c in chunks)
     assert text == full.choices[0].text == want["text"]
 
@@ -329,8 +331,14 @@ def test_stream_invalid_request_is_an_error_before_streaming(client, model_id):
     (16, {"n": 2}),
     (16, {"temperature": -1.0}),
     (1000, {}),                                   # beyond max_sequence_length
+    (16, {"threshold": 0}),
+    (16, {"threshold": 1.5}),
+    (16, {"factor": -2}),
+    (16, {"entropy": -0.1}),
+    (16, {"threshold": 0.9, "entropy": 1.0}),     # two rules
 ], ids=["block", "steps>max_tokens", "steps-blocks", "steps0", "max_tokens0", "remasking", "n2",
-        "temperature", "too-long"])
+        "temperature", "too-long", "threshold0", "threshold1.5", "factor-2", "entropy-0.1",
+        "two-rules"])
 def test_completion_bad_request(max_tokens, extra, client, model_id):
     with pytest.raises(openai.BadRequestError) as ei:
         client.completions.create(model=model_id, prompt=TEXT, max_tokens=max_tokens, extra_body=extra)
@@ -494,3 +502,37 @@ def test_unready_cluster_unavailable(unready, make_client, model_id):
     # keys are still checked first
     e = _auth_error(make_client, unready, _completion(model_id), Authorization=openai.Omit())
     assert e.status_code == 401
+
+
+# --------------------------------------------------------------------------- commit rules, early stop
+
+
+@pytest.mark.parametrize("rule", [{"threshold": 0.05}, {"factor": 3.0}, {"entropy": 8.0}],
+                         ids=["threshold", "factor", "entropy"])
+def test_commit_rules_as_extra_fields_match_cli(rule, client, cli, model_id):
+    want = cli.generate(prompt=TEXT, gen_length=32, block_length=8, **rule)
+    got = client.completions.create(model=model_id, prompt=TEXT, max_tokens=32,
+                                    extra_body={"block_length": 8, **rule})
+    remask = got.model_extra["remask"]
+    assert got.choices[0].text == want["text"]
+    assert remask["generated_ids"] == want["generated_ids"]
+    assert remask["forwards"] == want["forwards"] < 32, "no step committed several tokens"
+    assert got.choices[0].finish_reason == want["finish_reason"]
+
+
+def test_rule_errors_name_the_field(client, model_id):
+    for extra, field in (({"threshold": 1.5}, "threshold"), ({"factor": 0}, "factor"),
+                         ({"entropy": -1}, "entropy"), ({"factor": 1, "entropy": 1}, "entropy")):
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.completions.create(model=model_id, prompt=TEXT, max_tokens=16, extra_body=extra)
+        assert field in ei.value.body["message"], (extra, ei.value.body)
+
+
+def test_full_canvas_runs_every_step(client, model_id):
+    body = {"steps": 16, "block_length": 16, "full_canvas": True}
+    got = client.completions.create(model=model_id, prompt=TEXT, max_tokens=16, extra_body=body)
+    assert got.model_extra["remask"]["forwards"] == 16
+    early = client.completions.create(model=model_id, prompt=TEXT, max_tokens=16,
+                                      extra_body={"steps": 16, "block_length": 16})
+    assert early.choices[0].text == got.choices[0].text
+    assert early.model_extra["remask"]["forwards"] <= 16

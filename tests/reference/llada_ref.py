@@ -292,44 +292,222 @@ def _top2_margin(row):
     return float(top[1] - top[0]) / scale
 
 
+def _rel(a, b):
+    """Relative distance |a - b| / max(|a|, |b|) of two decision values; inf when either is not
+    finite (an infinite value is never a near-tie: its side is fixed, not numerical)."""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return math.inf
+    scale = max(abs(a), abs(b))
+    return abs(a - b) / scale if scale > 0 else 0.0
+
+
+def _adjacent_margin(values, upto):
+    """Smallest _rel between neighbours values[j], values[j + 1] for j < upto (pairs that are
+    both infinite are skipped: their order is fixed by position)."""
+    m = math.inf
+    for j in range(min(upto, len(values) - 1)):
+        a, b = values[j], values[j + 1]
+        if math.isinf(a) and math.isinf(b):
+            continue
+        m = min(m, _rel(a, b))
+    return m
+
+
+# Every rule below takes the candidates as a list of (position, value) and returns
+# (positions to commit, in rank order; {"threshold": margin, "order": margin}), where
+# "threshold" is the smallest relative distance of a compared value to what it was compared
+# with, and "order" the smallest relative gap between neighbours in the order whose swap could
+# change the decision.
+
+def _by_confidence(cands):
+    return sorted(cands, key=lambda pc: (-pc[1], pc[0]))  # descending, ties: lower position
+
+
+def select_threshold(cands, tau):
+    """Every candidate with confidence >= tau, and always the most confident one."""
+    ranked = _by_confidence(cands)
+    chosen = [p for p, c in ranked if c >= tau]
+    if not chosen:
+        chosen = [ranked[0][0]]
+    th = min([_rel(c, tau) for _, c in ranked] or [math.inf])
+    order = math.inf
+    if len(chosen) == 1 and len(ranked) > 1 and ranked[0][1] < tau:
+        # nothing passed: which one is the most confident decides
+        if ranked[0][1] != -math.inf:
+            order = _rel(ranked[0][1], ranked[1][1])
+    return chosen, {"threshold": th, "order": order}
+
+
+def factor_threshold(f, i):
+    """The threshold of 0-based rank i under factor f: -1 for i = 0, else 1 - f / (n + 1), n = i + 1."""
+    return -1.0 if i == 0 else 1.0 - f / (i + 2)
+
+
+def select_factor(cands, f):
+    """Fast-dLLM's dynamic rule: ranked c_1 >= c_2 >= ..., take up to the first failure of
+    c_n >= 1 - f/(n+1); at least one; all when the first failure is the last or none fails."""
+    ranked = _by_confidence(cands)
+    c = [v for _, v in ranked]
+    n = len(c)
+    fail = None
+    for i in range(n):
+        if c[i] < factor_threshold(f, i):
+            fail = i
+            break
+    if fail is None or fail == n - 1:
+        take = n
+    elif fail == 0:
+        take = 1
+    else:
+        take = fail
+    last = n - 1 if fail is None else fail       # the last rank that was compared
+    th = min([_rel(c[i], factor_threshold(f, i)) for i in range(1, last + 1)] or [math.inf])
+    return [p for p, _ in ranked[:take]], {"threshold": th, "order": _adjacent_margin(c, last)}
+
+
+def select_entropy(cands, gamma):
+    """EB-sampler: ranked H_1 <= H_2 <= ... (ties: lower position), the longest prefix 1..k with
+    H_1 + ... + H_{k-1} <= gamma (so k >= 1)."""
+    ranked = sorted(cands, key=lambda ph: (ph[1], ph[0]))
+    h = [v for _, v in ranked]
+    k, s, th = 1, 0.0, math.inf
+    for j in range(1, len(h)):
+        s += h[j - 1]
+        th = min(th, _rel(s, gamma))
+        if s <= gamma:
+            k = j + 1
+        else:
+            break
+    return [p for p, _ in ranked[:k]], {"threshold": th, "order": _adjacent_margin(h, k)}
+
+
+def select_fixed(cands, k):
+    """The k most confident (ties: lower position); the margin is that of the k-th to the next."""
+    ranked = _by_confidence(cands)
+    order = math.inf
+    if len(ranked) > k:
+        hi, lo = ranked[k - 1][1], ranked[k][1]
+        if hi != -math.inf:
+            order = (hi - lo) / abs(hi) if hi != 0 else math.inf
+    return [p for p, _ in ranked[:k]], {"threshold": math.inf, "order": order}
+
+
+def entropy(g64):
+    """-sum p log p of softmax(g64) (float64; -inf entries have p = 0 and contribute 0)."""
+    m = np.max(g64)
+    e = np.exp(g64 - m)
+    p = e / np.sum(e)
+    p = p[p > 0]
+    return float(-np.sum(p * np.log(p)))
+
+
+RULES = ("fixed", "threshold", "factor", "entropy")
+
+
+def check_rule(rule, value):
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}")
+    if rule == "fixed":
+        return
+    v = float(value) if value is not None else math.nan
+    # comparisons with NaN are false: NaN is refused by every rule
+    if not {"threshold": 0 < v <= 1, "factor": v > 0, "entropy": v >= 0}[rule]:
+        raise ValueError(f"bad value {value!r} for rule {rule}")
+
+
+def stop_index(gen, mask, stops):
+    """Index of the first stop token of the generated span when everything before it is
+    committed, else None (a mask comes first, or there is no stop token)."""
+    for s, t in enumerate(gen):
+        if t == mask:
+            return None
+        if t in stops:
+            return s
+    return None
+
+
+def min_margin(diag):
+    """The smallest of all decision margins of a generate() run."""
+    return min(diag["argmax_margin"], diag["confidence_margin"], diag["threshold_margin"],
+               diag["entropy_margin"])
+
+
 def generate(ckpt, prompt_ids, gen_length, steps, block_length, temperature=0.0, cfg_scale=0.0,
              remasking="low_confidence", seed=0, logits_eos_inf=False,
-             confidence_eos_eot_inf=False, eot_id=None):
+             confidence_eos_eot_inf=False, eot_id=None, rule="fixed", rule_value=None,
+             early_stop=False):
     """Return (x, diagnostics): x is the int64 canvas (prompt then generation).
 
-    diagnostics["argmax_margin"]: smallest relative gap between the best and second-best score
-    of any argmax taken at a committed position. diagnostics["confidence_margin"]: smallest
-    relative gap between the k-th and (k+1)-th confidence among eligible positions (pairs of
-    -inf confidences are skipped: their order is fixed by position, not by numerics).
+    rule: "fixed" (LLaDA's schedule: `steps` over the blocks), or an adaptive rule that loops
+    each block until it has no mask ("threshold" tau, "factor" f, "entropy" gamma, given as
+    rule_value; `steps` is ignored and may be None). The step index keying the RNG is
+    b * steps_per_block + i under fixed, the global 0-based count of steps taken otherwise.
+    early_stop: after each step's commits, when the first non-committed-or-stop position of the
+    generated span is a stop token (EOS, or eot_id) at s, set generation[s+1:] to EOS and stop.
+
+    diagnostics: "argmax_margin", smallest relative gap between the best and second-best score
+    of any argmax taken at a committed position; "confidence_margin", smallest relative gap
+    between neighbouring confidences in the rank order where a swap would change the decision
+    (fixed: the k-th and (k+1)-th; -inf pairs skipped); "threshold_margin", smallest relative
+    distance of a confidence to tau or to factor's 1 - f/(n+1), or of a partial entropy sum to
+    gamma; "entropy_margin", smallest relative gap between neighbouring entropies in the order
+    up to the commit boundary; "forwards", "per_step" (commits of each step that ran a
+    forward), "steps" (steps taken, those of the fixed schedule that commit nothing included),
+    "schedule" (fixed only), "stopped_at" (index in the generation of the stop token
+    early stop ended on, else None), "stop_waits" (steps after which early stop found a
+    committed stop token with a mask before it, so went on), "finish_reason" ("stop" when the
+    generation holds EOS or EoT, else "length").
     """
-    if gen_length <= 0 or block_length <= 0 or steps <= 0:
-        raise ValueError("gen_length, block_length and steps must be positive")
+    if gen_length <= 0 or block_length <= 0:
+        raise ValueError("gen_length and block_length must be positive")
     if gen_length % block_length:
         raise ValueError("gen_length must be a multiple of block_length")
     num_blocks = gen_length // block_length
-    if steps % num_blocks:
-        raise ValueError("steps must be a multiple of the number of blocks")
+    check_rule(rule, rule_value)
+    if rule == "fixed":
+        if steps is None or steps <= 0:
+            raise ValueError("steps must be positive")
+        if steps % num_blocks:
+            raise ValueError("steps must be a multiple of the number of blocks")
+        steps_per_block = steps // num_blocks
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"unknown remasking {remasking!r}")
-    steps_per_block = steps // num_blocks
     mask, eos = ckpt.mask_token_id, ckpt.eos_token_id
+    stops = {eos} if eot_id is None else {eos, int(eot_id)}
 
     prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
     P = prompt.size
     x = np.concatenate([prompt, np.full(gen_length, mask, dtype=np.int64)])
     positions = np.arange(x.size)
     diag = {"argmax_margin": math.inf, "confidence_margin": math.inf,
-            "schedule": [], "forwards": 0, "neg_inf_confidences": 0}
+            "threshold_margin": math.inf, "entropy_margin": math.inf,
+            "schedule": [], "forwards": 0, "per_step": [], "neg_inf_confidences": 0,
+            "stopped_at": None, "stop_waits": 0, "steps": 0}
 
+    stopped = False
     for b in range(num_blocks):
+        if stopped:
+            break
         block_end = P + (b + 1) * block_length
-        n = int(np.sum(x[P + b * block_length:block_end] == mask))
-        ks = schedule(n, steps_per_block)
-        diag["schedule"].append(ks)
-        for i, k in enumerate(ks):
-            step = b * steps_per_block + i
-            if k == 0:
-                continue
+        if rule == "fixed":
+            n = int(np.sum(x[P + b * block_length:block_end] == mask))
+            ks = schedule(n, steps_per_block)
+            diag["schedule"].append(ks)
+        i = 0
+        while True:
+            if rule == "fixed":
+                if i == steps_per_block:
+                    break
+                step, k = b * steps_per_block + i, ks[i]
+                i += 1
+                diag["steps"] += 1
+                if k == 0:
+                    continue
+            else:
+                if not np.any(x[P + b * block_length:block_end] == mask):
+                    break
+                step, k = diag["forwards"], None   # one forward per step: the global count
+                diag["steps"] += 1
             eligible = positions[(x == mask) & (positions < block_end)]
             guided = guided_logits(ckpt, x, P, cfg_scale)
             diag["forwards"] += 1
@@ -339,35 +517,56 @@ def generate(ckpt, prompt_ids, gen_length, steps, block_length, temperature=0.0,
             if logits_eos_inf:
                 guided[:, eos] = -np.inf
 
-            x0, conf, margins = {}, {}, {}
+            x0, conf, ent, margins = {}, {}, {}, {}
             for pos in eligible:
+                pos = int(pos)
                 g = guided[pos]
                 if temperature == 0:
                     score = g
                 else:
-                    u = uniform_np(key_int(seed, STREAM_GUMBEL, step, int(pos)),
+                    u = uniform_np(key_int(seed, STREAM_GUMBEL, step, pos),
                                    np.arange(g.size, dtype=np.uint64))
                     score = g.astype(np.float64) - temperature * np.log(-np.log(u))
                 tok = int(np.argmax(score))
                 margins[pos] = _top2_margin(score)
+                g64 = g.astype(np.float64)
                 if remasking == "low_confidence":
-                    g64 = g.astype(np.float64)
                     m = np.max(g64)
                     c = math.exp(g64[tok] - m) / float(np.sum(np.exp(g64 - m)))
                 else:
-                    c = uniform_int(key_int(seed, STREAM_REMASK, step, int(pos)), 0)
-                if confidence_eos_eot_inf and (tok == eos or (eot_id is not None and tok == eot_id)):
-                    c = -math.inf
+                    c = uniform_int(key_int(seed, STREAM_REMASK, step, pos), 0)
+                h = entropy(g64) if rule == "entropy" else math.nan
+                if confidence_eos_eot_inf and tok in stops:
+                    c, h = -math.inf, math.inf
                     diag["neg_inf_confidences"] += 1
-                x0[pos], conf[pos] = tok, c
+                x0[pos], conf[pos], ent[pos] = tok, c, h
 
-            ranked = sorted(eligible, key=lambda p: (-conf[p], p))
-            for p in ranked[:k]:
+            cands = [(int(p), conf[int(p)]) for p in eligible]
+            if rule == "fixed":
+                chosen, mg = select_fixed(cands, k)
+            elif rule == "threshold":
+                chosen, mg = select_threshold(cands, float(rule_value))
+            elif rule == "factor":
+                chosen, mg = select_factor(cands, float(rule_value))
+            else:
+                chosen, mg = select_entropy([(int(p), ent[int(p)]) for p in eligible],
+                                            float(rule_value))
+            for p in chosen:
                 x[p] = x0[p]
                 diag["argmax_margin"] = min(diag["argmax_margin"], margins[p])
-            if len(ranked) > k:
-                hi, lo = conf[ranked[k - 1]], conf[ranked[k]]
-                if hi != -math.inf:
-                    rel = (hi - lo) / abs(hi) if hi != 0 else math.inf
-                    diag["confidence_margin"] = min(diag["confidence_margin"], rel)
+            diag["per_step"].append(len(chosen))
+            diag["threshold_margin"] = min(diag["threshold_margin"], mg["threshold"])
+            key = "entropy_margin" if rule == "entropy" else "confidence_margin"
+            diag[key] = min(diag[key], mg["order"])
+
+            if early_stop:
+                s = stop_index(x[P:].tolist(), mask, stops)
+                if s is None and stops & set(x[P:].tolist()):
+                    diag["stop_waits"] += 1      # a committed stop token behind a mask
+                if s is not None:
+                    x[P + s + 1:] = eos
+                    diag["stopped_at"] = s
+                    stopped = True
+                    break
+    diag["finish_reason"] = "stop" if any(int(t) in stops for t in x[P:]) else "length"
     return x, diag

@@ -251,3 +251,262 @@ def test_generate_commits_top_confidence_block_by_block(ckpt, monkeypatch):
     assert seen[1][4] == 4 and seen[1][5] == 5 and seen[1][3] == M
     assert seen[3][6] == 6 and seen[3][7] == 6 and seen[3][8] == M  # block 1: three-way tie
     assert x.tolist() == [1, 2, 0, 3, 4, 5, 6, 6, 6]
+
+
+# ---------------------------------------------------------------------------- commit rules
+
+def C(*confs, start=10):
+    """Candidates at positions start, start+1, ... with the given values."""
+    return [(start + i, c) for i, c in enumerate(confs)]
+
+
+def test_threshold_rule():
+    chosen, mg = ref.select_threshold(C(0.2, 0.95, 0.5, 0.92), 0.9)
+    assert chosen == [11, 13]                                    # >= tau, in rank order
+    assert math.isclose(mg["threshold"], (0.92 - 0.9) / 0.92)    # 0.92 is the closest to tau
+    assert ref.select_threshold(C(0.2, 0.95, 0.5, 0.9), 0.9)[0] == [11, 13]   # equality passes
+    assert ref.select_threshold(C(0.2, 0.95, 0.5, 0.9), 0.9)[1]["threshold"] == 0.0  # a tie
+    # nothing passes: still the single most confident one, ties to the lower position
+    assert ref.select_threshold(C(0.2, 0.4, 0.4, 0.1), 0.9)[0] == [11]
+    assert ref.select_threshold(C(0.3), 1.0)[0] == [10]
+    assert ref.select_threshold(C(-math.inf, -math.inf), 0.5)[0] == [10]
+    # tau = 1 commits only a certain prediction
+    assert ref.select_threshold(C(0.999, 1.0, 0.2), 1.0)[0] == [11]
+    # when nothing passes, the rank of the top two is a decision
+    _, mg = ref.select_threshold(C(0.5, 0.49), 0.9)
+    assert math.isclose(mg["order"], 0.01 / 0.5)
+
+
+def test_factor_thresholds():
+    f = 1.0
+    assert ref.factor_threshold(f, 0) == -1.0
+    assert ref.factor_threshold(f, 1) == 1 - 1 / 3     # n = 2: 1 - f / (n + 1)
+    assert ref.factor_threshold(f, 2) == 1 - 1 / 4
+    assert ref.factor_threshold(2.0, 4) == 1 - 2 / 6
+
+
+def test_factor_rule():
+    f = 1.0   # thresholds by rank: -1, 0.667, 0.75, 0.8, 0.833, ...
+    # first failure in the middle (rank 2: 0.7 < 0.75): take ranks 0, 1
+    assert ref.select_factor(C(0.9, 0.7, 0.3, 0.8, 0.1), f)[0] == [10, 13]
+    # first failure at rank 1: take that many = 1
+    assert ref.select_factor(C(0.9, 0.5, 0.4), f)[0] == [10]
+    # first failure at the LAST candidate: all of them
+    assert ref.select_factor(C(0.9, 0.8, 0.1), f)[0] == [10, 11, 12]
+    # nothing fails: all
+    assert ref.select_factor(C(0.99, 0.95, 0.9, 0.85), f)[0] == [10, 11, 12, 13]
+    # two candidates always both go (the second is the last: failing it takes all)
+    assert ref.select_factor(C(0.9, 0.01), 1e-9)[0] == [10, 11]
+    assert ref.select_factor(C(0.01, 0.9), 1e-9)[0] == [11, 10]
+    # one candidate
+    assert ref.select_factor(C(0.2), f)[0] == [10]
+    # rank 0 passes whatever it is (threshold -1) except -inf, which still takes one
+    assert ref.select_factor(C(0.01, 0.001, 0.0001), f)[0] == [10]
+    assert ref.select_factor(C(-math.inf, -math.inf, -math.inf), f)[0] == [10]
+    # ties ranked by the lower position
+    assert ref.select_factor(C(0.5, 0.9, 0.9, 0.2), f)[0] == [11, 12]
+    # passing exactly at the threshold: 0.75 >= 1 - 1/4
+    assert ref.select_factor(C(0.9, 0.8, 0.75, 0.1, 0.1), f)[0] == [10, 11, 12]
+    # large f: every threshold <= 0, nothing fails
+    assert ref.select_factor(C(0.01, 0.02, 0.03), 10.0)[0] == [12, 11, 10]
+
+
+def test_factor_rule_margins():
+    chosen, mg = ref.select_factor(C(0.9, 0.7, 0.3), 1.0)
+    assert chosen == [10, 11, 12]                     # first failure at the last: all
+    # compared: rank 1 (0.7 vs 2/3) and rank 2 (0.3 vs 0.75)
+    assert math.isclose(mg["threshold"], (0.7 - 2 / 3) / 0.7)
+    assert math.isclose(mg["order"], min(0.2 / 0.9, 0.4 / 0.7))
+
+
+def test_entropy_rule():
+    # sorted H: 0.1 (pos 12), 0.2 (pos 10), 0.5 (pos 13), 2.0 (pos 11)
+    cands = C(0.2, 2.0, 0.1, 0.5)
+    assert ref.select_entropy(cands, 0.0)[0] == [12]              # k >= 1 always
+    assert ref.select_entropy(cands, 0.1)[0] == [12, 10]          # 0.1 <= 0.1
+    assert ref.select_entropy(cands, 0.29)[0] == [12, 10]         # 0.1 + 0.2 > 0.29
+    assert ref.select_entropy(cands, 0.3 + 1e-12)[0] == [12, 10, 13]
+    assert ref.select_entropy(cands, 0.79)[0] == [12, 10, 13]     # 0.8 > 0.79
+    assert ref.select_entropy(cands, 0.8 + 1e-12)[0] == [12, 10, 13, 11]
+    assert ref.select_entropy(cands, 100.0)[0] == [12, 10, 13, 11]
+    # the largest (last) entropy of the prefix does not count: a huge H still goes
+    assert ref.select_entropy(C(0.1, 50.0), 0.1)[0] == [10, 11]
+    # +inf entropies (a proposed EOS/EoT under confidence_eos_eot_inf) sort last
+    assert ref.select_entropy(C(math.inf, 0.3, math.inf), 1.0)[0] == [11, 10]
+    assert ref.select_entropy(C(math.inf, math.inf), 1.0)[0] == [10]
+    # ties ranked by the lower position
+    assert ref.select_entropy(C(0.5, 0.5, 0.5), 0.5)[0] == [10, 11]
+    _, mg = ref.select_entropy(C(0.2, 2.0, 0.1, 0.5), 0.35)
+    # partial sums compared: 0.1, 0.3, 0.8 (the first failure); neighbours up to the boundary
+    assert math.isclose(mg["threshold"], 0.05 / 0.35)
+    assert math.isclose(mg["order"], min(0.1 / 0.2, 0.3 / 0.5, 1.5 / 2.0))
+
+
+def test_entropy_values():
+    assert ref.entropy(np.zeros(7)) == pytest.approx(math.log(7), rel=1e-14)
+    g = np.array([0.0, 0.0, -np.inf, 0.0, -np.inf])
+    assert ref.entropy(g) == pytest.approx(math.log(3), rel=1e-14)       # -inf: p = 0
+    assert ref.entropy(np.array([0.0, -800.0])) == 0.0                    # underflowed p
+    p = np.array([0.5, 0.25, 0.25])
+    assert ref.entropy(np.log(p) + 3.0) == pytest.approx(1.5 * math.log(2), rel=1e-14)
+
+
+def test_fixed_rule_is_top_k():
+    assert ref.select_fixed(C(0.2, 0.9, 0.9, 0.5), 2)[0] == [11, 12]
+    assert ref.select_fixed(C(0.2, 0.9, 0.9, 0.5), 1)[0] == [11]
+
+
+def test_check_rule():
+    for rule, v in (("threshold", 0.5), ("threshold", 1.0), ("factor", 1e-9), ("factor", 7.0),
+                    ("entropy", 0.0), ("entropy", 3.0), ("fixed", None)):
+        ref.check_rule(rule, v)
+    for rule, v in (("threshold", 0.0), ("threshold", 1.5), ("threshold", -0.1),
+                    ("threshold", math.nan), ("factor", 0.0), ("factor", -1.0),
+                    ("factor", math.nan), ("entropy", -1.0), ("entropy", -1e-12),
+                    ("entropy", math.nan), ("entropy", None), ("magic", 1.0)):
+        with pytest.raises(ValueError):
+            ref.check_rule(rule, v)
+
+
+def test_stop_index():
+    M, E, T = 30, 31, 33
+    assert ref.stop_index([5, 6, M, E], M, {E, T}) is None      # a mask comes first
+    assert ref.stop_index([5, 6, E, M], M, {E, T}) == 2
+    assert ref.stop_index([T, M, M], M, {E, T}) == 0
+    assert ref.stop_index([5, 6, 7], M, {E, T}) is None          # no stop token
+
+
+# ---------------------------------------------------------------------------- scripted model
+
+def scripted(ckpt, table, calls=None):
+    """A fake forward: position -> (token, probability) (after the mask logit is killed, the
+    row is `token` with that probability and the other V - 2 ids uniform). `table` may be a
+    function of the canvas. Records each canvas in `calls`."""
+    V = ckpt.embedding_size
+
+    def fake_forward(_ckpt, ids):
+        ids = np.asarray(ids)
+        if calls is not None:
+            calls.append(ids[0].copy())
+        rows = table(ids[0]) if callable(table) else table
+        out = np.zeros((ids.shape[0], ids.shape[1], V), dtype=np.float32)
+        for pos, (tok, p) in rows.items():
+            if pos >= ids.shape[1]:
+                continue
+            out[:, pos, tok] = math.log(p * (V - 2) / (1 - p))
+        return out
+
+    return fake_forward
+
+
+def test_threshold_generate_scripted(ckpt, monkeypatch):
+    M = ckpt.mask_token_id
+    # prompt 2, gen 8 in 2 blocks of 4; block 0: 0.9, 0.8 pass 0.7; 0.3, 0.2 do not
+    table = {2: (5, 0.3), 3: (6, 0.9), 4: (7, 0.2), 5: (8, 0.8),
+             6: (9, 0.95), 7: (10, 0.95), 8: (11, 0.95), 9: (12, 0.1)}
+    calls = []
+    monkeypatch.setattr(ref, "forward", scripted(ckpt, table, calls))
+    x, d = ref.generate(ckpt, [1, 2], 8, None, 4, rule="threshold", rule_value=0.7)
+    assert d["per_step"] == [2, 1, 1, 3, 1] and d["forwards"] == 5
+    assert x.tolist() == [1, 2, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert [int(np.sum(c == M)) for c in calls] == [8, 6, 5, 4, 1]
+    assert d["finish_reason"] == "length"
+
+
+def test_factor_and_entropy_generate_scripted(ckpt, monkeypatch):
+    table = {2: (5, 0.97), 3: (6, 0.9), 4: (7, 0.85), 5: (8, 0.1), 6: (9, 0.3), 7: (10, 0.6)}
+    monkeypatch.setattr(ref, "forward", scripted(ckpt, table))
+    # f = 1: 0.97, 0.9 (>= 2/3), 0.85 (>= 3/4), 0.6 < 0.8 at rank 3 -> take 3; then
+    # 0.6, 0.3 (< 2/3, not the last) -> take 1; then 0.3, 0.1 (fails, the last) -> both
+    x, d = ref.generate(ckpt, [1, 2], 6, None, 6, rule="factor", rule_value=1.0)
+    assert d["per_step"] == [3, 1, 2] and x.tolist() == [1, 2, 5, 6, 7, 8, 9, 10]
+    # the entropy of a row with p on one token and the rest uniform over V - 2
+    V = ckpt.embedding_size
+
+    def H(p):
+        q = (1 - p) / (V - 2)
+        return -(p * math.log(p) + (V - 2) * q * math.log(q))
+    hs = sorted(H(p) for _, p in table.values())
+    gamma = hs[0] + hs[1] + hs[2] / 2     # ranks 0, 1 fit; adding rank 2 does not -> k = 3
+    x, d = ref.generate(ckpt, [1, 2], 6, None, 6, rule="entropy", rule_value=gamma)
+    assert d["per_step"][0] == 3 and sum(d["per_step"]) == 6
+    assert x.tolist() == [1, 2, 5, 6, 7, 8, 9, 10]
+
+
+def test_adaptive_rng_step_is_global(ckpt, monkeypatch):
+    """Under an adaptive rule the RNG's step index is the global count of steps taken; under
+    fixed it is b * steps_per_block + i, skipped (k = 0) steps included."""
+    table = {p: (5 + p, 0.5) for p in range(2, 8)}
+    monkeypatch.setattr(ref, "forward", scripted(ckpt, table))
+    seen = []
+    real_key = ref.key_int
+
+    def spy(seed, stream, step, pos):
+        if stream == ref.STREAM_GUMBEL:
+            seen.append(step)
+        return real_key(seed, stream, step, pos)
+
+    monkeypatch.setattr(ref, "key_int", spy)
+    # tau 0.99 > every confidence: one per step, 3 per block, 2 blocks -> steps 0..5
+    _, d = ref.generate(ckpt, [1, 2], 6, None, 3, rule="threshold", rule_value=0.99,
+                        temperature=0.5, seed=1)
+    assert d["forwards"] == 6 and sorted(set(seen)) == [0, 1, 2, 3, 4, 5]
+    seen.clear()
+    # fixed, 2 masks per block over 3 steps: schedule [1, 1, 0], step indices 0, 1, (2) | 3, 4
+    _, d = ref.generate(ckpt, [1, 2], 4, 6, 2, temperature=0.5, seed=1)
+    assert d["forwards"] == 4 and sorted(set(seen)) == [0, 1, 3, 4]
+
+
+def test_early_stop_scripted(ckpt, monkeypatch):
+    M, E = ckpt.mask_token_id, ckpt.eos_token_id
+    T = 33   # an EoT id
+    # gen 8 in 2 blocks of 4, fixed 1 per step; EOS proposed at position 3 (generation index 1)
+    table = {2: (5, 0.9), 3: (E, 0.8), 4: (7, 0.7), 5: (8, 0.6),
+             6: (9, 0.9), 7: (10, 0.9), 8: (11, 0.9), 9: (12, 0.9)}
+    monkeypatch.setattr(ref, "forward", scripted(ckpt, table))
+    x, d = ref.generate(ckpt, [1, 2], 8, 8, 4, early_stop=True)
+    assert x.tolist() == [1, 2, 5, E] + [E] * 6 and d["forwards"] == 2
+    assert d["stopped_at"] == 1 and d["finish_reason"] == "stop"
+    y, e = ref.generate(ckpt, [1, 2], 8, 8, 4, early_stop=False)
+    assert y.tolist() == [1, 2, 5, E, 7, 8, 9, 10, 11, 12] and e["forwards"] == 8
+    assert e["stopped_at"] is None and e["finish_reason"] == "stop"
+
+    # the stop token is committed first, behind a mask: the run goes on until the gap is filled
+    table2 = {**table, 2: (5, 0.85), 3: (E, 0.95)}
+    monkeypatch.setattr(ref, "forward", scripted(ckpt, table2))
+    x, d = ref.generate(ckpt, [1, 2], 8, 8, 4, early_stop=True)
+    assert x.tolist() == [1, 2, 5, E] + [E] * 6 and d["forwards"] == 2
+    assert d["stop_waits"] == 1
+
+    # EoT stops too (when its id is given); committed tokens after it become EOS
+    table3 = {**table, 2: (5, 0.5), 3: (T, 0.4), 4: (7, 0.95), 5: (8, 0.3)}
+    monkeypatch.setattr(ref, "forward", scripted(ckpt, table3))
+    x, d = ref.generate(ckpt, [1, 2], 8, None, 4, early_stop=True, eot_id=T,
+                        rule="threshold", rule_value=0.9)
+    # step 0: 7 at 4 (0.95) | step 1: 5 at 2 (0.5) | step 2: EoT at 3 -> stop, 4.. = EOS
+    assert x.tolist() == [1, 2, 5, T] + [E] * 6 and d["forwards"] == 3
+    assert d["per_step"] == [1, 1, 1] and d["stopped_at"] == 1
+    # without eot_id it is an ordinary token
+    x, d = ref.generate(ckpt, [1, 2], 8, None, 4, early_stop=True,
+                        rule="threshold", rule_value=0.9)
+    assert d["stopped_at"] is None and d["finish_reason"] == "length" and M not in x.tolist()
+
+    # no stop token: early stop changes nothing
+    table4 = {p: (5 + p, 0.9) for p in range(2, 10)}
+    monkeypatch.setattr(ref, "forward", scripted(ckpt, table4))
+    a, da = ref.generate(ckpt, [1, 2], 8, 4, 4, early_stop=True)
+    b, db = ref.generate(ckpt, [1, 2], 8, 4, 4)
+    assert a.tolist() == b.tolist() and da["forwards"] == db["forwards"] == 4
+
+
+def test_confidence_eos_eot_inf_entropy_is_inf(ckpt, monkeypatch):
+    E = ckpt.eos_token_id
+    # EOS is the surest proposal, but with confidence_eos_eot_inf its entropy is +inf: last
+    table = {2: (E, 0.99), 3: (6, 0.5), 4: (7, 0.6)}
+    monkeypatch.setattr(ref, "forward", scripted(ckpt, table))
+    x, d = ref.generate(ckpt, [1, 2], 3, None, 3, rule="entropy", rule_value=0.0,
+                        confidence_eos_eot_inf=True)
+    assert d["per_step"] == [1, 1, 1] and x.tolist() == [1, 2, E, 6, 7]
+    assert d["neg_inf_confidences"] == 3
+    x, d = ref.generate(ckpt, [1, 2], 3, None, 3, rule="entropy", rule_value=0.0)
+    assert d["per_step"] == [1, 1, 1] and d["neg_inf_confidences"] == 0

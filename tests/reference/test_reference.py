@@ -259,9 +259,9 @@ def exercised_prompt(c, case, opts):
     for j in range(SEARCH_TRIES):
         prompt = random_prompt(m, n, seed0 + 100 * j)
         with_flag, diag = ref.generate(m, prompt, case["gen"], case["steps"], case["block"],
-                                       eot_id=eot_id(c), **opts)
+                                       eot_id=eot_id(c), early_stop=True, **opts)
         without, _ = ref.generate(m, prompt, case["gen"], case["steps"], case["block"],
-                                  eot_id=eot_id(c), **off)
+                                  eot_id=eot_id(c), early_stop=True, **off)
         if (with_flag != without).any() and min(diag["argmax_margin"],
                                                 diag["confidence_margin"]) > MARGIN:
             return prompt
@@ -295,8 +295,9 @@ def run_case(c, case):
     if opts["confidence_eos_eot_inf"]:
         args.append("--confidence-eos-eot-inf")
     out = json.loads(remask(*args))
+    # remask stops early by default (exact: the answer is the same): so does the reference here
     want, diag = ref.generate(m, prompt, case["gen"], case["steps"], case["block"],
-                              eot_id=eot_id(c), **opts)
+                              eot_id=eot_id(c), early_stop=True, **opts)
     return prompt, out, want, diag, opts
 
 
@@ -320,7 +321,12 @@ def test_generate_matches_reference(checkpoint, ckpt_name, name):
     assert diag["confidence_margin"] > MARGIN, diag
     if name == "uneven_4433333":
         assert diag["schedule"] == [[4, 4, 3, 3, 3, 3]]
-    assert out["steps"] == case["steps"]
+    # steps taken (remask stops early by default): all of them unless a stop token ended it
+    assert out["steps"] == diag["steps"], (out["steps"], diag["steps"], diag["stopped_at"])
+    if diag["stopped_at"] is None:
+        assert out["steps"] == case["steps"]
+    assert out["forwards"] == diag["forwards"], (out["forwards"], diag["forwards"])
+    assert out["finish_reason"] == diag["finish_reason"]
     assert isinstance(out["elapsed_ms"], (int, float))
 
 
@@ -331,7 +337,7 @@ def test_plain_prompt_uses_tokenizer_with_special_tokens(checkpoint):
                             "--steps", 4, "--block-length", 8, "--json"))
     prompt = tokenizer(c).encode(text).ids
     assert out["token_ids"][:len(prompt)] == prompt and len(out["token_ids"]) == len(prompt) + 8
-    want, diag = ref.generate(c.model, prompt, 8, 4, 8)
+    want, diag = ref.generate(c.model, prompt, 8, 4, 8, eot_id=eot_id(c), early_stop=True)
     assert out["token_ids"] == want.tolist()
     assert diag["argmax_margin"] > MARGIN and diag["confidence_margin"] > MARGIN
 

@@ -3,7 +3,7 @@
 //! the head on the block's positions only, plus prediction).
 
 use crate::{CliError, CliResult, Globals, default_model};
-use remask_engine::{CpuBackend, Engine, Packing};
+use remask_engine::{Engine, Packing};
 use remask_model::{Checkpoint, TextCodec};
 use remask_sampler::{Canvas, SamplerConfig};
 use std::path::PathBuf;
@@ -116,7 +116,7 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
             );
         }
     }
-    let engine = Engine::load(CpuBackend::default(), &ckpt)?;
+    let engine = Engine::load(&ckpt, 1)?;
     measure(
         &args,
         &dir,
@@ -124,7 +124,7 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
         special,
         // Every position's logits, copied out as a PyTorch reference does.
         &|ids, packing| {
-            std::hint::black_box(engine.model.logits(&engine.backend, ids, packing, None));
+            std::hint::black_box(engine.logits(ids, packing, None));
         },
         &|batch| {
             std::hint::black_box(engine.run(batch));

@@ -26,6 +26,15 @@ pub struct BatchArgs {
     /// Requests waiting for a place at most; beyond, RESOURCE_EXHAUSTED.
     #[arg(long, env = "REMASK_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
+    /// Commit rule of requests that name none: fixed (LLaDA's schedule),
+    /// threshold=T, factor=F or entropy=G.
+    #[arg(long, env = "REMASK_RULE", default_value = "fixed")]
+    pub rule: remask_sampler::CommitRule,
+    /// Seconds running requests wait for a stage to get a worker again after
+    /// theirs failed or left (a spare, a restarted worker), then UNAVAILABLE;
+    /// never past a request's deadline. 0: fail them at once.
+    #[arg(long, env = "REMASK_FAILOVER_TIMEOUT", default_value_t = 30.0)]
+    pub failover_timeout: f64,
 }
 
 /// What clients see: the HTTP API and API keys.
@@ -277,6 +286,12 @@ fn check_batch(b: &BatchArgs) -> CliResult {
             b.max_batch
         )));
     }
+    if !(b.failover_timeout.is_finite() && (0.0..=86_400.0).contains(&b.failover_timeout)) {
+        return Err(CliError::Usage(format!(
+            "--failover-timeout must be between 0 and 86400 seconds, got {}",
+            b.failover_timeout
+        )));
+    }
     Ok(())
 }
 
@@ -312,7 +327,6 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     rt.block_on(async move {
         let pipeline = Pipeline {
             stages: vec![StageClient::Local(Arc::new(runner))],
-            shards: vec![shard],
         };
         let (_pipeline_tx, pipeline_rx) = watch::channel(Some(Arc::new(pipeline)));
         let (failures_tx, _failures_rx) = mpsc::unbounded_channel();
@@ -389,6 +403,7 @@ fn start_coordinator(
         SchedulerConfig {
             max_batch: batch.max_batch,
             max_queue: batch.max_queue,
+            failover_timeout: Duration::from_secs_f64(batch.failover_timeout),
         },
         pipeline.clone(),
         failures,
@@ -402,6 +417,7 @@ fn start_coordinator(
         stages,
         metrics,
         api_keys,
+        default_rule: batch.rule,
     }))
 }
 

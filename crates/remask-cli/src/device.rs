@@ -75,10 +75,10 @@ impl DeviceArgs {
         &self,
         ckpt: &remask_model::Checkpoint,
         tensor_parallel: usize,
-    ) -> CliResult<remask_engine::TpEngine<remask_engine::cuda::CudaBackend>> {
+    ) -> CliResult<remask_engine::Engine<remask_engine::cuda::CudaBackend>> {
         let group = self.cuda_group(tensor_parallel)?;
         let shard = remask_engine::Shard::full(&ckpt.config);
-        Ok(remask_engine::TpEngine::from_backends(group, ckpt, shard)?)
+        Ok(remask_engine::Engine::from_backends(group, ckpt, shard)?)
     }
 
     /// The backend on the one GPU of a command that does not split the model.

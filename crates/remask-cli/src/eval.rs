@@ -12,7 +12,9 @@
 //!   exact match and token F1.
 //! - `sweep`: quality against speed on the definition questions, the trade
 //!   the LLaDA paper discusses: commit k tokens per step, with and without
-//!   semi-autoregressive blocks.
+//!   semi-autoregressive blocks, and the adaptive commit rules (threshold,
+//!   factor, entropy) at several settings, each against the one-token-per-step
+//!   answers (token agreement).
 //! - `infill`: fill the first half of a held-out sentence given its second
 //!   half (only a bidirectional model can), next to the usual direction,
 //!   continuing a sentence from its first half.
@@ -20,11 +22,12 @@
 //! The data are the `*_valid` files of `training/data/prepare.py`.
 
 use crate::default_model::{self, is_random};
+use crate::generate::RuleArgs;
 use crate::{CliError, CliResult, Globals};
-use remask_engine::{Backend, CpuBackend, Engine, Packing, StepBatch};
+use remask_engine::{Backend, Engine, Packing, Shard, StepBatch};
 use remask_model::{Checkpoint, Message, TextCodec};
 use remask_sampler::{
-    Canvas, InvalidRequest, Prediction, Remasking, SamplerConfig, StepPlan, TokenSpace,
+    BatchStep, Canvas, CommitRule, InvalidRequest, Remasking, SamplerConfig, StepPlan, TokenSpace,
 };
 use serde_json::{Value, json};
 use std::fmt::Write as _;
@@ -40,6 +43,18 @@ const RATIOS: [f64; 3] = [0.15, 0.5, 0.9];
 const SWEEP_K: [usize; 4] = [1, 2, 4, 8];
 /// The semi-autoregressive block length of the sweep.
 const SWEEP_BLOCK: usize = 8;
+/// The adaptive rules of the sweep, at settings from cautious to eager.
+const SWEEP_RULES: [CommitRule; 9] = [
+    CommitRule::Threshold(0.9),
+    CommitRule::Threshold(0.7),
+    CommitRule::Threshold(0.5),
+    CommitRule::Factor(0.5),
+    CommitRule::Factor(1.0),
+    CommitRule::Factor(2.0),
+    CommitRule::Entropy(0.1),
+    CommitRule::Entropy(0.5),
+    CommitRule::Entropy(2.0),
+];
 /// Words of the sentences of the infill task.
 const INFILL_WORDS: std::ops::RangeInclusive<usize> = 10..=30;
 /// Examples printed per table.
@@ -118,6 +133,10 @@ pub struct EvalArgs {
         allow_negative_numbers = true
     )]
     pub temperature: f64,
+    /// The commit rule of the sft and infill sections (the sweep runs every
+    /// rule); and --no-early-stop.
+    #[command(flatten)]
+    pub rule: RuleArgs,
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
 }
@@ -198,7 +217,7 @@ pub fn run(mut args: EvalArgs, globals: &Globals) -> CliResult {
     // Reject bad sampler flags now rather than after the first section.
     Canvas::new(
         &bos_prompt,
-        answer_config(&args, args.block_length, 1),
+        answer_config(&args, args.block_length, 1, args.rule.rule()?),
         space,
     )?;
     let random = is_random(&ckpt.config);
@@ -223,21 +242,33 @@ pub fn run(mut args: EvalArgs, globals: &Globals) -> CliResult {
     if setup.args.device.is_cuda()? {
         #[cfg(feature = "cuda")]
         {
-            let engine = Engine::load(setup.args.device.cuda("eval")?, &ckpt)?;
-            return evaluate(&setup, &engine, true, random);
+            let gpu = setup.args.device.cuda("eval")?;
+            let engine = Engine::from_backends(vec![gpu], &ckpt, Shard::full(&ckpt.config))?;
+            return evaluate(&setup, &engine, random);
         }
     }
-    let engine = Engine::load(CpuBackend::default(), &ckpt)?;
-    evaluate(&setup, &engine, false, random)
+    let engine = Engine::load_shard(&ckpt, Shard::full(&ckpt.config), 1)?;
+    evaluate(&setup, &engine, random)
 }
 
-/// The sampler settings for answers of `--answer-length` tokens, committing
-/// `k` tokens per step.
-fn answer_config(args: &EvalArgs, block_length: usize, k: usize) -> SamplerConfig {
+/// The sampler settings for answers of `--answer-length` tokens: `k` tokens
+/// per step under the fixed rule, or an adaptive rule.
+fn answer_config(
+    args: &EvalArgs,
+    block_length: usize,
+    k: usize,
+    rule: CommitRule,
+) -> SamplerConfig {
     SamplerConfig {
         gen_length: args.answer_length,
-        steps: args.answer_length / k,
+        steps: if rule.is_adaptive() {
+            0
+        } else {
+            args.answer_length / k
+        },
         block_length,
+        rule,
+        early_stop: !args.rule.no_early_stop,
         remasking: args.remasking,
         temperature: args.temperature,
         cfg_scale: 0.0,
@@ -287,78 +318,46 @@ fn read_pairs(path: &Path) -> CliResult<Vec<Pair>> {
 /// The loaded model and how to drive it.
 struct Runner<'a, B: Backend> {
     engine: &'a Engine<B>,
-    /// Reduce the output head on the device (CUDA) rather than copy logits out.
-    fused: bool,
     batch: usize,
 }
 
 impl<B: Backend> Runner<'_, B> {
-    fn step(&self, requests: &[(&Canvas, &StepPlan)]) -> Vec<Vec<Prediction>> {
-        let batch = StepBatch::new(requests);
-        if self.fused {
-            self.engine.run_fused(&batch)
-        } else {
-            self.engine.run(&batch)
-        }
-    }
-
-    /// Runs every canvas to completion, `batch` canvases per forward pass, and
-    /// returns how many forward passes each took. Steps that commit nothing
-    /// skip the pass, as in `denoise`; batching does not change the result
-    /// (each sequence attends only to itself).
-    fn complete(&self, canvases: &mut [Canvas], what: &str) -> Vec<usize> {
+    /// Runs every canvas to completion, `batch` canvases per forward pass
+    /// (`BatchStep`, as the scheduler steps); batching does not change the
+    /// result (each sequence attends only to itself). Finished canvases
+    /// leave their chunk's batch at once.
+    fn complete(&self, canvases: &mut [Canvas], what: &str) {
         let total = canvases.len();
-        let mut forwards = vec![0; total];
         let mut done = 0;
-        for (chunk, counts) in canvases
-            .chunks_mut(self.batch)
-            .zip(forwards.chunks_mut(self.batch))
-        {
+        for chunk in canvases.chunks_mut(self.batch) {
             loop {
-                let plans: Vec<Option<StepPlan>> = chunk
-                    .iter()
-                    .map(|c| (!c.is_done()).then(|| c.plan()))
-                    .collect();
-                if plans.iter().all(Option::is_none) {
+                let mut running: Vec<&mut Canvas> =
+                    chunk.iter_mut().filter(|c| !c.is_done()).collect();
+                if running.is_empty() {
                     break;
                 }
-                let requests: Vec<(&Canvas, &StepPlan)> = chunk
-                    .iter()
-                    .zip(&plans)
-                    .filter_map(|(c, p)| p.as_ref().filter(|p| p.transfer > 0).map(|p| (c, p)))
-                    .collect();
-                let mut predictions = if requests.is_empty() {
+                let step = BatchStep::new(running.iter().map(|c| &**c));
+                let active = step.active();
+                let predictions = if active.is_empty() {
                     Vec::new()
                 } else {
-                    self.step(&requests)
-                }
-                .into_iter();
-                for ((canvas, plan), count) in chunk.iter_mut().zip(&plans).zip(counts.iter_mut()) {
-                    let Some(plan) = plan else { continue };
-                    let predicted = if plan.transfer > 0 {
-                        *count += 1;
-                        predictions.next().expect("one prediction list per request")
-                    } else {
-                        let none = Prediction {
-                            token: canvas.mask_id(),
-                            confidence: f64::NEG_INFINITY,
-                        };
-                        vec![none; plan.positions.len()]
-                    };
-                    canvas.commit(plan, &predicted);
-                }
+                    let requests: Vec<(&Canvas, &StepPlan)> = active
+                        .iter()
+                        .map(|&i| (&*running[i], &step.plans()[i]))
+                        .collect();
+                    self.engine.run(&StepBatch::new(&requests))
+                };
+                step.commit(running.iter_mut().map(|c| &mut **c), predictions);
             }
             done += chunk.len();
             eprintln!("eval: {what}: {done}/{total}");
         }
-        forwards
     }
 }
 
-fn evaluate<B: Backend>(setup: &Setup, engine: &Engine<B>, fused: bool, random: bool) -> CliResult {
+fn evaluate<B: Backend>(setup: &Setup, engine: &Engine<B>, random: bool) -> CliResult {
     let runner = Runner {
         engine,
-        fused,
         batch: setup.args.batch,
     };
     let args = &setup.args;
@@ -487,7 +486,6 @@ fn masked<B: Backend>(setup: &Setup, runner: &Runner<B>, md: &mut String) -> Cli
     );
     let mask = setup.space.mask;
     let width = setup.embedding_size;
-    let model = &runner.engine.model;
     let mut rows_out = Vec::new();
     for ratio in RATIOS {
         let (mut hidden, mut correct, mut nll) = (0usize, 0usize, 0f64);
@@ -510,7 +508,7 @@ fn masked<B: Backend>(setup: &Setup, runner: &Runner<B>, md: &mut String) -> Cli
                 continue;
             }
             let packing = Packing::new(group.iter().map(|w| w.len()));
-            let logits = model.logits(&runner.engine.backend, &ids, &packing, Some(&rows));
+            let logits = runner.engine.logits(&ids, &packing, Some(&rows));
             for (row, &t) in logits.chunks_exact(width).zip(&targets) {
                 correct += usize::from(argmax_except(row, mask) == t);
                 nll += logsumexp(row) - row[t as usize] as f64;
@@ -647,9 +645,13 @@ fn token_f1(prediction: &str, truth: &str) -> f64 {
 struct Answers {
     /// (pair index, answer text) for the pairs that fit the model.
     texts: Vec<(usize, String)>,
+    /// The answers' token ids, in the order of `texts`.
+    ids: Vec<Vec<u32>>,
     /// Pairs whose prompt plus answer is longer than max_sequence_length.
     skipped: usize,
     forwards: usize,
+    /// Tokens committed from predictions, over all answers.
+    committed: usize,
     wall_s: f64,
     config: SamplerConfig,
 }
@@ -680,12 +682,32 @@ impl Answers {
             "skipped_too_long": self.skipped,
             "exact_match": per(em),
             "f1": per(f1),
+            "rule": self.config.rule.to_string(),
             "steps": self.config.steps,
             "block_length": self.config.block_length,
-            "tokens_per_step": self.config.gen_length / self.config.steps,
             "forwards_per_answer": per(self.forwards as f64 / n.max(1) as f64),
+            "tokens_per_forward": per(self.committed as f64 / self.forwards.max(1) as f64),
             "ms_per_answer": per(self.wall_s * 1e3 / n.max(1) as f64),
         })
+    }
+
+    /// Token agreement with `other`'s answers to the same pairs: positions
+    /// where both answers hold the same token, over the longer answer's
+    /// length (1 when both are empty), averaged over the answers.
+    fn agreement(&self, other: &Answers) -> f64 {
+        let n = self.ids.len().max(1) as f64;
+        self.ids
+            .iter()
+            .zip(&other.ids)
+            .map(|(a, b)| {
+                let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+                match a.len().max(b.len()) {
+                    0 => 1.0,
+                    len => same as f64 / len as f64,
+                }
+            })
+            .sum::<f64>()
+            / n
     }
 }
 
@@ -712,7 +734,10 @@ fn answer<B: Backend>(
             Err(e) => return Err(e.into()),
         }
     }
-    let forwards = runner.complete(&mut canvases, what).iter().sum();
+    runner.complete(&mut canvases, what);
+    let forwards = canvases.iter().map(Canvas::forwards).sum();
+    let committed = canvases.iter().map(Canvas::committed).sum();
+    let ids = canvases.iter().map(|c| c.answer().to_vec()).collect();
     let texts = canvases
         .iter()
         .zip(index)
@@ -723,8 +748,10 @@ fn answer<B: Backend>(
         .collect::<CliResult<Vec<_>>>()?;
     Ok(Answers {
         texts,
+        ids,
         skipped,
         forwards,
+        committed,
         wall_s: t.elapsed().as_secs_f64(),
         config,
     })
@@ -758,14 +785,14 @@ fn sft<B: Backend>(
     cache: &mut DefineCache,
 ) -> CliResult<Value> {
     let args = &setup.args;
-    let config = answer_config(args, args.block_length, 1);
+    let config = answer_config(args, args.block_length, 1, args.rule.rule()?);
     let _ = writeln!(md, "## Question answering (held-out SFT pairs)\n");
     let _ = writeln!(
         md,
-        "Prompt: the chat template around the question; {} tokens generated, one per step, \
-         blocks of {}; the answer ends at the first EOS or end of turn. Exact match and token F1 \
-         as in SQuAD (lowercase, no punctuation or articles).\n",
-        config.gen_length, config.block_length
+        "Prompt: the chat template around the question; {} tokens generated, commit rule {} \
+         (fixed: one token per step), blocks of {}; the answer ends at the first EOS or end of \
+         turn. Exact match and token F1 as in SQuAD (lowercase, no punctuation or articles).\n",
+        config.gen_length, config.rule, config.block_length
     );
     let _ = writeln!(
         md,
@@ -827,7 +854,9 @@ fn sft<B: Backend>(
 }
 
 /// Quality against speed on the definition questions: k tokens per step
-/// (steps = answer_length / k), over the whole answer or in blocks of 8.
+/// (steps = answer_length / k), over the whole answer or in blocks of 8, and
+/// the adaptive rules in blocks of 8; every row against the one-token-per-step
+/// answers in blocks of 8 (token agreement).
 fn sweep<B: Backend>(
     setup: &Setup,
     runner: &Runner<B>,
@@ -837,70 +866,103 @@ fn sweep<B: Backend>(
     let args = &setup.args;
     let limit = args.limit_sweep.unwrap_or(args.limit_pairs);
     let pairs = of_kind(&setup.pairs, "define", limit);
+    let block = SWEEP_BLOCK.min(args.answer_length);
     let mut blocks = vec![args.answer_length];
-    if SWEEP_BLOCK < args.answer_length {
-        blocks.push(SWEEP_BLOCK);
+    if block < args.answer_length {
+        blocks.push(block);
     }
+    // Every setting: (rule, k per step, block length); the baseline first.
+    let mut settings = vec![(CommitRule::Fixed, 1, block)];
+    for &k in &SWEEP_K {
+        for &b in &blocks {
+            if (k, b) != (1, block) {
+                settings.push((CommitRule::Fixed, k, b));
+            }
+        }
+    }
+    settings.extend(SWEEP_RULES.iter().map(|&r| (r, 1, block)));
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| k per step | steps | block length | exact match | token F1 | forwards / answer | ms / answer |"
+        "| rule | steps | block length | exact match | token F1 | agreement with k=1 | forwards / answer | tokens / forward | ms / answer |"
     );
-    let _ = writeln!(table, "|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(table, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     let (mut answered, mut skipped) = (0, 0);
-    for &k in &SWEEP_K {
-        for &block in &blocks {
-            let config = answer_config(args, block, k);
-            let fits = args.answer_length.is_multiple_of(k)
-                && Canvas::new(&setup.bos_prompt, config, setup.space).is_ok();
-            if !fits {
-                let _ = writeln!(
-                    table,
-                    "| {k} | – | {block} | not possible: {} is not a whole number of steps per block | | | |",
-                    args.answer_length
-                );
-                rows.push(json!({"tokens_per_step": k, "block_length": block, "skipped": true}));
-                continue;
-            }
-            let cached = cache
-                .take_if(|(n, a)| *n == pairs.len() && a.config == config)
-                .map(|(_, a)| a);
-            let answers = match cached {
-                Some(a) => a,
-                None => answer(
-                    setup,
-                    runner,
-                    &pairs,
-                    config,
-                    &format!("sweep k={k} block={block}"),
-                )?,
-            };
-            let value = answers.summary(&pairs);
-            (answered, skipped) = (answers.texts.len(), answers.skipped);
+    let mut baseline: Option<Answers> = None;
+    let fmt = |v: &Value| v.as_f64().map_or("–".into(), |x| format!("{x:.1}"));
+    for (rule, k, block) in settings {
+        let config = answer_config(args, block, k, rule);
+        let name = match rule {
+            CommitRule::Fixed => format!("fixed, k={k}"),
+            r => r.to_string(),
+        };
+        let fits = args.answer_length.is_multiple_of(k)
+            && Canvas::new(&setup.bos_prompt, config, setup.space).is_ok();
+        if !fits {
             let _ = writeln!(
                 table,
-                "| {k} | {} | {block} | {} | {} | {} | {} |",
-                config.steps,
-                num(&value["exact_match"]),
-                num(&value["f1"]),
-                value["forwards_per_answer"]
-                    .as_f64()
-                    .map_or("–".into(), |x| format!("{x:.1}")),
-                value["ms_per_answer"]
-                    .as_f64()
-                    .map_or("–".into(), |x| format!("{x:.1}")),
+                "| {name} | – | {block} | not possible: {} is not a whole number of steps per block | | | | | |",
+                args.answer_length
             );
-            rows.push(value);
+            rows.push(json!({"rule": name, "block_length": block, "skipped": true}));
+            continue;
+        }
+        let cached = cache
+            .take_if(|(n, a)| *n == pairs.len() && a.config == config)
+            .map(|(_, a)| a);
+        let answers = match cached {
+            Some(a) => a,
+            None => answer(
+                setup,
+                runner,
+                &pairs,
+                config,
+                &format!("sweep {name} block={block}"),
+            )?,
+        };
+        let mut value = answers.summary(&pairs);
+        let agreement = baseline.as_ref().map_or(1.0, |b| answers.agreement(b));
+        value["agreement_with_k1"] = json!(agreement);
+        value["setting"] = json!(name);
+        (answered, skipped) = (answers.texts.len(), answers.skipped);
+        let _ = writeln!(
+            table,
+            "| {name} | {} | {block} | {} | {} | {agreement:.3} | {} | {} | {} |",
+            if rule.is_adaptive() {
+                "–".to_string()
+            } else {
+                config.steps.to_string()
+            },
+            num(&value["exact_match"]),
+            num(&value["f1"]),
+            fmt(&value["forwards_per_answer"]),
+            value["tokens_per_forward"]
+                .as_f64()
+                .map_or("–".into(), |x| format!("{x:.2}")),
+            fmt(&value["ms_per_answer"]),
+        );
+        rows.push(value);
+        if baseline.is_none() {
+            baseline = Some(answers);
         }
     }
     let _ = writeln!(md, "## Quality against speed (definition questions)\n");
     let _ = writeln!(
         md,
-        "{answered} questions ({skipped} more too long for the model), answers of {} tokens, \
-         k tokens committed per step. Forward passes and wall time per answer; the time is \
-         amortised over up to {} answers per forward pass.\n",
-        args.answer_length, args.batch
+        "{answered} questions ({skipped} more too long for the model), answers of {} tokens{}. \
+         The fixed rule commits k tokens per step; the adaptive rules (threshold, factor, entropy) \
+         commit as many as the model is sure of, until the block is complete. Agreement: the share \
+         of answer positions holding the same token as the fixed k=1 answer in blocks of {block}. \
+         Tokens per forward: tokens the model committed over its forward passes. Forward passes and \
+         wall time per answer; the time is amortised over up to {} answers per forward pass.\n",
+        args.answer_length,
+        if args.rule.no_early_stop {
+            ", every step run (no early stop)"
+        } else {
+            ", each finished once its answer is final (early stop)"
+        },
+        args.batch
     );
     let _ = writeln!(md, "{table}");
     Ok(json!({ "questions": answered, "skipped_too_long": skipped, "rows": rows }))
@@ -990,19 +1052,23 @@ fn split_sentence(setup: &Setup, sentence: &str) -> CliResult<Option<Halves>> {
     }))
 }
 
-/// Greedy settings that commit one token per step over the whole gap.
-fn gap_config(args: &EvalArgs, gap: usize) -> SamplerConfig {
-    SamplerConfig {
+/// Greedy settings over the whole gap: one token per step, or the rule of
+/// the flags.
+fn gap_config(args: &EvalArgs, gap: usize) -> CliResult<SamplerConfig> {
+    let rule = args.rule.rule()?;
+    Ok(SamplerConfig {
         gen_length: gap,
-        steps: gap,
+        steps: if rule.is_adaptive() { 0 } else { gap },
         block_length: gap,
+        rule,
+        early_stop: !args.rule.no_early_stop,
         remasking: args.remasking,
         temperature: args.temperature,
         cfg_scale: 0.0,
         seed: args.seed,
         logits_eos_inf: false,
         confidence_eos_eot_inf: false,
-    }
+    })
 }
 
 /// Token accuracy and word F1 of generated halves against the originals,
@@ -1058,17 +1124,26 @@ fn infill<B: Backend>(setup: &Setup, runner: &Runner<B>, md: &mut String) -> Cli
     let mut backward = halves
         .iter()
         .map(|h| {
-            let config = gap_config(args, h.first.len());
-            Canvas::infill(&setup.bos_prompt, &h.second, config, setup.space)
+            let config = gap_config(args, h.first.len())?;
+            Ok(Canvas::infill(
+                &setup.bos_prompt,
+                &h.second,
+                config,
+                setup.space,
+            )?)
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<CliResult<Vec<_>>>()?;
     let mut forward = halves
         .iter()
         .map(|h| {
             let prompt = [setup.bos_prompt.as_slice(), &h.first].concat();
-            Canvas::new(&prompt, gap_config(args, h.second.len()), setup.space)
+            Ok(Canvas::new(
+                &prompt,
+                gap_config(args, h.second.len())?,
+                setup.space,
+            )?)
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<CliResult<Vec<_>>>()?;
     let t = Instant::now();
     runner.complete(&mut backward, "infill (first half given the second)");
     let backward_s = t.elapsed().as_secs_f64();

@@ -2,7 +2,7 @@
 //! implementations (the Python reference under tests/reference uses it).
 
 use crate::{CliError, CliResult, Globals, default_model, npy};
-use remask_engine::{CpuBackend, Engine, Packing};
+use remask_engine::{Engine, Packing};
 use remask_model::Checkpoint;
 use std::path::PathBuf;
 
@@ -51,8 +51,7 @@ pub fn run(args: ForwardArgs, globals: &Globals) -> CliResult {
         #[cfg(not(feature = "cuda"))]
         unreachable!("is_cuda() is false without the feature")
     } else {
-        let engine = Engine::load(CpuBackend::default(), &ckpt)?;
-        engine.model.logits(&engine.backend, &ids, &packing, None)
+        Engine::load(&ckpt, 1)?.logits(&ids, &packing, None)
     };
     npy::write_f32(&args.out, &[batch.len(), len, vocab], &logits)
         .map_err(|e| CliError::Usage(format!("cannot write {}: {e}", args.out.display())))

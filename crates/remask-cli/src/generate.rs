@@ -3,9 +3,9 @@
 use crate::default_model::{self, is_random};
 use crate::display::{LiveCanvas, render};
 use crate::{CliError, CliResult, Globals};
-use remask_engine::{CpuBackend, Engine, TpEngine};
+use remask_engine::Engine;
 use remask_model::{Checkpoint, Message, TextCodec};
-use remask_sampler::{Canvas, Prediction, Remasking, SamplerConfig, StepPlan, denoise};
+use remask_sampler::{Canvas, CommitRule, Prediction, Remasking, SamplerConfig, StepPlan, denoise};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -58,15 +58,19 @@ pub struct GenerateArgs {
     /// Tokens to generate.
     #[arg(long, env = "REMASK_GEN_LENGTH", default_value_t = 128)]
     pub gen_length: usize,
-    /// Denoising steps in total (over all blocks).
-    #[arg(long, env = "REMASK_STEPS", default_value_t = 128)]
-    pub steps: usize,
+    /// Denoising steps in total (over all blocks) of the fixed schedule
+    /// (default 128); the adaptive rules (--threshold, --factor, --entropy)
+    /// need none.
+    #[arg(long, env = "REMASK_STEPS")]
+    pub steps: Option<usize>,
     /// Semi-autoregressive block length (gen_length for one block).
     #[arg(long, env = "REMASK_BLOCK_LENGTH", default_value_t = 32)]
     pub block_length: usize,
     /// How committed positions are chosen: low_confidence or random.
     #[arg(long, env = "REMASK_REMASKING", default_value = "low_confidence")]
     pub remasking: Remasking,
+    #[command(flatten)]
+    pub rule: RuleArgs,
     /// 0 for greedy; above 0, Gumbel-max sampling at this temperature.
     #[arg(
         long,
@@ -109,7 +113,58 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-#[tracing::instrument(skip_all, fields(gen_length = args.gen_length, steps = args.steps))]
+/// The commit rule: LLaDA's fixed schedule unless one of these is given.
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+pub struct RuleArgs {
+    /// Commit every candidate with confidence >= T, and always the most
+    /// confident (Fast-dLLM's threshold rule), 0 < T <= 1; a block runs
+    /// until it is complete.
+    #[arg(
+        long,
+        env = "REMASK_THRESHOLD",
+        group = "commit_rule",
+        allow_negative_numbers = true
+    )]
+    pub threshold: Option<f64>,
+    /// Commit the n-th most confident (n >= 2) while c_n >= 1 - F/(n+1)
+    /// (Fast-dLLM's factor rule), F > 0.
+    #[arg(
+        long,
+        env = "REMASK_FACTOR",
+        group = "commit_rule",
+        allow_negative_numbers = true
+    )]
+    pub factor: Option<f64>,
+    /// Commit the lowest-entropy candidates while the sum of their
+    /// entropies but the largest stays <= G (EB-sampler), G >= 0.
+    #[arg(
+        long,
+        env = "REMASK_ENTROPY",
+        group = "commit_rule",
+        allow_negative_numbers = true
+    )]
+    pub entropy: Option<f64>,
+    /// Run every step as the reference does and return the whole canvas,
+    /// instead of finishing once the answer is final.
+    #[arg(long, env = "REMASK_NO_EARLY_STOP")]
+    pub no_early_stop: bool,
+}
+
+impl RuleArgs {
+    pub fn rule(&self) -> CliResult<CommitRule> {
+        let rule = CommitRule::from_parameters(self.threshold, self.factor, self.entropy)
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        Ok(rule)
+    }
+
+    /// `steps` as given, or the fixed schedule's default (128); the adaptive
+    /// rules take none (0).
+    pub fn steps(&self, steps: Option<usize>) -> CliResult<usize> {
+        Ok(steps.unwrap_or(if self.rule()?.is_adaptive() { 0 } else { 128 }))
+    }
+}
+
+#[tracing::instrument(skip_all, fields(gen_length = args.gen_length))]
 pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
     if let Some(endpoint) = &args.endpoint {
         return crate::remote::run(endpoint, &args);
@@ -143,9 +198,11 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
     };
     let config = SamplerConfig {
         gen_length: args.gen_length,
-        steps: args.steps,
+        steps: args.rule.steps(args.steps)?,
         block_length: args.block_length,
         remasking: args.remasking,
+        rule: args.rule.rule()?,
+        early_stop: !args.rule.no_early_stop,
         temperature: args.temperature,
         cfg_scale: args.cfg_scale,
         seed: args.seed,
@@ -174,12 +231,9 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         }
         #[cfg(not(feature = "cuda"))]
         unreachable!("is_cuda() is false without the feature")
-    } else if args.tensor_parallel > 1 {
-        let tp = TpEngine::load(&ckpt, args.tensor_parallel)?;
-        Box::new(move |c, p| tp.predict(&[(c, p)]).pop().unwrap())
     } else {
-        let one = Engine::load(CpuBackend::default(), &ckpt)?;
-        Box::new(move |c, p| one.predict(&[(c, p)]).pop().unwrap())
+        let cpu = Engine::load(&ckpt, args.tensor_parallel)?;
+        Box::new(move |c, p| cpu.predict(&[(c, p)]).pop().unwrap())
     };
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
 
@@ -211,6 +265,11 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
             "suffix_ids": canvas.suffix(),
             "text": text,
             "steps": canvas.step(),
+            "forwards": canvas.forwards(),
+            "committed": canvas.committed(),
+            "completion_tokens": canvas.answer().len(),
+            "finish_reason": canvas.finish_reason().as_str(),
+            "rule": config.rule.to_string(),
             "gen_length": config.gen_length,
             "block_length": config.block_length,
             "elapsed_ms": elapsed_ms,

@@ -39,10 +39,10 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
             u32::try_from(args.gen_length)
                 .map_err(|_| CliError::Usage("--gen-length is too large".into()))?,
         ),
-        steps: Some(
-            u32::try_from(args.steps)
-                .map_err(|_| CliError::Usage("--steps is too large".into()))?,
-        ),
+        steps: args
+            .steps
+            .map(|s| u32::try_from(s).map_err(|_| CliError::Usage("--steps is too large".into())))
+            .transpose()?,
         block_length: Some(
             u32::try_from(args.block_length)
                 .map_err(|_| CliError::Usage("--block-length is too large".into()))?,
@@ -57,6 +57,10 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
         logits_eos_inf: args.logits_eos_inf,
         confidence_eos_eot_inf: args.confidence_eos_eot_inf,
         suffix: args.suffix.clone().unwrap_or_default(),
+        threshold: args.rule.threshold,
+        factor: args.rule.factor,
+        entropy: args.rule.entropy,
+        full_canvas: args.rule.no_early_stop,
     };
     let url = if endpoint.contains("://") {
         endpoint.to_string()
@@ -104,6 +108,12 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
                 "generated_ids": done.generated_ids,
                 "text": done.text,
                 "steps": done.steps,
+                "forwards": done.forwards,
+                "finish_reason": match done.finish_reason() {
+                    pb::FinishReason::Stop => "stop",
+                    pb::FinishReason::Length => "length",
+                    pb::FinishReason::Unspecified => "unspecified",
+                },
                 "gen_length": args.gen_length,
                 "block_length": args.block_length,
                 "elapsed_ms": done.elapsed_ms,

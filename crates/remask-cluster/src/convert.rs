@@ -71,15 +71,22 @@ pub fn predictions_to_pb(p: &[Prediction]) -> pb::Predictions {
     pb::Predictions {
         tokens: p.iter().map(|p| p.token).collect(),
         confidences: p.iter().map(|p| p.confidence).collect(),
+        entropies: p.iter().map(|p| p.entropy).collect(),
     }
 }
 
-pub fn predictions_from_pb(p: &pb::Predictions) -> Vec<Prediction> {
-    p.tokens
-        .iter()
-        .zip(&p.confidences)
-        .map(|(&token, &confidence)| Prediction { token, confidence })
-        .collect()
+/// `None` when the three lists differ in length.
+pub fn predictions_from_pb(p: &pb::Predictions) -> Option<Vec<Prediction>> {
+    let n = p.tokens.len();
+    (p.confidences.len() == n && p.entropies.len() == n).then(|| {
+        (0..n)
+            .map(|i| Prediction {
+                token: p.tokens[i],
+                confidence: p.confidences[i],
+                entropy: p.entropies[i],
+            })
+            .collect()
+    })
 }
 
 /// Hidden states travel as little-endian f32 bytes. On little-endian

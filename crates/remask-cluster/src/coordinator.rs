@@ -5,11 +5,11 @@
 use crate::auth::ApiKeys;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::scheduler::{Event, Job, Scheduler};
+use crate::scheduler::{Event, Finished, InferError, Job, Scheduler, StepEvent};
 use remask_model::{LladaConfig, Message, SpecialTokens, TextCodec};
 use remask_proto::v1 as pb;
 use remask_proto::v1::generation_server::Generation;
-use remask_sampler::{Canvas, Remasking, SamplerConfig};
+use remask_sampler::{Canvas, CommitRule, FinishReason, Remasking, SamplerConfig};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +33,67 @@ pub struct Coordinator {
     pub stages: usize,
     pub metrics: Arc<Metrics>,
     pub api_keys: ApiKeys,
+    /// The commit rule of requests that name none (`--rule`).
+    pub default_rule: CommitRule,
+}
+
+/// The channel a request's events arrive on.
+pub type Events = mpsc::UnboundedReceiver<Result<Event, InferError>>;
+
+impl From<InferError> for Status {
+    fn from(e: InferError) -> Self {
+        let message = e.to_string();
+        match e {
+            InferError::Cancelled => Status::cancelled(message),
+            InferError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
+            InferError::Unavailable(_) => Status::unavailable(message),
+            InferError::QueueFull(_) => Status::resource_exhausted(message),
+            InferError::Internal(_) => Status::internal(message),
+        }
+    }
+}
+
+fn finish_reason_to_pb(r: FinishReason) -> pb::FinishReason {
+    match r {
+        FinishReason::Stop => pb::FinishReason::Stop,
+        FinishReason::Length => pb::FinishReason::Length,
+    }
+}
+
+/// The text of a final prefix. A trailing U+FFFD may be a character whose
+/// last bytes are not committed yet: it is held back until it is complete.
+pub fn final_text(codec: &TextCodec, final_prefix: &[u32]) -> String {
+    let text = codec.decode(final_prefix, true).unwrap_or_default();
+    text.trim_end_matches('\u{FFFD}').to_string()
+}
+
+/// A step of a stream on the wire: the commits and the final text.
+fn step_to_pb(codec: &TextCodec, s: StepEvent) -> pb::StepUpdate {
+    pb::StepUpdate {
+        step: s.step as u32,
+        positions: s.committed.iter().map(|c| c.position as u32).collect(),
+        tokens: s.committed.iter().map(|c| c.token).collect(),
+        confidences: s.committed.iter().map(|c| c.confidence).collect(),
+        final_text: final_text(codec, &s.final_prefix),
+    }
+}
+
+/// The gRPC result of a finished request.
+pub fn response_to_pb(d: Finished) -> pb::GenerateResponse {
+    pb::GenerateResponse {
+        token_ids: d.token_ids,
+        generated_ids: d.generated_ids,
+        text: d.text,
+        steps: d.steps as u32,
+        prompt_length: d.prompt_length as u32,
+        elapsed_ms: d.elapsed_ms,
+        queue_ms: d.queue_ms,
+        forward_ms: d.forward_ms,
+        compute_ms: d.compute_ms,
+        forwards: d.forwards as u32,
+        finish_reason: finish_reason_to_pb(d.finish_reason) as i32,
+        completion_tokens: d.answer_tokens as u32,
+    }
 }
 
 impl Coordinator {
@@ -85,14 +146,28 @@ impl Coordinator {
             Ok(pb::Remasking::Random) => Remasking::Random,
             Err(_) => return Err(invalid(format!("unknown remasking {}", req.remasking))),
         };
+        let rule = match CommitRule::from_parameters(req.threshold, req.factor, req.entropy)
+            .map_err(|e| invalid(e.to_string()))?
+        {
+            CommitRule::Fixed => self.default_rule,
+            rule => rule,
+        };
         let defaults = SamplerConfig::default();
+        // The adaptive rules need no step count: unset, it is not checked.
+        let default_steps = if rule.is_adaptive() {
+            0
+        } else {
+            defaults.steps
+        };
         let config = SamplerConfig {
             gen_length: req.gen_length.map_or(defaults.gen_length, |v| v as usize),
-            steps: req.steps.map_or(defaults.steps, |v| v as usize),
+            steps: req.steps.map_or(default_steps, |v| v as usize),
             block_length: req
                 .block_length
                 .map_or(defaults.block_length, |v| v as usize),
             remasking,
+            rule,
+            early_stop: !req.full_canvas,
             temperature: req.temperature,
             cfg_scale: req.cfg_scale,
             seed: req.seed,
@@ -119,11 +194,9 @@ impl Coordinator {
         canvas: Canvas,
         stream: bool,
         deadline: Option<Instant>,
-    ) -> Result<mpsc::UnboundedReceiver<Result<Event, Status>>, Status> {
+    ) -> Result<Events, InferError> {
         if !self.is_ready() {
-            return Err(Status::unavailable(
-                "the cluster has no complete set of shards: waiting for workers",
-            ));
+            return Err(InferError::no_pipeline());
         }
         let (tx, rx) = mpsc::unbounded_channel();
         self.scheduler
@@ -131,19 +204,12 @@ impl Coordinator {
         Ok(rx)
     }
 
-    #[allow(clippy::type_complexity)]
     fn submit<T>(
         &self,
         request: &Request<T>,
         canvas: Canvas,
         stream: bool,
-    ) -> Result<
-        (
-            mpsc::UnboundedReceiver<Result<Event, Status>>,
-            Option<Instant>,
-        ),
-        Status,
-    > {
+    ) -> Result<(Events, Option<Instant>), Status> {
         let deadline = grpc_timeout(request.metadata()).map(|t| Instant::now() + t);
         Ok((self.start(canvas, stream, deadline)?, deadline))
     }
@@ -190,7 +256,7 @@ impl Generation for Coordinator {
         let result = async {
             while let Some(event) = events.recv().await {
                 if let Event::Done(done) = event? {
-                    return Ok(Response::new(done));
+                    return Ok(Response::new(response_to_pb(done)));
                 }
             }
             Err(Status::internal("the request ended without a result"))
@@ -218,14 +284,18 @@ impl Generation for Coordinator {
         use pb::generate_stream_response::Event as E;
         let canvas = self.canvas(request.get_ref())?;
         let (events, _) = self.submit(&request, canvas, true)?;
-        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(events).map(|event| {
-            event.map(|e| pb::GenerateStreamResponse {
-                event: Some(match e {
-                    Event::Step(s) => E::Step(s),
-                    Event::Done(d) => E::Done(d),
-                }),
-            })
-        });
+        let codec = self.meta.codec.clone();
+        let stream =
+            tokio_stream::wrappers::UnboundedReceiverStream::new(events).map(move |event| {
+                event
+                    .map_err(Status::from)
+                    .map(|e| pb::GenerateStreamResponse {
+                        event: Some(match e {
+                            Event::Step(s) => E::Step(step_to_pb(&codec, s)),
+                            Event::Done(d) => E::Done(response_to_pb(d)),
+                        }),
+                    })
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -8,10 +8,12 @@
 //! committed prefix of the answer (the longest run of committed tokens from
 //! its start), so concatenating the events gives the answer as OpenAI clients
 //! expect; the event's `remask` field carries everything the step committed,
-//! anywhere in the canvas (`step`, `positions`, `tokens`).
+//! anywhere in the canvas (`step`, `positions`, `tokens`: several per step
+//! under an adaptive commit rule). Results carry a `remask` object too, with
+//! the forward passes the request took.
 
-use crate::coordinator::Coordinator;
-use crate::scheduler::Event;
+use crate::coordinator::{Coordinator, final_text};
+use crate::scheduler::{Event, Finished, InferError};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -101,6 +103,12 @@ impl From<Status> for ApiError {
     }
 }
 
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        ApiError::from(Status::from(e))
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(self.body())).into_response()
@@ -162,7 +170,9 @@ async fn models(State(c): State<Arc<Coordinator>>) -> Json<Value> {
 }
 
 /// Sampler fields of both endpoints: OpenAI's, plus remask's own as extra
-/// fields (`steps`, `block_length`, `remasking`, `cfg_scale`, ...).
+/// top-level fields, as vLLM takes its extra sampling parameters (`steps`,
+/// `block_length`, `remasking`, `cfg_scale`, the commit rules `threshold`,
+/// `factor`, `entropy`, and `full_canvas`, ...).
 #[derive(Deserialize, Default)]
 struct Sampling {
     model: Option<String>,
@@ -181,6 +191,12 @@ struct Sampling {
     logits_eos_inf: bool,
     #[serde(default)]
     confidence_eos_eot_inf: bool,
+    threshold: Option<f64>,
+    factor: Option<f64>,
+    entropy: Option<f64>,
+    /// Run every step and return the whole canvas (no early stop).
+    #[serde(default)]
+    full_canvas: bool,
 }
 
 #[derive(Deserialize)]
@@ -207,7 +223,8 @@ struct ChatMessage {
 
 impl Sampling {
     /// A gRPC request for `prompt_ids`; defaults: 128 tokens, one step per
-    /// token, blocks of 32 when that divides the length, greedy.
+    /// token (the fixed schedule), blocks of 32 when that divides the length,
+    /// greedy.
     fn request(
         &self,
         c: &Coordinator,
@@ -249,10 +266,15 @@ impl Sampling {
                 )));
             }
         };
+        let adaptive = self.threshold.is_some()
+            || self.factor.is_some()
+            || self.entropy.is_some()
+            || c.default_rule.is_adaptive();
         Ok(pb::GenerateRequest {
             prompt_ids,
             gen_length: Some(gen_length),
-            steps: Some(self.steps.unwrap_or(gen_length)),
+            // The adaptive rules use no step count.
+            steps: self.steps.or((!adaptive).then_some(gen_length)),
             block_length: Some(block_length),
             remasking: remasking as i32,
             temperature: self.temperature.unwrap_or(0.0),
@@ -260,6 +282,10 @@ impl Sampling {
             seed: self.seed.unwrap_or(0),
             logits_eos_inf: self.logits_eos_inf,
             confidence_eos_eot_inf: self.confidence_eos_eot_inf,
+            threshold: self.threshold,
+            factor: self.factor,
+            entropy: self.entropy,
+            full_canvas: self.full_canvas,
             ..Default::default()
         })
     }
@@ -365,22 +391,14 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn finish_reason(c: &Coordinator, done: &pb::GenerateResponse) -> &'static str {
-    let s = &c.meta.special;
-    if done
-        .generated_ids
-        .iter()
-        .any(|&t| t == s.eos || Some(t) == s.eot)
-    {
-        "stop"
-    } else {
-        "length"
-    }
+fn usage(done: &Finished) -> Value {
+    let (p, g) = (done.prompt_length, done.answer_tokens);
+    json!({"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g})
 }
 
-fn usage(done: &pb::GenerateResponse) -> Value {
-    let (p, g) = (done.prompt_length, done.generated_ids.len() as u32);
-    json!({"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g})
+/// remask's own fields of a result.
+fn remask_fields(done: &Finished) -> Value {
+    json!({"forwards": done.forwards, "steps": done.steps, "generated_ids": done.generated_ids})
 }
 
 async fn run(
@@ -390,8 +408,6 @@ async fn run(
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let canvas = c.canvas(&grpc)?;
-    let prompt_len = canvas.prompt_len();
-    let mut generated = canvas.generated().to_vec();
     let mut events = c.start(canvas, stream, None)?;
     let id = format!(
         "{}-{:x}",
@@ -406,12 +422,13 @@ async fn run(
     if !stream {
         while let Some(event) = events.recv().await {
             if let Event::Done(done) = event? {
+                let reason = done.finish_reason.as_str();
                 let choice = match kind {
                     Kind::Completion => {
-                        json!({"index": 0, "text": done.text, "logprobs": null, "finish_reason": finish_reason(&c, &done)})
+                        json!({"index": 0, "text": done.text, "logprobs": null, "finish_reason": reason})
                     }
                     Kind::Chat => {
-                        json!({"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": finish_reason(&c, &done)})
+                        json!({"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": reason})
                     }
                 };
                 let object = if kind == Kind::Chat {
@@ -421,12 +438,12 @@ async fn run(
                 };
                 return Ok(Json(json!({
                     "id": id, "object": object, "created": created, "model": model,
-                    "choices": [choice], "usage": usage(&done),
+                    "choices": [choice], "usage": usage(&done), "remask": remask_fields(&done),
                 }))
                 .into_response());
             }
         }
-        return Err(Status::internal("the request ended without a result").into());
+        return Err(InferError::Internal("the request ended without a result".into()).into());
     }
 
     let object = if kind == Kind::Chat {
@@ -449,53 +466,35 @@ async fn run(
         }
         SseEvent::default().data(v.to_string())
     };
-    let (mask, eos, eot) = (c.meta.special.mask, c.meta.special.eos, c.meta.special.eot);
     let codec = c.meta.codec.clone();
-    let c2 = c.clone();
     let stream = async_stream_events(move |tx| async move {
         let mut sent = String::new();
         while let Some(event) = events.recv().await {
             match event {
                 Ok(Event::Step(s)) => {
-                    for (&p, &t) in s.positions.iter().zip(&s.tokens) {
-                        if let Some(slot) = (p as usize)
-                            .checked_sub(prompt_len)
-                            .and_then(|i| generated.get_mut(i))
-                        {
-                            *slot = t;
-                        }
-                    }
-                    // Text is final up to the first mask; it ends at the
-                    // first EOS / end of turn (the final text is the answer).
-                    let prefix = generated
-                        .iter()
-                        .position(|&t| t == mask || t == eos || Some(t) == eot)
-                        .unwrap_or(generated.len());
-                    let text = codec.decode(&generated[..prefix], true).unwrap_or_default();
-                    // A trailing U+FFFD may be a character whose last bytes are
-                    // not committed yet: hold it back until it is complete.
-                    let text = text.trim_end_matches('\u{FFFD}').to_string();
+                    let text = final_text(&codec, &s.final_prefix);
                     let delta = text.strip_prefix(sent.as_str()).unwrap_or("").to_string();
                     if !delta.is_empty() {
                         sent = text;
                     }
-                    let extra = json!({"remask": {"step": s.step, "positions": s.positions, "tokens": s.tokens}});
+                    let positions: Vec<usize> = s.committed.iter().map(|c| c.position).collect();
+                    let tokens: Vec<u32> = s.committed.iter().map(|c| c.token).collect();
+                    let extra = json!({"remask": {"step": s.step, "positions": positions, "tokens": tokens}});
                     if tx.send(chunk(&delta, None, extra)).await.is_err() {
                         return;
                     }
                 }
                 Ok(Event::Done(done)) => {
                     let rest = done.text.strip_prefix(sent.as_str()).unwrap_or("");
-                    let extra = json!({"usage": usage(&done)});
-                    let _ = tx
-                        .send(chunk(rest, Some(finish_reason(&c2, &done)), extra))
-                        .await;
+                    let extra = json!({"usage": usage(&done), "remask": remask_fields(&done)});
+                    let reason = done.finish_reason.as_str();
+                    let _ = tx.send(chunk(rest, Some(reason), extra)).await;
                     let _ = tx.send(SseEvent::default().data("[DONE]")).await;
                     return;
                 }
-                Err(status) => {
+                Err(error) => {
                     let _ = tx
-                        .send(SseEvent::default().data(ApiError::from(status).body().to_string()))
+                        .send(SseEvent::default().data(ApiError::from(error).body().to_string()))
                         .await;
                     let _ = tx.send(SseEvent::default().data("[DONE]")).await;
                     return;

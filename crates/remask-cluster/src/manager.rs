@@ -202,12 +202,7 @@ impl Manager {
                 })
             })
             .collect::<Option<Vec<_>>>()
-            .map(|stages| {
-                Arc::new(Pipeline {
-                    stages,
-                    shards: self.shards.clone(),
-                })
-            });
+            .map(|stages| Arc::new(Pipeline { stages }));
         let changed = match (&*self.pipeline.borrow(), &pipeline) {
             (None, None) => false,
             (Some(a), Some(b)) => a.workers() != b.workers() || generations(a) != generations(b),

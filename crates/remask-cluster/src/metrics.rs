@@ -41,7 +41,8 @@ pub struct Metrics {
     pub e2e_latency: Family<Model, Histogram>,
     pub queue_time: Family<Model, Histogram>,
     pub step_time: Family<Model, Histogram>,
-    pub tokens_per_step: Family<Model, Histogram>,
+    pub tokens_per_forward: Family<Model, Histogram>,
+    pub forwards_per_request: Family<Model, Histogram>,
     pub stage_forward_time: Family<StageLabel, Histogram>,
     pub workers: Family<Model, Gauge>,
     pub shard_coverage: Family<Model, GaugeF>,
@@ -67,8 +68,11 @@ impl Metrics {
             e2e_latency: Family::new_with_constructor(seconds),
             queue_time: Family::new_with_constructor(seconds),
             step_time: Family::new_with_constructor(seconds),
-            tokens_per_step: Family::new_with_constructor(|| {
+            tokens_per_forward: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(1.0, 2.0, 12))
+            }),
+            forwards_per_request: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1.0, 2.0, 14))
             }),
             stage_forward_time: Family::new_with_constructor(seconds),
             workers: Family::default(),
@@ -93,7 +97,7 @@ impl Metrics {
         );
         r.register(
             "remask:generation_tokens",
-            "Generated tokens of finished requests",
+            "Answer tokens of finished requests (before the first stop token)",
             m.generation_tokens.clone(),
         );
         r.register(
@@ -117,9 +121,14 @@ impl Metrics {
             m.step_time.clone(),
         );
         r.register(
-            "remask:tokens_committed_per_step",
-            "Tokens a request commits in one step",
-            m.tokens_per_step.clone(),
+            "remask:tokens_committed_per_forward",
+            "Tokens a request commits in one forward pass (several under an adaptive commit rule)",
+            m.tokens_per_forward.clone(),
+        );
+        r.register(
+            "remask:forwards_per_request",
+            "Forward passes a finished request took part in",
+            m.forwards_per_request.clone(),
         );
         r.register(
             "remask:stage_forward_time_seconds",

@@ -63,7 +63,6 @@ pub struct StepTiming {
 
 pub struct Pipeline {
     pub stages: Vec<StageClient>,
-    pub shards: Vec<Shard>,
 }
 
 impl Pipeline {
@@ -137,7 +136,10 @@ impl Pipeline {
                                 .predictions
                                 .iter()
                                 .map(predictions_from_pb)
-                                .collect(),
+                                .collect::<Option<_>>()
+                                .ok_or_else(|| {
+                                    fail("predictions with lists of different lengths".into())
+                                })?,
                         )
                     } else {
                         StageOutput::Hidden(

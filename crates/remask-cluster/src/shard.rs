@@ -3,9 +3,7 @@
 //! on the last stage, in (token, confidence) for the queried positions only.
 //! Shared by the worker process and the in-process stage of `remask serve`.
 
-use remask_engine::{
-    Backend, CpuBackend, Llada, Packing, Query, Shard, TpEngine, combine_ranks, query_rows,
-};
+use remask_engine::{Backend, Engine, Llada, Packing, Query, Shard, combine_ranks, query_rows};
 use remask_model::{Checkpoint, Result};
 use remask_sampler::{Partial, Prediction};
 
@@ -19,18 +17,16 @@ pub enum StageOutput {
     Predictions(Vec<Vec<Prediction>>),
 }
 
-/// A loaded shard: one CPU rank, or a tensor-parallel group (thread ranks
-/// on the CPU, one NCCL rank per GPU on CUDA).
+/// A loaded shard over a group of ranks: CPU thread ranks (one without
+/// tensor parallelism), or one NCCL rank per GPU on CUDA.
 pub struct ShardRunner {
     inner: Ranks,
 }
 
 enum Ranks {
-    One(CpuBackend, Box<Llada<CpuBackend>>),
-    Group(TpEngine),
-    /// One or more GPUs (a group of world 1 for one).
+    Cpu(Engine),
     #[cfg(feature = "cuda")]
-    Cuda(TpEngine<remask_engine::cuda::CudaBackend>),
+    Cuda(Engine<remask_engine::cuda::CudaBackend>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,20 +84,11 @@ pub fn max_tokens(d_model: usize) -> usize {
 }
 
 impl ShardRunner {
-    pub fn load(ckpt: &Checkpoint, shard: Shard) -> Result<Self> {
-        Self::load_tp(ckpt, shard, 1)
-    }
-
     /// The shard split over `tensor_parallel` ranks (threads on the CPU).
     pub fn load_tp(ckpt: &Checkpoint, shard: Shard, tensor_parallel: usize) -> Result<Self> {
-        let inner = if tensor_parallel <= 1 {
-            let backend = CpuBackend::default();
-            let model = Llada::load(&backend, ckpt, shard)?;
-            Ranks::One(backend, Box::new(model))
-        } else {
-            Ranks::Group(TpEngine::load_shard(ckpt, shard, tensor_parallel)?)
-        };
-        Ok(ShardRunner { inner })
+        Ok(ShardRunner {
+            inner: Ranks::Cpu(Engine::load_shard(ckpt, shard, tensor_parallel)?),
+        })
     }
 
     /// The shard split over the GPUs `devices` (the CUDA backend), one
@@ -113,7 +100,7 @@ impl ShardRunner {
         devices: &[usize],
     ) -> std::result::Result<Self, String> {
         let group = remask_engine::cuda::tp_group(devices).map_err(|e| e.to_string())?;
-        let engine = TpEngine::from_backends(group, ckpt, shard).map_err(|e| e.to_string())?;
+        let engine = Engine::from_backends(group, ckpt, shard).map_err(|e| e.to_string())?;
         Ok(ShardRunner {
             inner: Ranks::Cuda(engine),
         })
@@ -121,8 +108,7 @@ impl ShardRunner {
 
     pub fn shard(&self) -> &Shard {
         match &self.inner {
-            Ranks::One(_, m) => &m.shard,
-            Ranks::Group(g) => g.shard(),
+            Ranks::Cpu(g) => g.shard(),
             #[cfg(feature = "cuda")]
             Ranks::Cuda(g) => g.shard(),
         }
@@ -130,8 +116,7 @@ impl ShardRunner {
 
     fn config(&self) -> &remask_model::LladaConfig {
         match &self.inner {
-            Ranks::One(_, m) => &m.config,
-            Ranks::Group(g) => g.config(),
+            Ranks::Cpu(g) => g.config(),
             #[cfg(feature = "cuda")]
             Ranks::Cuda(g) => g.config(),
         }
@@ -222,8 +207,7 @@ impl ShardRunner {
             queries,
         };
         let outputs = match &self.inner {
-            Ranks::One(backend, model) => vec![step.on_rank(backend, model)],
-            Ranks::Group(group) => group.on_ranks(|b, m| step.on_rank(b, m)),
+            Ranks::Cpu(group) => group.on_ranks(|b, m| step.on_rank(b, m)),
             #[cfg(feature = "cuda")]
             Ranks::Cuda(group) => group.on_ranks(|b, m| step.on_rank(b, m)),
         };

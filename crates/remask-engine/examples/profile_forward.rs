@@ -26,9 +26,6 @@ impl Timed {
 impl Backend for Timed {
     type Tensor = Matrix;
     type Weight = Matrix;
-    fn name(&self) -> &'static str {
-        "timed-cpu"
-    }
     fn load_weight(&self, t: TensorRef<'_>) -> Result<Matrix> {
         self.inner.load_weight(t)
     }

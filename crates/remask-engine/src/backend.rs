@@ -75,8 +75,6 @@ pub trait Backend: Send + Sync {
     /// A weight (matrix or vector) on the device.
     type Weight: Send + Sync;
 
-    fn name(&self) -> &'static str;
-
     /// Uploads a checkpoint tensor (any stored dtype).
     fn load_weight(&self, tensor: TensorRef<'_>) -> Result<Self::Weight>;
     /// The block `rows` x `cols` of a generated tensor (`model init
@@ -147,9 +145,9 @@ pub trait Backend: Send + Sync {
         &self,
         logits: Self::Tensor,
         vocab: std::ops::Range<usize>,
-        queries: &[crate::engine::Query],
+        queries: &[crate::query::Query],
     ) -> Vec<Vec<remask_sampler::Partial>> {
-        crate::engine::partial_queries(&self.to_host(logits), vocab, queries)
+        crate::query::partial_queries(&self.to_host(logits), vocab, queries)
     }
     /// Hidden states arriving from elsewhere (another pipeline stage).
     fn load_hidden(&self, values: &[f32], rows: usize, cols: usize) -> Self::Tensor;

@@ -107,10 +107,6 @@ impl Backend for CpuBackend {
     type Tensor = Matrix;
     type Weight = Matrix;
 
-    fn name(&self) -> &'static str {
-        "cpu"
-    }
-
     fn load_weight(&self, t: TensorRef<'_>) -> Result<Matrix> {
         let (rows, cols) = match t.shape {
             [n] => (1, *n),

@@ -5,7 +5,7 @@
 //! GPU gets.
 
 use crate::backend::{Heads, Packing};
-use crate::engine::{Query, query_rows};
+use crate::query::{Query, query_rows};
 use remask_sampler::rng::{NoiseKey, Stream};
 
 /// The CUDA source of every kernel.

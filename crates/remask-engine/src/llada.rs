@@ -270,9 +270,9 @@ impl<B: Backend> Llada<B> {
         backend: &B,
         ids: &[u32],
         packing: &Packing,
-        queries: &[crate::engine::Query],
+        queries: &[crate::query::Query],
     ) -> Vec<Vec<remask_sampler::Partial>> {
-        let rows = crate::engine::query_rows(queries);
+        let rows = crate::query::query_rows(queries);
         let x = self.embed(backend, ids);
         let x = self.layers(backend, x, packing);
         let logits = self.head_logits(backend, &x, Some(&rows));

@@ -25,14 +25,12 @@ fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn packed_sequences_equal_their_solo_runs() {
     let (_dir, ckpt) = tiny(f32_opts());
-    let engine = Engine::load(CpuBackend::default(), &ckpt).unwrap();
-    let (m, be) = (&engine.model, &engine.backend);
+    let engine = Engine::load(&ckpt, 1).unwrap();
     let a: Vec<u32> = (0..37).map(|i| (i * 7 % 300) as u32).collect();
     let b: Vec<u32> = (0..150).map(|i| (i * 13 % 300) as u32).collect();
-    let solo_a = m.logits(be, &a, &Packing::new([a.len()]), None);
-    let solo_b = m.logits(be, &b, &Packing::new([b.len()]), None);
-    let both = m.logits(
-        be,
+    let solo_a = engine.logits(&a, &Packing::new([a.len()]), None);
+    let solo_b = engine.logits(&b, &Packing::new([b.len()]), None);
+    let both = engine.logits(
         &[a.clone(), b.clone()].concat(),
         &Packing::new([a.len(), b.len()]),
         None,
@@ -45,14 +43,13 @@ fn packed_sequences_equal_their_solo_runs() {
 #[test]
 fn attention_is_bidirectional() {
     let (_dir, ckpt) = tiny(f32_opts());
-    let engine = Engine::load(CpuBackend::default(), &ckpt).unwrap();
-    let (m, be) = (&engine.model, &engine.backend);
+    let engine = Engine::load(&ckpt, 1).unwrap();
     let a: Vec<u32> = vec![5, 6, 7, 8, 9];
     let mut b = a.clone();
     b[4] = 10;
     let p = Packing::new([5]);
-    let la = m.logits(be, &a, &p, Some(&[0]));
-    let lb = m.logits(be, &b, &p, Some(&[0]));
+    let la = engine.logits(&a, &p, Some(&[0]));
+    let lb = engine.logits(&b, &p, Some(&[0]));
     assert!(
         max_rel_diff(&la, &lb) > 1e-4,
         "the last token must change the first position"
@@ -62,13 +59,12 @@ fn attention_is_bidirectional() {
 #[test]
 fn gathered_rows_equal_full_logits() {
     let (_dir, ckpt) = tiny(f32_opts());
-    let engine = Engine::load(CpuBackend::default(), &ckpt).unwrap();
-    let (m, be) = (&engine.model, &engine.backend);
+    let engine = Engine::load(&ckpt, 1).unwrap();
     let ids: Vec<u32> = (0..20).collect();
     let p = Packing::new([20]);
-    let v = m.config.embedding_size();
-    let full = m.logits(be, &ids, &p, None);
-    let some = m.logits(be, &ids, &p, Some(&[3, 17]));
+    let v = engine.config().embedding_size();
+    let full = engine.logits(&ids, &p, None);
+    let some = engine.logits(&ids, &p, Some(&[3, 17]));
     assert_eq!(&some[..v], &full[3 * v..4 * v]);
     assert_eq!(&some[v..], &full[17 * v..18 * v]);
 }
@@ -121,10 +117,10 @@ fn tensor_parallel_ranks_match_one_rank() {
     // small: 8 heads, 4 KV heads, mlp 704, embedding 2304: divisible by 4.
     init_checkpoint(Preset::get("small").unwrap(), &opts, dir.path()).unwrap();
     let ckpt = Checkpoint::open(dir.path()).unwrap();
-    let one = Engine::load(CpuBackend::default(), &ckpt).unwrap();
+    let one = Engine::load(&ckpt, 1).unwrap();
     let ids: Vec<u32> = (0..45).map(|i| (i * 31 % 1900) as u32).collect();
     let packing = Packing::new([20, 25]);
-    let want = one.model.logits(&one.backend, &ids, &packing, None);
+    let want = one.logits(&ids, &packing, None);
     let special = TextCodec::load(dir.path())
         .unwrap()
         .special_tokens(&ckpt.config)
@@ -173,7 +169,7 @@ fn tensor_parallel_ranks_match_one_rank() {
         canvas.tokens().to_vec()
     };
     for world in [2, 4] {
-        let tp = TpEngine::load(&ckpt, world).unwrap();
+        let tp = Engine::load(&ckpt, world).unwrap();
         let got = tp.logits(&ids, &packing, None);
         assert_eq!(got.len(), want.len());
         let rel = max_rel_diff(&want, &got);
@@ -185,18 +181,18 @@ fn tensor_parallel_ranks_match_one_rank() {
         }
     }
     // A split that does not divide is refused with a reason.
-    let err = TpEngine::load(&ckpt, 3).err().unwrap().to_string();
+    let err = Engine::load(&ckpt, 3).err().unwrap().to_string();
     assert!(err.contains("not divisible"), "{err}");
 }
 
-/// The fused path (the backend reduces the head to partials) predicts what
-/// the host path predicts; on the CPU it checks the default reduction, on a
+/// The step path (the backend reduces the head to partials) predicts what
+/// the full logits predict; on the CPU it checks the default reduction, on a
 /// GPU the same code runs the CUDA kernel.
 #[test]
 fn fused_head_matches_host_head() {
     use remask_sampler::{Canvas, SamplerConfig, TokenSpace};
     let (_dir, ckpt) = tiny(f32_opts());
-    let engine = Engine::load(CpuBackend::default(), &ckpt).unwrap();
+    let engine = Engine::load(&ckpt, 1).unwrap();
     let space = TokenSpace {
         vocab_size: ckpt.config.vocab_size,
         mask: ckpt.config.mask_token_id.unwrap(),
@@ -224,11 +220,18 @@ fn fused_head_matches_host_head() {
         let canvas = Canvas::new(&[3, 4, 5], config, space).unwrap();
         let plan = canvas.plan();
         let batch = StepBatch::new(&[(&canvas, &plan)]);
-        let host = engine.run(&batch);
-        let fused = engine.run_fused(&batch);
+        let rows = query_rows(&batch.queries);
+        let logits = engine.logits(&batch.ids, &batch.packing(), Some(&rows));
+        let vocab = 0..engine.config().embedding_size();
+        let host = combine_ranks(
+            &[partial_queries(&logits, vocab, &batch.queries)],
+            &batch.queries,
+        );
+        let fused = engine.run(&batch);
         for (h, f) in host[0].iter().zip(&fused[0]) {
             assert_eq!(h.token, f.token);
             assert!((h.confidence - f.confidence).abs() < 1e-9, "{h:?} {f:?}");
+            assert!((h.entropy - f.entropy).abs() < 1e-9, "{h:?} {f:?}");
         }
     }
 }
@@ -257,10 +260,7 @@ fn generated_weights_equal_the_bf16_files() {
     }));
     let ids: Vec<u32> = (0..30).map(|i| (i * 17 % 400) as u32).collect();
     let packing = Packing::new([12, 18]);
-    let logits = |ckpt: &Checkpoint| {
-        let e = Engine::load(CpuBackend::default(), ckpt).unwrap();
-        e.model.logits(&e.backend, &ids, &packing, None)
-    };
+    let logits = |ckpt: &Checkpoint| Engine::load(ckpt, 1).unwrap().logits(&ids, &packing, None);
     let want = logits(&files);
     assert_eq!(logits(&generated), want);
     // Pipeline stages load their own layers of a generated checkpoint too.
@@ -284,10 +284,10 @@ fn generated_weights_equal_the_bf16_files() {
         want
     );
 
-    let tp_files = TpEngine::load(&files, 2)
+    let tp_files = Engine::load(&files, 2)
         .unwrap()
         .logits(&ids, &packing, None);
-    let tp_generated = TpEngine::load(&generated, 2)
+    let tp_generated = Engine::load(&generated, 2)
         .unwrap()
         .logits(&ids, &packing, None);
     assert_eq!(tp_generated, tp_files);
@@ -307,11 +307,9 @@ fn tensor_parallel_blocks_of_half_precision_files() {
         });
         let ids: Vec<u32> = (0..20).map(|i| (i * 29 % 400) as u32).collect();
         let packing = Packing::new([20]);
-        let one = Engine::load(CpuBackend::default(), &ckpt).unwrap();
-        let want = one.model.logits(&one.backend, &ids, &packing, None);
-        let got = TpEngine::load(&ckpt, 2)
-            .unwrap()
-            .logits(&ids, &packing, None);
+        let one = Engine::load(&ckpt, 1).unwrap();
+        let want = one.logits(&ids, &packing, None);
+        let got = Engine::load(&ckpt, 2).unwrap().logits(&ids, &packing, None);
         let rel = max_rel_diff(&want, &got);
         assert!(
             rel < 1e-4,
@@ -320,7 +318,7 @@ fn tensor_parallel_blocks_of_half_precision_files() {
     }
 }
 
-/// `TpEngine::from_backends` (how GPU groups are built) takes the ranks in
+/// `Engine::from_backends` (how GPU groups are built) takes the ranks in
 /// any order: each backend knows its place through `rank_world()`.
 #[test]
 fn tp_engine_from_backends_in_any_order() {
@@ -330,9 +328,9 @@ fn tp_engine_from_backends_in_any_order() {
         .rev()
         .map(|rank| CpuBackend::with_collective(std::sync::Arc::new(rank)))
         .collect();
-    let tp = TpEngine::from_backends(reversed, &ckpt, Shard::full(&ckpt.config)).unwrap();
+    let tp = Engine::from_backends(reversed, &ckpt, Shard::full(&ckpt.config)).unwrap();
     assert_eq!(tp.world(), 2);
-    let want = TpEngine::load(&ckpt, 2).unwrap();
+    let want = Engine::load(&ckpt, 2).unwrap();
     let (ids, packing) = ([5u32, 6, 7, 8, 9], Packing::new([5]));
     let rel = max_rel_diff(
         &want.logits(&ids, &packing, None),

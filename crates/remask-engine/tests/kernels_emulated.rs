@@ -515,8 +515,13 @@ fn head_partials_match_the_host_reduction() {
     let want = partial_queries(&logits, vocab.clone(), &queries);
     let hq = launch::head_queries(&queries);
     let p = hq.cond.len();
-    let (mut score, mut token, mut logit, mut lse) =
-        (vec![0f64; p], vec![0u32; p], vec![0f64; p], vec![0f64; p]);
+    let (mut score, mut token, mut logit, mut lse, mut mean) = (
+        vec![0f64; p],
+        vec![0u32; p],
+        vec![0f64; p],
+        vec![0f64; p],
+        vec![0f64; p],
+    );
     launch!(
         emu,
         "head_partials",
@@ -524,6 +529,7 @@ fn head_partials_match_the_host_reduction() {
         (
             *mut f64,
             *mut u32,
+            *mut f64,
             *mut f64,
             *mut f64,
             *const f32,
@@ -543,6 +549,7 @@ fn head_partials_match_the_host_reduction() {
             token.as_mut_ptr(),
             logit.as_mut_ptr(),
             lse.as_mut_ptr(),
+            mean.as_mut_ptr(),
             logits.as_ptr(),
             width as i32,
             vocab.start as i32,
@@ -568,6 +575,13 @@ fn head_partials_match_the_host_reduction() {
         assert!(
             (lse[i] - w.lse).abs() <= 1e-6 * w.lse.abs().max(1.0),
             "lse {i}"
+        );
+        // The softmax-weighted mean logit, which gives the entropy.
+        assert!(
+            (mean[i] - w.mean_logit).abs() <= 1e-6 * w.mean_logit.abs().max(1.0),
+            "mean logit {i}: {} vs {}",
+            mean[i],
+            w.mean_logit
         );
     }
     // The planted mask never wins; the EOS wins exactly where it is allowed.

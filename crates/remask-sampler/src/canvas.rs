@@ -14,14 +14,171 @@
 
 use crate::predict::{PredictOptions, Prediction, Remasking};
 
-/// The sampler settings of one request (LLaDA's `generate()` arguments).
+/// How many of a step's candidates (the masked positions of the current
+/// block) are committed. `Fixed` is LLaDA's schedule; the others are the
+/// fast engines' rules (Fast-dLLM's threshold and factor, the EB-sampler's
+/// entropy bound), which commit as many tokens per forward pass as the
+/// model is sure of: a block then runs until it is complete and `steps`
+/// bounds nothing. Every rule commits at least one token per step.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum CommitRule {
+    /// `steps / blocks` steps per block, the block's masks spread over them
+    /// (`transfer_schedule`), the most confident first.
+    #[default]
+    Fixed,
+    /// Every candidate with confidence >= tau, and always the most confident.
+    Threshold(f64),
+    /// The n-th most confident (n >= 2) while `c_n >= 1 - f / (n + 1)`.
+    Factor(f64),
+    /// The lowest-entropy candidates while the sum of their entropies but
+    /// the largest stays <= gamma.
+    Entropy(f64),
+}
+
+impl CommitRule {
+    /// Whether a block runs until it is complete rather than on a schedule.
+    pub fn is_adaptive(&self) -> bool {
+        !matches!(self, CommitRule::Fixed)
+    }
+
+    /// The rule from at most one of its three parameters (the CLI's
+    /// `--threshold`, `--factor`, `--entropy`, the API's fields of the
+    /// same names); none is `Fixed`.
+    pub fn from_parameters(
+        threshold: Option<f64>,
+        factor: Option<f64>,
+        entropy: Option<f64>,
+    ) -> Result<Self, InvalidRequest> {
+        match (threshold, factor, entropy) {
+            (None, None, None) => Ok(CommitRule::Fixed),
+            (Some(t), None, None) => Ok(CommitRule::Threshold(t)),
+            (None, Some(f), None) => Ok(CommitRule::Factor(f)),
+            (None, None, Some(g)) => Ok(CommitRule::Entropy(g)),
+            _ => Err(InvalidRequest::TwoRules),
+        }
+    }
+
+    fn check(&self) -> Result<(), InvalidRequest> {
+        match *self {
+            CommitRule::Fixed => Ok(()),
+            CommitRule::Threshold(t) if t.is_finite() && t > 0.0 && t <= 1.0 => Ok(()),
+            CommitRule::Threshold(t) => Err(InvalidRequest::BadThreshold(t)),
+            CommitRule::Factor(f) if f.is_finite() && f > 0.0 => Ok(()),
+            CommitRule::Factor(f) => Err(InvalidRequest::BadFactor(f)),
+            CommitRule::Entropy(g) if g.is_finite() && g >= 0.0 => Ok(()),
+            CommitRule::Entropy(g) => Err(InvalidRequest::BadEntropy(g)),
+        }
+    }
+
+    /// How many of the candidates, in `order` (indices into `preds`), this
+    /// step commits: the order is by confidence for every rule but
+    /// `Entropy`, by entropy for it.
+    fn count(&self, fixed_k: usize, order: &[usize], preds: &[Prediction]) -> usize {
+        let n = order.len();
+        let conf = |i: usize| rank_confidence(preds[order[i]].confidence);
+        match *self {
+            CommitRule::Fixed => fixed_k.min(n),
+            CommitRule::Threshold(tau) => (1..n).take_while(|&i| conf(i) >= tau).count() + 1,
+            CommitRule::Factor(f) => {
+                // Fast-dLLM's get_transfer_index_dynamic, boundary included:
+                // index 0's threshold is -1; stop at the first failure; a
+                // failure at the very first or the last index takes one more.
+                let first_fail = (0..n)
+                    .find(|&i| {
+                        let threshold = if i == 0 {
+                            -1.0
+                        } else {
+                            1.0 - f / (i as f64 + 2.0)
+                        };
+                        conf(i) < threshold
+                    })
+                    .unwrap_or(n.saturating_sub(1));
+                if first_fail == 0 || first_fail + 1 == n {
+                    first_fail + 1
+                } else {
+                    first_fail
+                }
+            }
+            CommitRule::Entropy(gamma) => {
+                // k + 1 candidates go while the first k entropies sum to <= gamma
+                // (entropies are >= 0: the sums only grow).
+                let mut k = 1;
+                let mut sum = 0.0;
+                while k < n {
+                    sum += rank_entropy(preds[order[k - 1]].entropy);
+                    if sum > gamma {
+                        break;
+                    }
+                    k += 1;
+                }
+                k
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for CommitRule {
+    type Err = String;
+    /// `fixed`, `threshold=T`, `factor=F` or `entropy=G`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("unknown commit rule '{s}': expected fixed, threshold=T, factor=F or entropy=G")
+        };
+        if s == "fixed" {
+            return Ok(CommitRule::Fixed);
+        }
+        let (name, value) = s.split_once('=').ok_or_else(bad)?;
+        let v: f64 = value
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name}: '{value}' is not a number"))?;
+        let rule = match name.trim() {
+            "threshold" => CommitRule::Threshold(v),
+            "factor" => CommitRule::Factor(v),
+            "entropy" => CommitRule::Entropy(v),
+            _ => return Err(bad()),
+        };
+        rule.check().map_err(|e| e.to_string())?;
+        Ok(rule)
+    }
+}
+
+impl std::fmt::Display for CommitRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitRule::Fixed => f.write_str("fixed"),
+            CommitRule::Threshold(t) => write!(f, "threshold={t}"),
+            CommitRule::Factor(v) => write!(f, "factor={v}"),
+            CommitRule::Entropy(g) => write!(f, "entropy={g}"),
+        }
+    }
+}
+
+/// A NaN confidence ranks as -inf.
+fn rank_confidence(c: f64) -> f64 {
+    if c.is_nan() { f64::NEG_INFINITY } else { c }
+}
+
+/// A NaN entropy ranks as +inf.
+fn rank_entropy(h: f64) -> f64 {
+    if h.is_nan() { f64::INFINITY } else { h }
+}
+
+/// The sampler settings of one request (LLaDA's `generate()` arguments,
+/// plus the commit rule and early stop).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplerConfig {
     pub gen_length: usize,
-    /// Total denoising steps over all blocks.
+    /// Total denoising steps over all blocks (the `Fixed` rule's schedule;
+    /// 0 = not given, allowed with the adaptive rules, which ignore it).
     pub steps: usize,
     pub block_length: usize,
     pub remasking: Remasking,
+    pub rule: CommitRule,
+    /// Finish as soon as the answer is final (a stop token committed with
+    /// everything before it committed); the rest of the span becomes EOS.
+    /// Off, every step runs as in the reference.
+    pub early_stop: bool,
     pub temperature: f64,
     pub cfg_scale: f64,
     pub seed: u64,
@@ -36,11 +193,32 @@ impl Default for SamplerConfig {
             steps: 128,
             block_length: 32,
             remasking: Remasking::LowConfidence,
+            rule: CommitRule::Fixed,
+            early_stop: true,
             temperature: 0.0,
             cfg_scale: 0.0,
             seed: 0,
             logits_eos_inf: false,
             confidence_eos_eot_inf: false,
+        }
+    }
+}
+
+/// Why a request finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The answer ended with EOS or an end of turn.
+    Stop,
+    /// The span was used up without a stop token.
+    Length,
+}
+
+impl FinishReason {
+    /// The name OpenAI's API and the metrics use.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
         }
     }
 }
@@ -136,6 +314,14 @@ pub enum InvalidRequest {
     BadTemperature(f64),
     #[error("cfg_scale must be a finite number >= 0, got {0}")]
     BadCfgScale(f64),
+    #[error("threshold must be a number in (0, 1], got {0}")]
+    BadThreshold(f64),
+    #[error("factor must be a finite number > 0, got {0}")]
+    BadFactor(f64),
+    #[error("entropy must be a finite number >= 0, got {0}")]
+    BadEntropy(f64),
+    #[error("threshold, factor and entropy are three commit rules: give at most one")]
+    TwoRules,
 }
 
 /// Commit counts for the steps of one block: `n` masks over `steps` steps,
@@ -149,13 +335,23 @@ pub fn transfer_schedule(n: usize, steps: usize) -> Vec<usize> {
 /// The work of one denoising step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepPlan {
-    /// Global step index of the request, 0-based over all blocks.
+    /// Global step index of the request, 0-based over all blocks (keys the
+    /// random draws).
     pub step: usize,
-    /// How many of `positions` this step commits.
+    /// How many of `positions` this step commits under the `Fixed` rule; the
+    /// adaptive rules commit between 1 and all of them. 0: the step commits
+    /// nothing and needs no forward pass (more fixed steps than masks).
     pub transfer: usize,
-    /// Positions that can be committed now: masked, and left of the end of the
+    /// Positions that can be committed now: the masked positions of the
     /// current block. Predictions are needed for exactly these.
     pub positions: Vec<usize>,
+}
+
+impl StepPlan {
+    /// Whether this step needs predictions (one forward pass).
+    pub fn needs_forward(&self) -> bool {
+        self.transfer > 0
+    }
 }
 
 /// One committed position.
@@ -174,10 +370,19 @@ pub struct Canvas {
     prompt_len: usize,
     /// Fixed tokens after the generated span (infilling); usually 0.
     suffix_len: usize,
-    steps_per_block: usize,
-    /// Commit counts of the current block.
+    blocks: usize,
+    /// The current block; `blocks` once every block is complete.
+    block: usize,
+    /// Steps taken in the current block.
+    block_step: usize,
+    /// Commit counts of the current block's steps (the `Fixed` rule).
     schedule: Vec<usize>,
     step: usize,
+    forwards: usize,
+    /// Tokens committed from predictions (not the EOS of an early stop).
+    committed: usize,
+    /// Finished early: the answer was final before the span was complete.
+    stopped: bool,
 }
 
 impl Canvas {
@@ -199,7 +404,6 @@ impl Canvas {
         space: TokenSpace,
     ) -> Result<Self, InvalidRequest> {
         validate(prompt, suffix, &config, &space)?;
-        let steps_per_block = config.steps / (config.gen_length / config.block_length);
         let mut x = prompt.to_vec();
         x.resize(prompt.len() + config.gen_length, space.mask);
         x.extend_from_slice(suffix);
@@ -209,9 +413,14 @@ impl Canvas {
             x,
             prompt_len: prompt.len(),
             suffix_len: suffix.len(),
-            steps_per_block,
+            blocks: config.gen_length / config.block_length,
+            block: 0,
+            block_step: 0,
             schedule: Vec::new(),
             step: 0,
+            forwards: 0,
+            committed: 0,
+            stopped: false,
         };
         canvas.start_block();
         Ok(canvas)
@@ -219,6 +428,10 @@ impl Canvas {
 
     pub fn config(&self) -> &SamplerConfig {
         &self.config
+    }
+
+    pub fn space(&self) -> &TokenSpace {
+        &self.space
     }
 
     /// The whole sequence: prompt, then the generation (masks where nothing
@@ -242,6 +455,17 @@ impl Canvas {
         self.space.answer(self.generated())
     }
 
+    /// The longest run of committed tokens at the start of the answer: what
+    /// can no longer change (a stream may send its text).
+    pub fn final_prefix(&self) -> &[u32] {
+        let g = self.generated();
+        let end = g
+            .iter()
+            .position(|&t| t == self.space.mask || self.space.is_stop(t))
+            .unwrap_or(g.len());
+        &g[..end]
+    }
+
     /// The fixed text after the generated span (empty unless infilling).
     pub fn suffix(&self) -> &[u32] {
         &self.x[self.x.len() - self.suffix_len..]
@@ -252,12 +476,33 @@ impl Canvas {
     }
 
     pub fn is_done(&self) -> bool {
-        self.step == self.config.steps
+        self.stopped || self.block == self.blocks
     }
 
-    /// Steps taken so far.
+    /// Why the request finished (call once `is_done()`).
+    pub fn finish_reason(&self) -> FinishReason {
+        if self.answer().len() < self.generated().len() {
+            FinishReason::Stop
+        } else {
+            FinishReason::Length
+        }
+    }
+
+    /// Steps taken so far (with the `Fixed` rule including those that
+    /// committed nothing).
     pub fn step(&self) -> usize {
         self.step
+    }
+
+    /// Forward passes this canvas took part in.
+    pub fn forwards(&self) -> usize {
+        self.forwards
+    }
+
+    /// Tokens committed from the model's predictions so far (an early stop's
+    /// EOS fill not included): over `forwards()`, the tokens per forward.
+    pub fn committed(&self) -> usize {
+        self.committed
     }
 
     /// The input of the unconditional pass of classifier-free guidance: the
@@ -287,39 +532,44 @@ impl Canvas {
         }
     }
 
-    fn block(&self) -> usize {
-        self.step / self.steps_per_block
-    }
-
-    fn block_end(&self) -> usize {
-        self.prompt_len + (self.block() + 1) * self.config.block_length
+    fn block_range(&self) -> std::ops::Range<usize> {
+        let start = self.prompt_len + self.block * self.config.block_length;
+        start..start + self.config.block_length
     }
 
     fn start_block(&mut self) {
-        let start = self.prompt_len + self.block() * self.config.block_length;
-        let n = self.x[start..self.block_end()]
-            .iter()
-            .filter(|&&t| t == self.space.mask)
-            .count();
-        self.schedule = transfer_schedule(n, self.steps_per_block);
+        self.block_step = 0;
+        if self.config.rule == CommitRule::Fixed {
+            let n = self.x[self.block_range()]
+                .iter()
+                .filter(|&&t| t == self.space.mask)
+                .count();
+            let steps_per_block = self.config.steps / self.blocks;
+            self.schedule = transfer_schedule(n, steps_per_block);
+        }
     }
 
     /// The current step's plan. Call only while `!is_done()`.
     pub fn plan(&self) -> StepPlan {
-        let end = self.block_end();
-        let positions = (self.prompt_len..end)
+        let positions: Vec<usize> = self
+            .block_range()
             .filter(|&p| self.x[p] == self.space.mask)
             .collect();
+        let transfer = match self.config.rule {
+            CommitRule::Fixed => self.schedule[self.block_step],
+            _ => positions.len(),
+        };
         StepPlan {
             step: self.step,
-            transfer: self.schedule[self.step % self.steps_per_block],
+            transfer,
             positions,
         }
     }
 
-    /// Commits the `plan.transfer` most confident of the predictions (one per
-    /// `plan.positions`, in that order) and advances one step. Ties go to the
-    /// lower position; a NaN confidence ranks as -inf.
+    /// Commits the predictions (one per `plan.positions`, in that order)
+    /// that the request's rule chooses, and advances one step. Candidates
+    /// are ranked by confidence (by entropy for `Entropy`); ties go to the
+    /// lower position, a NaN confidence ranks as -inf.
     pub fn commit(&mut self, plan: &StepPlan, predictions: &[Prediction]) -> Vec<Committed> {
         assert_eq!(plan.step, self.step, "plan of another step");
         assert_eq!(
@@ -327,17 +577,28 @@ impl Canvas {
             predictions.len(),
             "one prediction per position"
         );
-        let rank = |c: f64| if c.is_nan() { f64::NEG_INFINITY } else { c };
         let mut order: Vec<usize> = (0..predictions.len()).collect();
-        order.sort_by(|&a, &b| {
-            rank(predictions[b].confidence)
-                .total_cmp(&rank(predictions[a].confidence))
-                .then(plan.positions[a].cmp(&plan.positions[b]))
-        });
-        let committed: Vec<Committed> = order
-            .into_iter()
-            .take(plan.transfer)
-            .map(|i| Committed {
+        let by_position = |a: &usize, b: &usize| plan.positions[*a].cmp(&plan.positions[*b]);
+        match self.config.rule {
+            CommitRule::Entropy(_) => order.sort_by(|a, b| {
+                rank_entropy(predictions[*a].entropy)
+                    .total_cmp(&rank_entropy(predictions[*b].entropy))
+                    .then(by_position(a, b))
+            }),
+            _ => order.sort_by(|a, b| {
+                rank_confidence(predictions[*b].confidence)
+                    .total_cmp(&rank_confidence(predictions[*a].confidence))
+                    .then(by_position(a, b))
+            }),
+        }
+        let k = if plan.needs_forward() {
+            self.config.rule.count(plan.transfer, &order, predictions)
+        } else {
+            0
+        };
+        let committed: Vec<Committed> = order[..k]
+            .iter()
+            .map(|&i| Committed {
                 position: plan.positions[i],
                 token: predictions[i].token,
                 confidence: predictions[i].confidence,
@@ -346,11 +607,44 @@ impl Canvas {
         for c in &committed {
             self.x[c.position] = c.token;
         }
+        self.committed += committed.len();
         self.step += 1;
-        if !self.is_done() && self.step.is_multiple_of(self.steps_per_block) {
-            self.start_block();
+        self.forwards += usize::from(plan.needs_forward());
+        self.block_step += 1;
+        let block_over = match self.config.rule {
+            CommitRule::Fixed => self.block_step == self.schedule.len(),
+            _ => self.x[self.block_range()]
+                .iter()
+                .all(|&t| t != self.space.mask),
+        };
+        if self.config.early_stop {
+            self.stop_if_final();
+        }
+        if block_over && !self.stopped {
+            self.block += 1;
+            if self.block < self.blocks {
+                self.start_block();
+            }
         }
         committed
+    }
+
+    /// Exact early stop: once a stop token is committed with every position
+    /// before it committed, the answer cannot change any more; the rest of
+    /// the span becomes EOS and the request is done.
+    fn stop_if_final(&mut self) {
+        let (start, end) = (self.prompt_len, self.x.len() - self.suffix_len);
+        let Some(first) = self.x[start..end]
+            .iter()
+            .position(|&t| t == self.space.mask || self.space.is_stop(t))
+        else {
+            return;
+        };
+        if self.x[start + first] == self.space.mask {
+            return;
+        }
+        self.x[start + first + 1..end].fill(self.space.eos);
+        self.stopped = true;
     }
 }
 
@@ -367,7 +661,10 @@ fn validate(
     if c.gen_length == 0 {
         return Err(ZeroGenLength);
     }
-    if c.steps == 0 {
+    c.rule.check()?;
+    // With an adaptive rule `steps` is optional (0); given, it is checked as
+    // for `Fixed`.
+    if c.steps == 0 && !c.rule.is_adaptive() {
         return Err(ZeroSteps);
     }
     if c.block_length == 0 {
@@ -450,30 +747,75 @@ fn validate(
     Ok(())
 }
 
+/// One denoising step of a batch of canvases, in two halves around the
+/// forward pass: `new` plans every canvas's step and says which need
+/// predictions (`requests`), `commit` applies them. The CLI, `remask eval`
+/// and the cluster's scheduler all step through this, so a request gets the
+/// same tokens whoever runs it.
+pub struct BatchStep {
+    plans: Vec<StepPlan>,
+}
+
+impl BatchStep {
+    /// Plans the current step of each canvas (none may be done).
+    pub fn new<'a>(canvases: impl IntoIterator<Item = &'a Canvas>) -> Self {
+        BatchStep {
+            plans: canvases.into_iter().map(Canvas::plan).collect(),
+        }
+    }
+
+    pub fn plans(&self) -> &[StepPlan] {
+        &self.plans
+    }
+
+    /// The canvases (indices into the planned ones) whose step needs a
+    /// forward pass, in order; a step that commits nothing needs none.
+    pub fn active(&self) -> Vec<usize> {
+        (0..self.plans.len())
+            .filter(|&i| self.plans[i].needs_forward())
+            .collect()
+    }
+
+    /// Commits every canvas's step: `predictions` holds one list per
+    /// `active()` canvas, in that order. Returns each canvas's commits.
+    pub fn commit<'a>(
+        self,
+        canvases: impl IntoIterator<Item = &'a mut Canvas>,
+        predictions: Vec<Vec<Prediction>>,
+    ) -> Vec<Vec<Committed>> {
+        let mut predictions = predictions.into_iter();
+        canvases
+            .into_iter()
+            .zip(&self.plans)
+            .map(|(canvas, plan)| {
+                let preds = if plan.needs_forward() {
+                    predictions
+                        .next()
+                        .expect("one prediction list per active canvas")
+                } else {
+                    vec![Prediction::none(canvas.mask_id()); plan.positions.len()]
+                };
+                canvas.commit(plan, &preds)
+            })
+            .collect()
+    }
+}
+
 /// Runs a canvas to completion. `predict` returns one prediction per planned
 /// position (it runs the forward pass); `on_step` sees every step's commits.
-/// Steps that commit nothing (more steps than masks in a block) skip the
-/// forward pass: they could not change the result.
 pub fn denoise<E>(
     canvas: &mut Canvas,
     mut predict: impl FnMut(&Canvas, &StepPlan) -> Result<Vec<Prediction>, E>,
     mut on_step: impl FnMut(&Canvas, &[Committed]),
 ) -> Result<(), E> {
     while !canvas.is_done() {
-        let plan = canvas.plan();
-        let predictions = if plan.transfer == 0 {
-            vec![
-                Prediction {
-                    token: canvas.mask_id(),
-                    confidence: f64::NEG_INFINITY,
-                };
-                plan.positions.len()
-            ]
-        } else {
-            predict(canvas, &plan)?
+        let step = BatchStep::new([&*canvas]);
+        let predictions = match step.active().first() {
+            Some(_) => vec![predict(canvas, &step.plans()[0])?],
+            None => Vec::new(),
         };
-        let committed = canvas.commit(&plan, &predictions);
-        on_step(canvas, &committed);
+        let committed = step.commit([&mut *canvas], predictions);
+        on_step(canvas, &committed[0]);
     }
     Ok(())
 }

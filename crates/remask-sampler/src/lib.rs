@@ -2,18 +2,19 @@
 //! state. The CLI, the cluster coordinator, the tests and the benchmarks all
 //! drive the same `Canvas`, so they produce the same tokens for the same seed.
 //!
-//! Data flow of one step: `Canvas::plan` names the masked positions of the
-//! current block; the model's logits at those positions go through `predict`
-//! (guidance, temperature, confidence); `Canvas::commit` keeps the most
-//! confident ones.
+//! Data flow of one step (`BatchStep`): `Canvas::plan` names the masked
+//! positions of the current block; the model's logits at those positions go
+//! through `predict` (guidance, temperature, confidence, entropy);
+//! `Canvas::commit` keeps what the request's `CommitRule` chooses, and ends
+//! the request early once its answer is final.
 
 mod canvas;
 mod predict;
 pub mod rng;
 
 pub use canvas::{
-    Canvas, Committed, InvalidRequest, SamplerConfig, StepPlan, TokenSpace, denoise,
-    transfer_schedule,
+    BatchStep, Canvas, CommitRule, Committed, FinishReason, InvalidRequest, SamplerConfig,
+    StepPlan, TokenSpace, denoise, transfer_schedule,
 };
 pub use predict::{
     Partial, PredictOptions, Prediction, Remasking, combine, predict, predict_partial,

@@ -65,6 +65,23 @@ pub struct PredictOptions {
 pub struct Prediction {
     pub token: u32,
     pub confidence: f64,
+    /// Entropy (nats) of the position's predicted distribution: the softmax
+    /// of the un-noised guided logits, in f64. The entropy-bounded commit
+    /// rule ranks by it; +inf ranks last (EOS / end of turn under
+    /// `confidence_eos_eot_inf`).
+    pub entropy: f64,
+}
+
+impl Prediction {
+    /// The stand-in for a position that is not predicted (a step that
+    /// commits nothing): never chosen by any rule.
+    pub fn none(mask: u32) -> Self {
+        Prediction {
+            token: mask,
+            confidence: f64::NEG_INFINITY,
+            entropy: f64::INFINITY,
+        }
+    }
 }
 
 /// Predict one position from its conditional logits and, with classifier-free
@@ -100,6 +117,10 @@ pub struct Partial {
     pub logit: f64,
     /// logsumexp of the slice's guided logits.
     pub lse: f64,
+    /// The slice's softmax-weighted mean guided logit, `sum_i p_i l_i` with
+    /// `p` the softmax over the slice alone: with `lse` it gives the
+    /// entropy of the whole row (`combine`). -inf for an empty slice.
+    pub mean_logit: f64,
 }
 
 /// The partial of the vocabulary slice `offset..offset + cond.len()`.
@@ -155,26 +176,33 @@ pub fn predict_partial(
     let max = logits
         .iter()
         .fold(f64::NEG_INFINITY, |m, &l| m.max(l as f64));
-    let lse = if max.is_finite() {
-        max + logits
-            .iter()
-            .map(|&l| (l as f64 - max).exp())
-            .sum::<f64>()
-            .ln()
+    let (lse, mean_logit) = if max.is_finite() {
+        // Relative to the maximum: no overflow, and -inf logits drop out.
+        let (mut sum, mut weighted) = (0.0f64, 0.0f64);
+        for &l in logits.iter().filter(|l| l.is_finite()) {
+            let d = l as f64 - max;
+            let e = d.exp();
+            sum += e;
+            weighted += e * d;
+        }
+        (max + sum.ln(), max + weighted / sum)
     } else {
-        f64::NEG_INFINITY
+        (f64::NEG_INFINITY, f64::NEG_INFINITY)
     };
     Partial {
         score,
         token: (offset + local) as u32,
         logit,
         lse,
+        mean_logit,
     }
 }
 
 /// Merges the partials of all vocabulary slices (in vocabulary order) into
 /// one prediction: the best score wins (ties to the lower id, as `argmax`),
-/// and its softmax probability is `exp(logit - logsumexp of all slices)`.
+/// its softmax probability is `exp(logit - logsumexp of all slices)`, and
+/// the entropy is `lse - sum_s exp(lse_s - lse) mean_logit_s` (the whole
+/// row's `lse - E[l]`).
 pub fn combine(
     partials: &[Partial],
     opts: &PredictOptions,
@@ -200,12 +228,25 @@ pub fn combine(
         Remasking::LowConfidence => 0.0,
         Remasking::Random => NoiseKey::new(opts.seed, Stream::Remask, step, position).uniform(0),
     };
+    let mut entropy = if lse.is_finite() {
+        let mean: f64 = partials
+            .iter()
+            .filter(|p| p.lse.is_finite())
+            .map(|p| (p.lse - lse).exp() * p.mean_logit)
+            .sum();
+        // Rounding can leave a one-hot row a hair below zero.
+        (lse - mean).max(0.0)
+    } else {
+        f64::INFINITY
+    };
     if opts.confidence_eos_eot_inf && (best.token == opts.eos || Some(best.token) == opts.eot) {
         confidence = f64::NEG_INFINITY;
+        entropy = f64::INFINITY;
     }
     Prediction {
         token: best.token,
         confidence,
+        entropy,
     }
 }
 
@@ -245,6 +286,26 @@ mod tests {
         assert_eq!(p.token, 1);
         let z = 1f64.exp() + 2.0 * 3f64.exp() + 1.0;
         assert!((p.confidence - 3f64.exp() / z).abs() < 1e-12);
+    }
+
+    #[test]
+    fn entropy_is_that_of_the_softmax() {
+        let logits = [1.0f32, 3.0, 3.0, 0.0, f32::NEG_INFINITY];
+        let p = predict(&logits, None, &opts(), 0, 0, &mut Vec::new());
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let h: f64 = logits
+            .iter()
+            .map(|&l| (l as f64).exp() / z)
+            .filter(|&q| q > 0.0)
+            .map(|q| -q * q.ln())
+            .sum();
+        assert!((p.entropy - h).abs() < 1e-12, "{} vs {h}", p.entropy);
+        // One certain token: zero entropy, never negative.
+        let p = predict(&[0.0, 200.0, 0.0], None, &opts(), 0, 0, &mut Vec::new());
+        assert!(p.entropy >= 0.0 && p.entropy < 1e-80);
+        // Uniform over n: ln n.
+        let p = predict(&[2.0; 8], None, &opts(), 0, 0, &mut Vec::new());
+        assert!((p.entropy - 8f64.ln()).abs() < 1e-12);
     }
 
     #[test]
@@ -327,6 +388,10 @@ mod tests {
                     assert_eq!(split.token, whole.token, "{parts} parts");
                     assert!(
                         (split.confidence - whole.confidence).abs() < 1e-12,
+                        "{split:?} vs {whole:?}"
+                    );
+                    assert!(
+                        (split.entropy - whole.entropy).abs() < 1e-9,
                         "{split:?} vs {whole:?}"
                     );
                 }

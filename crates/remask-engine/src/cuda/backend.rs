@@ -4,8 +4,8 @@ use super::NcclRank;
 use super::compile;
 use crate::backend::{Backend, Heads, Packing};
 use crate::collective::Collective;
-use crate::engine::Query;
 use crate::launch::{self, AttentionPlan};
+use crate::query::Query;
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
@@ -296,10 +296,6 @@ impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Weight = CudaWeight;
 
-    fn name(&self) -> &'static str {
-        "cuda"
-    }
-
     fn load_weight(&self, t: TensorRef<'_>) -> Result<CudaWeight> {
         Ok(match t.shape {
             [r, c] => CudaWeight::Bf16 {
@@ -521,7 +517,7 @@ impl Backend for CudaBackend {
         }
     }
 
-    /// The fused head reduction on the GPU: only four numbers per position
+    /// The fused head reduction on the GPU: only five numbers per position
     /// come back.
     fn head_partials(
         &self,
@@ -549,12 +545,14 @@ impl Backend for CudaBackend {
         let mut token: CudaSlice<u32> = s.alloc_zeros(p).expect("CUDA: out of memory");
         let mut logit: CudaSlice<f64> = s.alloc_zeros(p).expect("CUDA: out of memory");
         let mut lse: CudaSlice<f64> = s.alloc_zeros(p).expect("CUDA: out of memory");
+        let mut mean: CudaSlice<f64> = s.alloc_zeros(p).expect("CUDA: out of memory");
         let (width, offset) = (vocab.len() as i32, vocab.start as i32);
         let mut l = s.launch_builder(self.f("head_partials"));
         l.arg(&mut score)
             .arg(&mut token)
             .arg(&mut logit)
-            .arg(&mut lse);
+            .arg(&mut lse)
+            .arg(&mut mean);
         l.arg(&logits.data).arg(&width).arg(&offset);
         l.arg(&cond)
             .arg(&uncond)
@@ -568,11 +566,12 @@ impl Backend for CudaBackend {
             unsafe { l.launch(config(launch::head_geometry(p))) }.expect("CUDA: head_partials");
         }
         let down = "CUDA: copy the partials to the host";
-        let (score, token, logit, lse) = (
+        let (score, token, logit, lse, mean) = (
             s.clone_dtoh(&score).expect(down),
             s.clone_dtoh(&token).expect(down),
             s.clone_dtoh(&logit).expect(down),
             s.clone_dtoh(&lse).expect(down),
+            s.clone_dtoh(&mean).expect(down),
         );
         let mut i = 0;
         queries
@@ -586,6 +585,7 @@ impl Backend for CudaBackend {
                             token: token[i],
                             logit: logit[i],
                             lse: lse[i],
+                            mean_logit: mean[i],
                         };
                         i += 1;
                         part

@@ -360,7 +360,7 @@ __device__ __forceinline__ double uniform(u64 key, u64 index) {
 // per position leave the GPU; `remask_sampler::combine` merges slices.
 extern "C" __global__ void head_partials(
     double* out_score, unsigned int* out_token, double* out_logit, double* out_lse,
-    const float* logits, int width, int vocab_offset,
+    double* out_mean, const float* logits, int width, int vocab_offset,
     const unsigned int* cond_rows, const int* uncond_rows, const u64* keys,
     const double* temperature, const double* cfg_scale, const unsigned int* mask_ids,
     const unsigned int* eos_ids, const unsigned int* flags) {
@@ -369,13 +369,16 @@ extern "C" __global__ void head_partials(
     __shared__ float s_logit[256];
     __shared__ float s_max[256];
     __shared__ double s_sum[256];
+    // sum of exp(g - max) * (g - max): with s_sum, the softmax-weighted mean
+    // logit (the entropy's second term) in the same single pass.
+    __shared__ double s_wsum[256];
     int p = blockIdx.x, t = threadIdx.x;
     const float* cond = logits + (long long)cond_rows[p] * width;
     const float* un = uncond_rows[p] >= 0 ? logits + (long long)uncond_rows[p] * width : 0;
     float s1 = (float)(cfg_scale[p] + 1.0);
     double temp = temperature[p];
     double best = -INFINITY; int best_i = 0x7fffffff; float best_l = -INFINITY;
-    float m = -INFINITY; double sum = 0.0;
+    float m = -INFINITY; double sum = 0.0, wsum = 0.0;
     for (int v = t; v < width; v += blockDim.x) {
         float g = (un && cfg_scale[p] > 0.0) ? un[v] + s1 * (cond[v] - un[v]) : cond[v];
         unsigned int id = vocab_offset + v;
@@ -383,10 +386,21 @@ extern "C" __global__ void head_partials(
         double score = (double)g;
         if (temp != 0.0) score = (double)g - temp * log(-log(uniform(keys[p], id)));
         if (score > best || (score == best && (int)v < best_i)) { best = score; best_i = v; best_l = g; }
-        if (g > m) { sum = sum * exp((double)m - (double)g) + 1.0; m = g; }
-        else if (g != -INFINITY) sum += exp((double)g - (double)m);
+        if (g > m) {
+            // Re-centre on the new maximum: each old term's (g - m) shifts by d.
+            if (m == -INFINITY) { sum = 0.0; wsum = 0.0; }
+            else {
+                double d = (double)m - (double)g, e = exp(d);
+                wsum = e * (wsum + d * sum); sum = e * sum;
+            }
+            sum += 1.0; m = g;
+        } else if (g != -INFINITY) {
+            double d = (double)g - (double)m, e = exp(d);
+            sum += e; wsum += e * d;
+        }
     }
     s_score[t] = best; s_idx[t] = best_i; s_logit[t] = best_l; s_max[t] = m; s_sum[t] = sum;
+    s_wsum[t] = wsum;
     __syncthreads();
     for (int o = blockDim.x / 2; o > 0; o >>= 1) {
         if (t < o) {
@@ -396,9 +410,16 @@ extern "C" __global__ void head_partials(
             }
             float ma = s_max[t], mb = s_max[t + o];
             float mm = fmaxf(ma, mb);
-            double sa2 = ma == -INFINITY ? 0.0 : s_sum[t] * exp((double)ma - (double)mm);
-            double sb2 = mb == -INFINITY ? 0.0 : s_sum[t + o] * exp((double)mb - (double)mm);
-            s_max[t] = mm; s_sum[t] = sa2 + sb2;
+            double sum2 = 0.0, w2 = 0.0;
+            if (ma != -INFINITY) {
+                double d = (double)ma - (double)mm, e = exp(d);
+                sum2 += e * s_sum[t]; w2 += e * (s_wsum[t] + d * s_sum[t]);
+            }
+            if (mb != -INFINITY) {
+                double d = (double)mb - (double)mm, e = exp(d);
+                sum2 += e * s_sum[t + o]; w2 += e * (s_wsum[t + o] + d * s_sum[t + o]);
+            }
+            s_max[t] = mm; s_sum[t] = sum2; s_wsum[t] = w2;
         }
         __syncthreads();
     }
@@ -406,7 +427,9 @@ extern "C" __global__ void head_partials(
         out_score[p] = s_score[0];
         out_token[p] = vocab_offset + s_idx[0];
         out_logit[p] = (double)s_logit[0];
-        out_lse[p] = s_max[0] == -INFINITY ? -INFINITY : (double)s_max[0] + log(s_sum[0]);
+        bool empty = s_max[0] == -INFINITY;
+        out_lse[p] = empty ? -INFINITY : (double)s_max[0] + log(s_sum[0]);
+        out_mean[p] = empty ? -INFINITY : (double)s_max[0] + s_wsum[0] / s_sum[0];
     }
 }
 
