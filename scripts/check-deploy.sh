@@ -266,6 +266,23 @@ def check_render(path, externals):
     for pname, p in by_kind.get("PodDisruptionBudget", {}).items():
         if not any(subset(p["spec"]["selector"].get("matchLabels"), w["spec"]["template"]["metadata"].get("labels", {})) for w in workloads.values()):
             err(f"PodDisruptionBudget {pname}: its selector matches no workload")
+    # NetworkPolicies: each selects a workload, admits pods of the release's workloads,
+    # on ports the selected workload listens on.
+    for nname, n in by_kind.get("NetworkPolicy", {}).items():
+        sel = n["spec"]["podSelector"].get("matchLabels", {})
+        targets = [w for w in workloads.values() if subset(sel, w["spec"]["template"]["metadata"].get("labels", {}))]
+        if not targets:
+            err(f"NetworkPolicy {nname}: its podSelector matches no workload")
+        for rule in n["spec"].get("ingress", []):
+            for peer in rule.get("from", []):
+                psel = peer.get("podSelector", {}).get("matchLabels")
+                if psel is not None and not any(subset(psel, w["spec"]["template"]["metadata"].get("labels", {})) for w in workloads.values()):
+                    err(f"NetworkPolicy {nname}: a from.podSelector matches no workload")
+            for port in rule.get("ports", []):
+                listening = {v for t in targets for _, c in containers_of(t["spec"]["template"]["spec"])
+                             for cp in c.get("ports", []) for v in (cp.get("containerPort"), cp.get("name"))}
+                if port.get("port") not in listening:
+                    err(f"NetworkPolicy {nname}: port {port.get('port')!r} is not a container port of the pods it selects")
     for mname, m in by_kind.get("ServiceMonitor", {}).items():
         try:
             jsonschema.validate(m, SM_SCHEMA)

@@ -49,6 +49,13 @@ if ! nvrtc_dir >/dev/null; then
 fi
 LD_LIBRARY_PATH="$(nvrtc_dir)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   cargo test --release --locked -p remask-engine --features cuda cuda::
+# Fuzzing: the stable driver of the fuzz targets ran in `cargo test` above
+# (crates/remask-model/tests/fuzz.rs, seconds). REMASK_FUZZ_SECONDS=N also runs the libFuzzer
+# targets N seconds each (cargo-fuzz on a nightly toolchain, installed on first use); their
+# first build takes minutes on two cores, so it is off unless asked for.
+if ((${REMASK_FUZZ_SECONDS:-0} > 0)); then
+  scripts/fuzz.sh "$REMASK_FUZZ_SECONDS"
+fi
 # Dockerfile, compose, Kubernetes manifests and the Helm chart, offline.
 scripts/check-deploy.sh
 python3 -m pytest -q tests/reference tests/grpc tests/http training/tests

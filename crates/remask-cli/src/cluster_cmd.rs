@@ -57,6 +57,45 @@ pub struct FrontArgs {
     pub api_key_file: Option<PathBuf>,
 }
 
+/// What a listening port tolerates from its clients (the gRPC port, and the
+/// HTTP port of a coordinator): silent or slow clients are cut off, and the
+/// number of connections is bounded.
+#[derive(clap::Args, Clone)]
+pub struct ConnArgs {
+    /// Seconds a client has, from connecting, to finish the TLS handshake and
+    /// send the first bytes of a request (all of the HTTP/2 preface); also the
+    /// limit on each HTTP/1 request head and on answering an HTTP/2 ping.
+    #[arg(long, env = "REMASK_HEADER_TIMEOUT_S", default_value_t = 10.0)]
+    pub header_timeout_s: f64,
+    /// Open connections per listening port at most; beyond, new ones are
+    /// closed at once (with a 503 on a plain HTTP port).
+    #[arg(long, env = "REMASK_MAX_CONNECTIONS", default_value_t = remask_cluster::listen::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+}
+
+impl ConnArgs {
+    fn limits(&self) -> CliResult<remask_cluster::listen::Limits> {
+        if !(self.header_timeout_s.is_finite()
+            && self.header_timeout_s > 0.0
+            && self.header_timeout_s <= 3600.0)
+        {
+            return Err(CliError::Usage(format!(
+                "--header-timeout-s must be between 0 and 3600 seconds, got {}",
+                self.header_timeout_s
+            )));
+        }
+        if self.max_connections == 0 {
+            return Err(CliError::Usage(
+                "--max-connections must be at least 1".into(),
+            ));
+        }
+        Ok(remask_cluster::listen::Limits {
+            header_timeout: Duration::from_secs_f64(self.header_timeout_s),
+            max_connections: self.max_connections,
+        })
+    }
+}
+
 /// TLS from PEM files.
 #[derive(clap::Args, Clone)]
 pub struct TlsArgs {
@@ -87,6 +126,14 @@ fn tls_usage(e: remask_cluster::tls::TlsError) -> CliError {
     CliError::Usage(e.to_string())
 }
 
+/// Every TLS file given parses and the key goes with the certificate:
+/// reported (exit code 2) before the server says it is listening.
+fn check_public_tls(files: &TlsFiles) -> CliResult {
+    files.check().map_err(tls_usage)?;
+    files.public_server(&[]).map_err(tls_usage)?;
+    Ok(())
+}
+
 #[derive(clap::Args)]
 pub struct ServeArgs {
     /// Checkpoint directory (default: the embedded default model).
@@ -106,6 +153,8 @@ pub struct ServeArgs {
     pub front: FrontArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
     #[command(flatten)]
     pub batch: BatchArgs,
 }
@@ -139,6 +188,8 @@ pub struct CoordinatorArgs {
     pub front: FrontArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
     #[command(flatten)]
     pub batch: BatchArgs,
 }
@@ -175,6 +226,8 @@ pub struct WorkerArgs {
     pub tensor_parallel: usize,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub conn: ConnArgs,
 }
 
 fn runtime() -> CliResult<tokio::runtime::Runtime> {
@@ -224,6 +277,15 @@ fn check_batch(b: &BatchArgs) -> CliResult {
             "--max-batch and --max-queue must be at least 1".into(),
         ));
     }
+    // A forward pass carries up to two sequences a request (guidance), and
+    // workers serve at most MAX_SEQUENCES.
+    let most = remask_cluster::shard::MAX_SEQUENCES / 2;
+    if b.max_batch > most {
+        return Err(CliError::Usage(format!(
+            "--max-batch must be at most {most}, got {}",
+            b.max_batch
+        )));
+    }
     if !(b.failover_timeout.is_finite() && (0.0..=86_400.0).contains(&b.failover_timeout)) {
         return Err(CliError::Usage(format!(
             "--failover-timeout must be between 0 and 86400 seconds, got {}",
@@ -236,6 +298,10 @@ fn check_batch(b: &BatchArgs) -> CliResult {
 /// Coordinator and an in-process worker holding the whole model.
 pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     check_batch(&args.batch)?;
+    let limits = args.conn.limits()?;
+    // The TLS files, checked before the model is read.
+    let tls_files = args.tls.files();
+    check_public_tls(&tls_files)?;
     // The GPUs (empty on the CPU), checked before the model is read.
     let gpus = args.device.gpus(args.tensor_parallel)?;
     let dir = default_model::resolve(args.model, globals)?;
@@ -257,8 +323,6 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
         #[cfg(not(feature = "cuda"))]
         unreachable!("no GPUs without the cuda feature")
     };
-    let tls_files = args.tls.files();
-    tls_files.public_server().map_err(tls_usage)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let pipeline = Pipeline {
@@ -289,8 +353,15 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
             http_note(&http),
             listener.local_addr().map_err(anyhow::Error::from)?,
         );
-        server::serve_coordinator(listener, http, &tls_files, coordinator, shutdown_signal())
-            .await?;
+        server::serve_coordinator(
+            listener,
+            http,
+            &tls_files,
+            limits,
+            coordinator,
+            shutdown_signal(),
+        )
+        .await?;
         Ok(())
     })
 }
@@ -353,6 +424,7 @@ fn start_coordinator(
 /// The coordinator of a cluster of workers.
 pub fn coordinator(args: CoordinatorArgs) -> CliResult {
     check_batch(&args.batch)?;
+    let limits = args.conn.limits()?;
     let meta = model_meta(&args.model)?;
     let n_layers = meta.config.n_layers;
     if args.stages == 0 || args.stages > n_layers {
@@ -371,7 +443,7 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
         )));
     }
     let tls_files = args.tls.files();
-    tls_files.public_server().map_err(tls_usage)?;
+    check_public_tls(&tls_files)?;
     let worker_tls = tls_files.worker_client().map_err(tls_usage)?;
     let rt = runtime()?;
     rt.block_on(async move {
@@ -412,8 +484,15 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
             http_note(&http),
             listener.local_addr().map_err(anyhow::Error::from)?,
         );
-        server::serve_coordinator(listener, http, &tls_files, coordinator, shutdown_signal())
-            .await?;
+        server::serve_coordinator(
+            listener,
+            http,
+            &tls_files,
+            limits,
+            coordinator,
+            shutdown_signal(),
+        )
+        .await?;
         Ok(())
     })
 }
@@ -426,6 +505,7 @@ pub fn worker(args: WorkerArgs) -> CliResult {
             "--lease-ttl must be at least 1 second".into(),
         ));
     }
+    let limits = args.conn.limits()?;
     let tls = args.tls.files().worker_server().map_err(tls_usage)?;
     let rt = runtime()?;
     rt.block_on(async move {
@@ -468,7 +548,7 @@ pub fn worker(args: WorkerArgs) -> CliResult {
         });
         eprintln!("remask worker {id}: listening on {bound}");
         let service = WorkerService::new(id, args.model.clone(), args.tensor_parallel, devices);
-        let result = server::serve_worker(listener, tls, service, shutdown_signal()).await;
+        let result = server::serve_worker(listener, tls, limits, service, shutdown_signal()).await;
         if let Some(task) = registration {
             if task.is_finished() {
                 if let Ok(r) = task.await {

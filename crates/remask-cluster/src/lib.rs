@@ -7,11 +7,13 @@
 //! - `membership`: workers register in etcd with a lease; the coordinator watches.
 //! - `worker`, `shard`: the worker process and what a stage computes.
 //! - `server`: serving either role with gRPC health and reflection.
+//! - `listen`: accepting connections: deadlines, limits, accept backoff.
 
 pub mod auth;
 pub mod convert;
 pub mod coordinator;
 pub mod http;
+pub mod listen;
 pub mod manager;
 pub mod membership;
 pub mod metrics;

@@ -2,12 +2,14 @@
 //! server reflection (v1 and v1alpha, so both grpcurl and buf can list it).
 
 use crate::coordinator::Coordinator;
+use crate::listen::{self, Limits};
 use crate::pipeline::{MAX_MESSAGE_BYTES, Pipeline};
 use crate::worker::WorkerService;
 use remask_proto::v1::generation_server::GenerationServer;
 use remask_proto::worker::worker_server::WorkerServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -44,39 +46,24 @@ pub async fn serve_coordinator(
     listener: tokio::net::TcpListener,
     http: Option<tokio::net::TcpListener>,
     tls_files: &crate::tls::TlsFiles,
+    limits: Limits,
     coordinator: Arc<Coordinator>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let tls = tls_files.public_server()?;
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     if let Some(http) = http {
-        let router = crate::http::router(coordinator.clone());
-        let stop = shutdown.clone();
         // TLS on the HTTP API too, with the same certificate as gRPC.
-        let https = match tls {
-            Some(_) => Some(crate::tls::HttpsListener::new(http, tls_files)?),
-            None => {
-                tokio::spawn(async move {
-                    if let Err(e) = axum::serve(http, router).with_graceful_shutdown(stop).await {
-                        tracing::error!(error = %e, "the HTTP server stopped");
-                    }
-                });
-                None
-            }
-        };
-        if let Some(https) = https {
-            let router = crate::http::router(coordinator.clone());
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(https, router)
-                    .with_graceful_shutdown(stop)
-                    .await
-                {
-                    tracing::error!(error = %e, "the HTTPS server stopped");
-                }
-            });
-        }
+        let tls = tls_files.public_server(&[b"h2", b"http/1.1"])?;
+        let router = crate::http::router(coordinator.clone());
+        tokio::spawn(listen::serve_http(
+            http,
+            tls,
+            limits,
+            router,
+            shutdown.clone(),
+        ));
     }
+    let tls = tls_files.public_server(&[b"h2"])?;
     let (reporter, health) = tonic_health::server::health_reporter();
     let mut pipeline: watch::Receiver<Option<Arc<Pipeline>>> = coordinator.pipeline.clone();
     tokio::spawn(async move {
@@ -95,8 +82,7 @@ pub async fn serve_coordinator(
             }
         }
     });
-    let incoming = incoming(listener);
-    builder(tls)?
+    builder(limits)
         .add_service(health)
         .add_service(reflection_v1()?)
         .add_service(reflection_v1alpha()?)
@@ -116,7 +102,7 @@ pub async fn serve_coordinator(
                 }
             },
         ))
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(listen::grpc_incoming(listener, tls, limits), shutdown)
         .await?;
     Ok(())
 }
@@ -124,7 +110,8 @@ pub async fn serve_coordinator(
 /// Serves the Worker API until `shutdown` resolves.
 pub async fn serve_worker(
     listener: tokio::net::TcpListener,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    limits: Limits,
     worker: WorkerService,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -135,8 +122,7 @@ pub async fn serve_worker(
     reporter
         .set_service_status(WORKER_SERVICE, ServingStatus::Serving)
         .await;
-    let incoming = incoming(listener);
-    builder(tls)?
+    builder(limits)
         .add_service(health)
         .add_service(reflection_v1()?)
         .add_service(reflection_v1alpha()?)
@@ -145,25 +131,18 @@ pub async fn serve_worker(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(listen::grpc_incoming(listener, tls, limits), shutdown)
         .await?;
     Ok(())
 }
 
-fn builder(tls: Option<tonic::transport::ServerTlsConfig>) -> anyhow::Result<Server> {
-    let builder = Server::builder().tcp_nodelay(true);
-    Ok(match tls {
-        Some(config) => builder
-            .tls_config(config)
-            .map_err(|e| anyhow::anyhow!("invalid TLS configuration: {e}"))?,
-        None => builder,
-    })
-}
-
-/// Accepted connections with Nagle's algorithm off: a step is a chain of
-/// small request/response exchanges, and delayed ACKs would add ~40 ms to each.
-fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// tonic's server over connections from `listen::grpc_incoming` (TLS, Nagle
+/// off and the preface deadline are done there). HTTP/2 keep-alive pings
+/// find peers that went away without closing.
+fn builder(limits: Limits) -> Server {
+    Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(limits.header_timeout))
 }
 
 /// Binds `addr`, with a message that says what to do when it is taken.

@@ -47,6 +47,40 @@ pub enum ShardError {
     TokenOutOfRange(u32),
     #[error("query rows reach past the batch ({rows} rows)")]
     QueryOutOfRange { rows: usize },
+    #[error(
+        "sequence {index} has {length} tokens, more than the model's max_sequence_length {max}"
+    )]
+    TooLong {
+        index: usize,
+        length: usize,
+        max: usize,
+    },
+    #[error("{sequences} sequences in one forward pass; at most {MAX_SEQUENCES} are served")]
+    TooManySequences { sequences: usize },
+    #[error(
+        "{tokens} tokens in one forward pass; at most {max} are served (hidden states of \
+         d_model {d_model} in f32 must fit a {MAX_MESSAGE_BYTES}-byte message)"
+    )]
+    TooManyTokens {
+        tokens: usize,
+        max: usize,
+        d_model: usize,
+    },
+    #[error("{rows} query rows for a batch of {tokens} tokens; each row is queried once at most")]
+    TooManyQueryRows { rows: usize, tokens: usize },
+}
+
+/// Sequences one forward pass may carry: twice (classifier-free guidance)
+/// the largest `--max-batch` the coordinator accepts.
+pub const MAX_SEQUENCES: usize = 1024;
+use crate::pipeline::MAX_MESSAGE_BYTES;
+
+/// Tokens one forward pass may carry: the stage's hidden states
+/// (`tokens x d_model` f32) must fit one message, as they do between stages;
+/// the same bound on the first stage keeps a small request of token ids from
+/// asking for gigabytes of activations.
+pub fn max_tokens(d_model: usize) -> usize {
+    MAX_MESSAGE_BYTES / (4 * d_model.max(1))
 }
 
 impl ShardRunner {
@@ -98,15 +132,32 @@ impl ShardRunner {
     ) -> std::result::Result<StageOutput, ShardError> {
         let c = self.config();
         let shard = self.shard();
-        let packing = Packing::new(lengths.iter().copied());
-        let tokens = packing.tokens();
-        if lengths.iter().any(|&l| l > c.max_sequence_length) {
-            return Err(ShardError::HiddenSize {
-                got: 0,
+        if lengths.len() > MAX_SEQUENCES {
+            return Err(ShardError::TooManySequences {
+                sequences: lengths.len(),
+            });
+        }
+        if let Some((index, &length)) = lengths
+            .iter()
+            .enumerate()
+            .find(|&(_, &l)| l > c.max_sequence_length)
+        {
+            return Err(ShardError::TooLong {
+                index,
+                length,
+                max: c.max_sequence_length,
+            });
+        }
+        // No overflow: at most MAX_SEQUENCES x max_sequence_length (bounded by the config).
+        let tokens: usize = lengths.iter().sum();
+        if tokens > max_tokens(c.d_model) {
+            return Err(ShardError::TooManyTokens {
                 tokens,
+                max: max_tokens(c.d_model),
                 d_model: c.d_model,
             });
         }
+        let packing = Packing::new(lengths.iter().copied());
         match (&input, shard.embedding) {
             (StageInput::Ids(ids), true) => {
                 if ids.len() != tokens {
@@ -130,6 +181,18 @@ impl ShardRunner {
             }
             (StageInput::Ids(_), false) => return Err(ShardError::NeedsHidden),
             (StageInput::Hidden(_), true) => return Err(ShardError::NeedsIds),
+        }
+        // Counted before the rows are collected: their number is the
+        // request's to choose.
+        let n_rows: usize = queries
+            .iter()
+            .map(|q| q.positions.len() * (1 + q.uncond_base.is_some() as usize))
+            .sum();
+        if n_rows > tokens {
+            return Err(ShardError::TooManyQueryRows {
+                rows: n_rows,
+                tokens,
+            });
         }
         let rows = query_rows(queries);
         if shard.head && rows.iter().any(|&r| r >= tokens) {

@@ -4,7 +4,11 @@
 //! the worker's against the same CA.
 
 use std::path::{Path, PathBuf};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use std::sync::Arc;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// `--tls-cert`, `--tls-key`, `--tls-ca`.
 #[derive(Clone, Debug, Default)]
@@ -25,6 +29,8 @@ pub enum TlsError {
     Incomplete,
     #[error("mutual TLS needs --tls-cert, --tls-key and --tls-ca")]
     MutualIncomplete,
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -40,6 +46,7 @@ impl TlsFiles {
     }
 
     fn identity(&self) -> Result<Option<Identity>, TlsError> {
+        self.check()?;
         match (&self.cert, &self.key) {
             (Some(c), Some(k)) => Ok(Some(Identity::from_pem(read(c)?, read(k)?))),
             (None, None) => Ok(None),
@@ -50,30 +57,53 @@ impl TlsFiles {
     fn ca(&self) -> Result<Option<Certificate>, TlsError> {
         self.ca
             .as_deref()
-            .map(|p| Ok(Certificate::from_pem(read(p)?)))
+            .map(|p| {
+                roots(p)?;
+                Ok(Certificate::from_pem(read(p)?))
+            })
             .transpose()
     }
 
     /// The coordinator's public server: TLS when a certificate is given;
-    /// clients authenticate with API keys, not certificates.
-    pub fn public_server(&self) -> Result<Option<ServerTlsConfig>, TlsError> {
-        Ok(self
-            .identity()?
-            .map(|id| ServerTlsConfig::new().identity(id)))
+    /// clients authenticate with API keys, not certificates. `alpn`: the
+    /// protocols offered (`h2` for gRPC; `h2`, `http/1.1` for HTTP).
+    pub fn public_server(&self, alpn: &[&[u8]]) -> Result<Option<Arc<ServerConfig>>, TlsError> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Ok(Some(server_config(cert, key, None, alpn)?)),
+            (None, None) => Ok(None),
+            _ => Err(TlsError::Incomplete),
+        }
     }
 
     /// A worker's server: mutual TLS, a client certificate signed by the CA
     /// is required.
-    pub fn worker_server(&self) -> Result<Option<ServerTlsConfig>, TlsError> {
+    pub fn worker_server(&self) -> Result<Option<Arc<ServerConfig>>, TlsError> {
         if !self.is_enabled() {
             return Ok(None);
         }
-        match (self.identity()?, self.ca()?) {
-            (Some(id), Some(ca)) => {
-                Ok(Some(ServerTlsConfig::new().identity(id).client_ca_root(ca)))
+        match (&self.cert, &self.key, &self.ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                Ok(Some(server_config(cert, key, Some(ca), &[b"h2"])?))
             }
             _ => Err(TlsError::MutualIncomplete),
         }
+    }
+
+    /// Parses every PEM file given, so that a corrupt one is reported when
+    /// the process starts, not at the first connection.
+    pub fn check(&self) -> Result<(), TlsError> {
+        match (&self.cert, &self.key) {
+            // The pair is checked as a server would use it (the key matches
+            // the certificate, which is valid X.509).
+            (Some(cert), Some(key)) => drop(server_config(cert, key, None, &[])?),
+            (Some(cert), None) => drop(certificates(cert)?),
+            (None, Some(key)) => drop(private_key(key)?),
+            (None, None) => {}
+        }
+        if let Some(ca) = &self.ca {
+            roots(ca)?;
+        }
+        Ok(())
     }
 
     /// How the coordinator dials workers: trusts the CA, presents its own
@@ -104,68 +134,82 @@ impl TlsFiles {
     }
 }
 
-/// The HTTP API over TLS: an axum listener that completes the TLS handshake
-/// of each accepted connection (with a time limit, so a stalled client cannot
-/// hold the accept loop).
-pub struct HttpsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl HttpsListener {
-    pub fn new(tcp: tokio::net::TcpListener, files: &TlsFiles) -> Result<Self, TlsError> {
-        use tokio_rustls::rustls::pki_types::pem::PemObject;
-        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let (Some(cert), Some(key)) = (&files.cert, &files.key) else {
-            return Err(TlsError::Incomplete);
-        };
-        let bad = |path: &Path, e: String| TlsError::Read {
-            path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        };
-        let certs = CertificateDer::pem_file_iter(cert)
-            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| bad(cert, e.to_string()))?;
-        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
-        let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| bad(cert, e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(certs, key_der)
-            .map_err(|e| bad(cert, e.to_string()))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(HttpsListener {
-            tcp,
-            acceptor: tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
-        })
+/// The certificates of a PEM file: at least one, each well formed.
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let invalid = |reason: String| TlsError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(format!("not a valid PEM certificate file: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid(
+            "no certificate in it (expected a PEM `-----BEGIN CERTIFICATE-----` block)".into(),
+        ));
     }
+    Ok(certs)
 }
 
-impl axum::serve::Listener for HttpsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
+/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Invalid {
+        path: path.to_path_buf(),
+        reason: format!("not a valid PEM private key: {e}"),
+    })
+}
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (stream, addr) = match self.tcp.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let handshake = self.acceptor.accept(stream);
-            match tokio::time::timeout(std::time::Duration::from_secs(5), handshake).await {
-                Ok(Ok(tls)) => return (tls, addr),
-                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
-            }
+/// The CA certificates of a PEM file as trust anchors (each valid X.509).
+fn roots(ca: &Path) -> Result<tokio_rustls::rustls::RootCertStore, TlsError> {
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for (i, c) in certificates(ca)?.into_iter().enumerate() {
+        roots.add(c).map_err(|e| TlsError::Invalid {
+            path: ca.to_path_buf(),
+            reason: format!("certificate {} is not a usable CA certificate: {e}", i + 1),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// A rustls server configuration; with `client_ca`, clients must present a
+/// certificate that CA signed.
+fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    use tokio_rustls::rustls;
+    let certs = certificates(cert)?;
+    let key_der = private_key(key)?;
+    let invalid = |path: &Path, reason: String| TlsError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid(cert, e.to_string()))?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots(ca)?),
+                provider,
+            )
+            .build()
+            .map_err(|e| invalid(ca, format!("not a usable CA: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(certs, key_der).map_err(|e| {
+        invalid(
+            key,
+            format!("does not go with the certificate {}: {e}", cert.display()),
+        )
+    })?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
 }

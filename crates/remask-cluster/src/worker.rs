@@ -81,6 +81,44 @@ impl WorkerService {
     }
 }
 
+impl WorkerService {
+    /// Loads `previous`'s shard again after a failed LoadShard replaced it
+    /// (its runner is dropped first, to make room, as a load does).
+    async fn restore(
+        &self,
+        previous: Loaded,
+        load: impl FnOnce(Checkpoint, remask_engine::Shard) -> Result<ShardRunner, LoadError>
+        + Send
+        + 'static,
+    ) {
+        let Loaded {
+            runner,
+            generation,
+            model,
+        } = previous;
+        let shard = runner.shard().clone();
+        drop(runner);
+        let dir = PathBuf::from(&model);
+        let reloaded = tokio::task::spawn_blocking(move || {
+            let ckpt = Checkpoint::open(&dir).map_err(LoadError::from)?;
+            load(ckpt, shard)
+        })
+        .await;
+        match reloaded {
+            Ok(Ok(runner)) => {
+                tracing::info!(generation, "the previous shard is loaded again");
+                *self.loaded.write().await = Some(Loaded {
+                    runner: Arc::new(runner),
+                    generation,
+                    model,
+                });
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot load the previous shard again"),
+            Err(e) => tracing::error!(error = %e, "cannot load the previous shard again"),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Worker for WorkerService {
     #[tracing::instrument(skip_all, fields(worker = %self.id))]
@@ -98,29 +136,56 @@ impl Worker for WorkerService {
             .clone()
             .unwrap_or_else(|| PathBuf::from(&req.model));
         let start = Instant::now();
-        // Drop the old shard first: two copies of a large stage may not fit.
-        *self.loaded.write().await = None;
-        let dir2 = dir.clone();
+        // Everything a request decides is checked before the old shard goes:
+        // a refused LoadShard leaves the stage serving.
+        let ckpt = {
+            let dir2 = dir.clone();
+            tokio::task::spawn_blocking(move || Checkpoint::open(dir2))
+                .await
+                .map_err(|e| Status::internal(format!("load task failed: {e}")))?
+                .map_err(|e| {
+                    Status::failed_precondition(format!("cannot load {}: {e}", dir.display()))
+                })?
+        };
+        let n_layers = ckpt.config.n_layers;
+        if shard.layers.start > shard.layers.end || shard.layers.end > n_layers {
+            return Err(Status::invalid_argument(format!(
+                "LoadShard: layers {}..{} are not a range within the {n_layers} layers of {}",
+                shard.layers.start,
+                shard.layers.end,
+                dir.display()
+            )));
+        }
+        // Then the old shard is dropped: two copies of a large stage may not
+        // fit. Should the new one fail to load, the old one is loaded again.
+        let previous = self.loaded.write().await.take();
         let tensor_parallel = self.tensor_parallel;
         let devices = self.devices.clone();
-        let runner = tokio::task::spawn_blocking(move || {
-            let ckpt = Checkpoint::open(&dir2)?;
-            if shard.layers.end > ckpt.config.n_layers || shard.layers.start > shard.layers.end {
-                return Err(remask_model::ModelError::InvalidConfig(format!(
-                    "shard layers {:?} do not fit a model of {} layers",
-                    shard.layers, ckpt.config.n_layers
-                ))
-                .into());
-            }
+        let load = move |ckpt: Checkpoint, shard: remask_engine::Shard| {
             if devices.is_empty() {
                 Ok(ShardRunner::load_tp(&ckpt, shard, tensor_parallel)?)
             } else {
                 load_gpus(&ckpt, shard, &devices)
             }
-        })
-        .await
-        .map_err(|e| Status::internal(format!("load task failed: {e}")))?
-        .map_err(|e| Status::failed_precondition(format!("cannot load {}: {e}", dir.display())))?;
+        };
+        let loaded = {
+            let load = load.clone();
+            tokio::task::spawn_blocking(move || load(ckpt, shard))
+                .await
+                .map_err(|e| Status::internal(format!("load task failed: {e}")))?
+        };
+        let runner = match loaded {
+            Ok(runner) => runner,
+            Err(e) => {
+                if let Some(previous) = previous {
+                    self.restore(previous, load).await;
+                }
+                return Err(Status::failed_precondition(format!(
+                    "cannot load {}: {e}",
+                    dir.display()
+                )));
+            }
+        };
         let load_ms = start.elapsed().as_secs_f64() * 1e3;
         tracing::info!(generation = req.generation, layers = ?runner.shard().layers, load_ms, "shard loaded");
         *self.loaded.write().await = Some(Loaded {

@@ -218,13 +218,17 @@ impl Generated {
     }
 }
 
-struct Entry {
+/// A tensor listed in a safetensors header.
+pub struct Entry {
     file: usize,
-    dtype: DType,
-    shape: Vec<usize>,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
     /// Byte range in the file (header included).
-    start: usize,
-    end: usize,
+    pub start: usize,
+    pub end: usize,
+    /// The first non-finite value (element, value), once scanned: a tensor
+    /// is scanned the first time it is asked for, once for all ranks.
+    non_finite: std::sync::OnceLock<Option<(usize, String)>>,
 }
 
 pub struct Checkpoint {
@@ -365,12 +369,61 @@ impl Checkpoint {
                 found: e.shape.clone(),
             });
         }
+        let bytes = &self.maps[e.file][e.start..e.end];
+        // NaN or infinite weights compute NaN logits, which decode as token
+        // 0 over and over: refused here, with the tensor's name.
+        if let Some((index, value)) = e
+            .non_finite
+            .get_or_init(|| first_non_finite(e.dtype, bytes))
+        {
+            return Err(ModelError::NonFinite {
+                name: name.to_string(),
+                index: *index,
+                value: value.clone(),
+            });
+        }
         Ok(TensorRef {
             dtype: e.dtype,
             shape: &e.shape,
-            bytes: &self.maps[e.file][e.start..e.end],
+            bytes,
         })
     }
+}
+
+/// The first element of `bytes` (little-endian `dtype` values) that is NaN
+/// or infinite, and how it prints: a test of the exponent bits, over
+/// 1 MiB chunks in parallel. Each chunk is first tested without an early
+/// exit (a loop the compiler vectorises); only a chunk that fails is
+/// searched for the element.
+fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<(usize, String)> {
+    const CHUNK: usize = 1 << 20;
+    let size = dtype.size();
+    let bad = move |c: &[u8]| match dtype {
+        DType::F32 => u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 == 0x7f80_0000,
+        DType::BF16 => u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80,
+        DType::F16 => u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00,
+    };
+    let found = bytes
+        .par_chunks(CHUNK)
+        .enumerate()
+        .find_map_first(|(chunk, data)| {
+            let any = match dtype {
+                DType::F32 => data.chunks_exact(4).fold(false, |a, c| a | bad(c)),
+                DType::BF16 | DType::F16 => data.chunks_exact(2).fold(false, |a, c| a | bad(c)),
+            };
+            if !any {
+                return None;
+            }
+            let at = data.chunks_exact(size).position(bad)?;
+            Some(chunk * CHUNK / size + at)
+        })?;
+    let value = TensorRef {
+        dtype,
+        shape: &[],
+        bytes: &bytes[found * size..(found + 1) * size],
+    }
+    .to_f32()[0];
+    Some((found, value.to_string()))
 }
 
 /// The weight files and, for a sharded checkpoint, the tensors each must hold.
@@ -429,6 +482,12 @@ fn map_file(path: &Path) -> Result<Mmap> {
     unsafe { Mmap::map(&file) }.map_err(ModelError::io(path))
 }
 
+/// The tensors a safetensors file lists, checked as `Checkpoint::open`
+/// checks them (what the fuzz target `safetensors` exercises).
+pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Entry)>> {
+    read_header(path, bytes, 0)
+}
+
 fn read_header(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
     let bad = |reason: String| ModelError::Safetensors {
         path: path.to_path_buf(),
@@ -470,37 +529,245 @@ fn read_header(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entr
                         shape: info.shape.clone(),
                         start: data_start + info.data_offsets.0,
                         end: data_start + info.data_offsets.1,
+                        non_finite: std::sync::OnceLock::new(),
                     },
                 ));
             }
             Ok(out)
         }
-        Err(safetensors::SafeTensorError::MetadataIncompleteBuffer) => {
-            // Find the tensor that runs past the end, for a useful message.
-            let header: serde_json::Value = serde_json::from_slice(&map[8..data_start])
-                .map_err(|e| bad(format!("header is not JSON: {e}")))?;
-            let available = map.len() - data_start;
-            let last = header
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter_map(|(name, v)| {
-                    let end = v.get("data_offsets")?.get(1)?.as_u64()? as usize;
-                    Some((name.clone(), end))
-                })
-                .max_by_key(|(_, end)| *end);
-            match last {
-                Some((tensor, needed)) if needed > available => Err(ModelError::Truncated {
-                    path: path.to_path_buf(),
-                    tensor,
-                    needed,
-                    available,
-                }),
-                _ => Err(bad(format!(
-                    "{available} data bytes, but the header accounts for a different amount"
-                ))),
-            }
+        Err(e) => Err(diagnose(
+            path,
+            &map[8..data_start],
+            map.len() - data_start,
+            &e,
+        )),
+    }
+}
+
+/// Why the safetensors library refused a header (`header`: its JSON;
+/// `available`: the bytes of the data section), naming the tensor at fault
+/// with its dtype, shape and offsets. The library's own errors name none.
+fn diagnose(
+    path: &Path,
+    header: &[u8],
+    available: usize,
+    error: &safetensors::SafeTensorError,
+) -> ModelError {
+    let bad = |reason: String| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = match std::str::from_utf8(header) {
+        Ok(text) => text,
+        Err(e) => return bad(format!("the header is not UTF-8: {e}")),
+    };
+    let header: serde_json::Value = match serde_json::from_str(text.trim_end_matches(' ')) {
+        Ok(v) => v,
+        Err(e) => return bad(format!("the header is not JSON: {e}")),
+    };
+    let Some(entries) = header.as_object() else {
+        return bad(format!("the header is not a JSON object: {header}"));
+    };
+    let mut spans = Vec::new();
+    for (name, v) in entries {
+        if name == "__metadata__" {
+            continue;
         }
-        Err(e) => Err(bad(format!("{e:?}"))),
+        let dtype = v.get("dtype").and_then(|d| d.as_str());
+        let shape: Option<Vec<u64>> = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().map(|d| d.as_u64()).collect());
+        let offsets: Option<Vec<u64>> = v
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().map(|d| d.as_u64()).collect());
+        let (Some(dtype), Some(shape), Some([begin, end])) = (
+            dtype,
+            shape,
+            offsets
+                .as_deref()
+                .and_then(|o| <[u64; 2]>::try_from(o).ok()),
+        ) else {
+            return bad(format!(
+                "tensor '{name}': expected {{\"dtype\": string, \"shape\": [unsigned integers], \"data_offsets\": [begin, end]}}, found {v}"
+            ));
+        };
+        let Some(size) = dtype_bytes(dtype) else {
+            return bad(format!("tensor '{name}': unknown dtype \"{dtype}\""));
+        };
+        let needed = shape.iter().try_fold(size, |n, &d| n.checked_mul(d));
+        let Some(needed) = needed else {
+            return bad(format!(
+                "tensor '{name}': shape {shape:?} of {dtype} overflows 64 bits"
+            ));
+        };
+        if end < begin || end - begin != needed {
+            return bad(format!(
+                "tensor '{name}': shape {shape:?} of {dtype} takes {needed} bytes, but its data_offsets [{begin}, {end}] span {}",
+                end as i128 - begin as i128
+            ));
+        }
+        spans.push((begin, end, name.as_str()));
+    }
+    spans.sort();
+    let mut at = 0u64;
+    let mut previous = None;
+    for &(begin, end, name) in &spans {
+        if begin != at {
+            let after = previous.map_or("the start of the data section".to_string(), |p| {
+                format!("the end of tensor '{p}'")
+            });
+            return bad(format!(
+                "tensor '{name}' begins at byte {begin} of the data section, but {after} is at byte {at}: tensors must follow each other without gaps or overlaps"
+            ));
+        }
+        at = end;
+        previous = Some(name);
+    }
+    if at > available as u64 {
+        return ModelError::Truncated {
+            path: path.to_path_buf(),
+            tensor: previous.unwrap_or_default().to_string(),
+            needed: at as usize,
+            available,
+        };
+    }
+    if at < available as u64 {
+        return bad(format!(
+            "the tensors end at byte {at} of the data section, but it has {available} bytes"
+        ));
+    }
+    bad(error.to_string())
+}
+
+/// Bytes per element of a safetensors dtype name.
+fn dtype_bytes(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 1,
+        "U16" | "I16" | "F16" | "BF16" => 2,
+        "U32" | "I32" | "F32" => 4,
+        "U64" | "I64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::{InitOptions, init_checkpoint};
+
+    /// A safetensors file: the 8-byte length, `header`, `data` bytes of zeros.
+    fn file(header: &str, data: usize) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.resize(out.len() + data, 0);
+        out
+    }
+
+    fn header_error(header: &str, data: usize) -> String {
+        read_header(Path::new("m.safetensors"), &file(header, data), 0)
+            .err()
+            .expect("refused")
+            .to_string()
+    }
+
+    /// The library's errors (TensorInvalidInfo, InvalidOffset(...)) become
+    /// messages that name the tensor, its dtype, shape and offsets.
+    #[test]
+    fn header_errors_name_the_tensor_and_its_offsets() {
+        let err = header_error(
+            r#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}}"#,
+            20,
+        );
+        assert!(
+            err.contains("tensor 'w'")
+                && err.contains("[2, 3] of F32 takes 24 bytes")
+                && err.contains("[0, 20] span 20"),
+            "{err}"
+        );
+        let err = header_error(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[12,16]}}"#,
+            16,
+        );
+        assert!(
+            err.contains("tensor 'b' begins at byte 12")
+                && err.contains("end of tensor 'a' is at byte 8"),
+            "{err}"
+        );
+        let err = header_error(
+            r#"{"w":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}}"#,
+            8,
+        );
+        assert!(err.contains("tensor 'w': unknown dtype \"Q4\""), "{err}");
+        let err = header_error(r#"{"w":{"dtype":"F32","shape":[2]}}"#, 8);
+        assert!(err.contains("tensor 'w': expected"), "{err}");
+        let err = header_error(
+            r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+            4,
+        );
+        assert!(err.contains("truncated") && err.contains("'w'"), "{err}");
+    }
+
+    #[test]
+    fn non_finite_values_are_found_in_every_dtype() {
+        let f32s: Vec<u8> = [1.0f32, 2.0, f32::NAN, 3.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            first_non_finite(DType::F32, &f32s),
+            Some((2, "NaN".to_string()))
+        );
+        let bf16s: Vec<u8> = [0x3f80u16, 0x7f80, 0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            first_non_finite(DType::BF16, &bf16s),
+            Some((1, "inf".to_string()))
+        );
+        let f16s: Vec<u8> = [0x3c00u16, 0x3c00, 0xfc00]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(
+            first_non_finite(DType::F16, &f16s),
+            Some((2, "-inf".to_string()))
+        );
+        // Past the first parallel chunk: the index counts from the start.
+        let mut big = vec![0u8; (1 << 21) + 8];
+        big[(1 << 21) + 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(
+            first_non_finite(DType::F32, &big),
+            Some(((1 << 19) + 1, "NaN".to_string()))
+        );
+        assert_eq!(first_non_finite(DType::F32, &f32s[..8]), None);
+    }
+
+    /// A checkpoint with one NaN weight: asking for that tensor fails with a
+    /// message naming it and the element; the other tensors still load.
+    #[test]
+    fn a_nan_weight_is_refused_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions {
+            dtype: DType::F32,
+            ..InitOptions::default()
+        };
+        init_checkpoint(Preset::get("tiny").unwrap(), &opts, dir.path()).unwrap();
+        let name = "model.transformer.blocks.1.q_proj.weight";
+        let start = Checkpoint::open(dir.path()).unwrap().tensors[name].start;
+        let path = dir.path().join(SINGLE_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[start + 4 * 5..start + 4 * 6].copy_from_slice(&f32::NAN.to_le_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        let err = ckpt.tensor(name, &[64, 64]).unwrap_err().to_string();
+        assert!(
+            err.contains(name) && err.contains("NaN") && err.contains("element 5"),
+            "{err}"
+        );
+        ckpt.tensor("model.transformer.blocks.0.q_proj.weight", &[64, 64])
+            .unwrap();
     }
 }

@@ -59,6 +59,20 @@ pub struct LladaConfig {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Upper bounds of config.json's sizes (see `validate`).
+pub const MAX_D_MODEL: usize = 1 << 16;
+pub const MAX_HEADS: usize = 1 << 10;
+pub const MAX_LAYERS: usize = 1 << 12;
+pub const MAX_MLP_HIDDEN: usize = 1 << 20;
+pub const MAX_MLP_RATIO: f64 = 64.0;
+pub const MAX_VOCAB: usize = 1 << 24;
+pub const MAX_SEQUENCE_LENGTH: usize = 1 << 20;
+/// max_sequence_length x head_dim: the RoPE cos and sin tables (f32, half a
+/// head each) take 4 bytes x this, 256 MiB at most (LLaDA-8B: 4096 x 128, 2 MiB).
+pub const MAX_ROPE_TABLE: usize = 1 << 26;
+/// Elements of the largest tensor (the embedding): 64 GiB in f32.
+pub const MAX_TENSOR_ELEMENTS: usize = 1 << 34;
+
 fn default_rope_theta() -> f64 {
     10_000.0
 }
@@ -78,8 +92,44 @@ fn default_layer_norm() -> String {
 impl LladaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(ModelError::io(path))?;
-        let config: LladaConfig = serde_json::from_str(&text).map_err(ModelError::json(path))?;
+        let config = Self::from_json(&text).map_err(|e| match e {
+            ModelError::Json { source, .. } => ModelError::Json {
+                path: path.to_path_buf(),
+                source,
+            },
+            ModelError::ConfigValue { reason, .. } => ModelError::ConfigValue {
+                path: path.to_path_buf(),
+                reason,
+            },
+            other => other,
+        })?;
         config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses config.json's text (not validated). Text that is not JSON is
+    /// a `Json` error; JSON with a wrong value is a `ConfigValue` error that
+    /// names the field (`"d_model": invalid type: string "x", expected usize`).
+    pub fn from_json(text: &str) -> Result<Self> {
+        let path = std::path::PathBuf::from("config.json");
+        let mut de = serde_json::Deserializer::from_str(text);
+        let parsed: std::result::Result<LladaConfig, _> = serde_path_to_error::deserialize(&mut de);
+        let config = match parsed {
+            Ok(config) => config,
+            Err(e) if e.inner().is_data() => {
+                let field = e.path().to_string();
+                let inner = e.into_inner();
+                let reason = if field == "." {
+                    // A missing field: serde's message names it.
+                    format!("{inner}")
+                } else {
+                    format!("\"{field}\": {inner}")
+                };
+                return Err(ModelError::ConfigValue { path, reason });
+            }
+            Err(e) => return Err(ModelError::json(path)(e.into_inner())),
+        };
+        de.end().map_err(ModelError::json("config.json"))?;
         Ok(config)
     }
 
@@ -150,6 +200,35 @@ impl LladaConfig {
                 return invalid(format!("{name} must be positive"));
             }
         }
+        if let Some(ratio) = self.mlp_ratio
+            && self.mlp_hidden_size.is_none()
+            && !(ratio.is_finite() && ratio > 0.0 && ratio <= MAX_MLP_RATIO)
+        {
+            return invalid(format!(
+                "mlp_ratio {ratio} must be a number in (0, {MAX_MLP_RATIO}]"
+            ));
+        }
+        // Upper bounds: sizes come from a file, and the engine allocates from
+        // them (the RoPE tables from max_sequence_length alone). Far above
+        // any real model; they keep every product below from overflowing.
+        for (name, v, max) in [
+            ("d_model", self.d_model, MAX_D_MODEL),
+            ("n_heads", self.n_heads, MAX_HEADS),
+            ("n_kv_heads", self.n_kv_heads(), MAX_HEADS),
+            ("n_layers", self.n_layers, MAX_LAYERS),
+            ("mlp_hidden_size", self.mlp_hidden(), MAX_MLP_HIDDEN),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("embedding_size", self.embedding_size(), MAX_VOCAB),
+            (
+                "max_sequence_length",
+                self.max_sequence_length,
+                MAX_SEQUENCE_LENGTH,
+            ),
+        ] {
+            if v > max {
+                return invalid(format!("{name} {v} is over the limit of {max}"));
+            }
+        }
         if !self.d_model.is_multiple_of(self.n_heads) {
             return invalid(format!(
                 "d_model {} is not divisible by n_heads {}",
@@ -160,6 +239,22 @@ impl LladaConfig {
             return invalid(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_dim()
+            ));
+        }
+        let rope = self.max_sequence_length * self.head_dim();
+        if rope > MAX_ROPE_TABLE {
+            return invalid(format!(
+                "max_sequence_length {} x head_dim {} = {rope} RoPE table entries is over the limit of {MAX_ROPE_TABLE}",
+                self.max_sequence_length,
+                self.head_dim()
+            ));
+        }
+        let embedding = self.embedding_size() * self.d_model;
+        if embedding > MAX_TENSOR_ELEMENTS {
+            return invalid(format!(
+                "embedding_size {} x d_model {} = {embedding} elements is over the limit of {MAX_TENSOR_ELEMENTS} for one tensor",
+                self.embedding_size(),
+                self.d_model
             ));
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads()) {
@@ -252,5 +347,85 @@ mod tests {
             let err = parse(v).unwrap_err().to_string();
             assert!(err.contains(needle), "{err}");
         }
+    }
+
+    /// Absurd sizes (a 64 TB RoPE table, products past 64 bits) are refused
+    /// with the field's name instead of aborting the process.
+    #[test]
+    fn absurd_sizes_are_refused_by_name() {
+        for (field, value, needle) in [
+            (
+                "max_sequence_length",
+                serde_json::json!(1u64 << 40),
+                "max_sequence_length 1099511627776 is over the limit of 1048576",
+            ),
+            ("d_model", serde_json::json!(1u64 << 40), "d_model"),
+            (
+                "n_layers",
+                serde_json::json!(1u64 << 20),
+                "n_layers 1048576",
+            ),
+            ("vocab_size", serde_json::json!(1u64 << 30), "vocab_size"),
+            (
+                "embedding_size",
+                serde_json::json!(1u64 << 30),
+                "embedding_size",
+            ),
+            (
+                "mlp_hidden_size",
+                serde_json::json!(1u64 << 40),
+                "mlp_hidden_size",
+            ),
+            ("n_heads", serde_json::json!(1u64 << 12), "n_heads"),
+        ] {
+            let mut v = base();
+            v[field] = value;
+            let err = parse(v).unwrap_err().to_string();
+            assert!(err.contains(needle), "{field}: {err}");
+        }
+        // Each within its bound, the product over: the RoPE table.
+        let mut v = base();
+        v["d_model"] = serde_json::json!(16384);
+        v["n_heads"] = serde_json::json!(4);
+        v["n_kv_heads"] = serde_json::json!(4);
+        v["max_sequence_length"] = serde_json::json!(1 << 20);
+        let err = parse(v).unwrap_err().to_string();
+        assert!(err.contains("RoPE table"), "{err}");
+        let mut v = base();
+        v["mlp_hidden_size"] = serde_json::Value::Null;
+        v["mlp_ratio"] = serde_json::json!(1e300);
+        let err = parse(v).unwrap_err().to_string();
+        assert!(err.contains("mlp_ratio"), "{err}");
+    }
+
+    /// Valid JSON with a wrong value names the field and is not called
+    /// invalid JSON; text that is not JSON is.
+    #[test]
+    fn value_errors_name_the_field() {
+        let mut v = base();
+        v["d_model"] = serde_json::json!("big");
+        let err = LladaConfig::from_json(&v.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"d_model\"") && !err.contains("not valid JSON"),
+            "{err}"
+        );
+        let mut v = base();
+        v["max_sequence_length"] = serde_json::json!(-5);
+        let err = LladaConfig::from_json(&v.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"max_sequence_length\""), "{err}");
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("n_layers");
+        let err = LladaConfig::from_json(&v.to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("n_layers"), "{err}");
+        let err = LladaConfig::from_json("{\"d_model\": 64,")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not valid JSON"), "{err}");
     }
 }

@@ -14,6 +14,8 @@ pub enum ModelError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("{path}: {reason}")]
+    ConfigValue { path: PathBuf, reason: String },
     #[error("unsupported config.json: {0}")]
     Unsupported(String),
     #[error("invalid config.json: {0}")]
@@ -46,6 +48,14 @@ pub enum ModelError {
         name: String,
         dir: PathBuf,
         preset: &'static str,
+    },
+    #[error(
+        "tensor '{name}' holds a non-finite value ({value}) at element {index}: the checkpoint is corrupt, refusing to load it"
+    )]
+    NonFinite {
+        name: String,
+        index: usize,
+        value: String,
     },
     #[error("tensor '{name}' has dtype {dtype}; supported are F32, BF16 and F16")]
     DType { name: String, dtype: String },

@@ -6,6 +6,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod init;
 pub mod tokenizer;
 

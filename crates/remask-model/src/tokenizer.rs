@@ -137,30 +137,12 @@ impl TextCodec {
                 "{TOKENIZER_CONFIG_FILE} has no chat_template; use a plain prompt instead"
             ))
         })?;
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", template)
-            .map_err(|e| ModelError::Template(e.to_string()))?;
-        env.get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => messages,
-                    add_generation_prompt => true,
-                    bos_token => self.bos_token.clone().unwrap_or_default(),
-                    eos_token => self.eos_token.clone().unwrap_or_default(),
-                })
-            })
-            .map_err(|e| ModelError::Template(e.to_string()))
+        render_chat_template(
+            template,
+            messages,
+            self.bos_token.as_deref().unwrap_or_default(),
+            self.eos_token.as_deref().unwrap_or_default(),
+        )
     }
 
     /// Decodes ids; with `skip_special` the special tokens (mask, EOS, chat
@@ -207,4 +189,44 @@ fn bytes_per_token_bound(tokenizer: &Tokenizer) -> Option<usize> {
             .unwrap_or(1)
             .max(1)
     })
+}
+
+/// Instructions a chat template may execute per rendering: a template comes
+/// with the model files, and one with nested loops must fail, not hang the
+/// server. Real templates use a few hundred per message.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// `template` rendered over `messages` the way transformers'
+/// `apply_chat_template(add_generation_prompt=True)` does.
+pub fn render_chat_template(
+    template: &str,
+    messages: &[Message],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| ModelError::Template(e.to_string()))?;
+    env.get_template("chat")
+        .and_then(|t| {
+            t.render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => bos_token,
+                eos_token => eos_token,
+            })
+        })
+        .map_err(|e| ModelError::Template(e.to_string()))
 }

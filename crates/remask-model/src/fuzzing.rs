@@ -1,0 +1,89 @@
+//! The properties the fuzz targets check, shared by both drivers: cargo-fuzz
+//! (`fuzz/`, libFuzzer on a nightly toolchain) and the stable `cargo test`
+//! run over the seed corpus and its random mutations (`tests/fuzz.rs`).
+//! Each function takes arbitrary bytes and panics only when a property is
+//! broken; errors for bad input are the expected outcome.
+
+use crate::checkpoint::{DType, parse_header};
+use crate::config::LladaConfig;
+use crate::tokenizer::{Message, render_chat_template};
+
+/// A safetensors file: refused with an error, or every tensor it lists lies
+/// within the file and its byte length is its shape's, so reading it cannot
+/// slice out of bounds.
+pub fn safetensors(data: &[u8]) {
+    let Ok(tensors) = parse_header(std::path::Path::new("fuzz.safetensors"), data) else {
+        return;
+    };
+    for (name, t) in tensors {
+        assert!(
+            t.start <= t.end && t.end <= data.len(),
+            "tensor '{name}': bytes {}..{} outside a file of {}",
+            t.start,
+            t.end,
+            data.len()
+        );
+        let elements = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let size = match t.dtype {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        };
+        assert_eq!(
+            elements.and_then(|n| n.checked_mul(size)),
+            Some(t.end - t.start),
+            "tensor '{name}': shape {:?} does not match its bytes",
+            t.shape
+        );
+    }
+}
+
+/// config.json: refused with an error, or every size the engine derives
+/// from an accepted config is computed without overflow.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(c) = LladaConfig::from_json(text) else {
+        return;
+    };
+    if c.validate().is_err() {
+        return;
+    }
+    let (d, e, hd) = (c.d_model, c.embedding_size(), c.head_dim());
+    let mlp = c.mlp_hidden();
+    assert!(
+        hd > 0 && hd.is_multiple_of(2) && c.n_kv_heads() > 0,
+        "{c:?}"
+    );
+    for (what, a, b) in [
+        ("embedding", e, d),
+        ("mlp", mlp, d),
+        ("rope", c.max_sequence_length, hd),
+        ("kv", c.n_kv_heads() * hd, d),
+        ("layers x mlp", c.n_layers, mlp * d),
+    ] {
+        assert!(
+            a.checked_mul(b).is_some(),
+            "{what}: {a} x {b} overflows: {c:?}"
+        );
+    }
+}
+
+/// A chat template (tokenizer_config.json's `chat_template`) over a few
+/// messages: renders or fails with an error, in bounded time (minijinja's
+/// fuel) and without a panic. The first line of `data` is the template's,
+/// the lines after are the messages' contents.
+pub fn chat_template(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.split('\n');
+    let template = lines.next().unwrap_or_default().replace("\\n", "\n");
+    let messages: Vec<Message> = lines
+        .take(8)
+        .enumerate()
+        .map(|(i, content)| Message {
+            role: if i % 2 == 0 { "user" } else { "assistant" }.into(),
+            content: content.into(),
+        })
+        .collect();
+    let _ = render_chat_template(&template, &messages, "<s>", "</s>");
+}
