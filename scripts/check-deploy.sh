@@ -499,11 +499,16 @@ def check_dockerfile(path, ignore_path):
     for f in ("Cargo.toml", "Cargo.lock"):
         if f not in copied:
             err(f"{path}: {f} is not copied")
+    patches = tomllib.load(open("Cargo.toml", "rb")).get("patch", {})
+    for dep in (d for reg in patches.values() for d in reg.values()):
+        p = dep.get("path") if isinstance(dep, dict) else None
+        if p and not any(p == c or p.startswith(c + "/") for c in copied):
+            err(f"{path}: {p} ([patch] path) is not copied into the build stage")
     build_runs = " ".join(r for i, r in stages.get("build", {"lines": []})["lines"] if i == "RUN")
     if "cargo build --release --locked -p remask-cli" not in build_runs or "--features" not in build_runs:
         err(f"{path}: the build stage does not run cargo build --release --locked -p remask-cli [--features]")
-    if "protobuf-compiler" not in build_runs or "libprotobuf-dev" not in build_runs:
-        err(f"{path}: the build stage lacks protobuf-compiler/libprotobuf-dev (etcd-client's build needs protoc)")
+    if "protobuf-compiler" in build_runs or "libprotobuf-dev" in build_runs:
+        err(f"{path}: the build stage installs protoc, which nothing needs (vendor/README.md)")
     for name in ("runtime", "runtime-cuda"):
         st = stages.get(name, {"lines": []})["lines"]
         users = [r for i, r in st if i == "USER"]

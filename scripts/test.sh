@@ -6,11 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages: etcd for the cluster tests, protoc for etcd-client's build,
-# a C++ compiler for the kernel emulation.
+# System packages: etcd for the cluster tests, a C++ compiler for the kernel
+# emulation. No protoc: every proto compiles with protox (vendor/README.md).
 missing=()
 command -v etcd >/dev/null || missing+=(etcd-server etcd-client)
-command -v protoc >/dev/null || missing+=(protobuf-compiler libprotobuf-dev)
 # g++ compiles the CUDA kernels for their CPU emulation (kernels_emulated).
 command -v g++ >/dev/null || missing+=(g++)
 if ((${#missing[@]})); then
@@ -33,6 +32,10 @@ if ! python3 -c "import torch, safetensors, matplotlib" 2>/dev/null; then
   python3 -m pip install --quiet -r training/requirements.txt
 fi
 
+# PROTOC points nowhere to prove that nothing needs protoc: prost-build runs
+# $PROTOC when it is set, so a build script still calling protoc fails loudly
+# here instead of quietly using one that happens to be installed.
+export PROTOC=/nonexistent/protoc
 # One release build serves the tests and the binary they drive.
 cargo build --release --locked -p remask-cli
 export REMASK_BIN="$PWD/target/release/remask"
