@@ -64,7 +64,7 @@ impl Collective<CudaSlice<f32>> for NcclRank {
 }
 
 /// The backends of a tensor-parallel group over `devices`, in rank order
-/// (rank i on `devices[i]`), for `TpEngine::from_backends`. One device is a
+/// (rank i on `devices[i]`), for `Engine::from_backends`. One device is a
 /// plain backend (world 1, no NCCL).
 pub fn tp_group(devices: &[usize]) -> Result<Vec<CudaBackend>, CudaError> {
     check_devices(devices)?;

@@ -4,7 +4,7 @@
 //! NVRTC at start-up) for everything else, including the fused output-head
 //! reduction. The CUDA libraries are loaded at run time, so this builds
 //! without a CUDA toolkit or a GPU. `tp_group` makes several GPUs of this
-//! process one tensor-parallel group over NCCL (for `TpEngine`).
+//! process one tensor-parallel group over NCCL (for `Engine`).
 
 mod backend;
 mod group;
