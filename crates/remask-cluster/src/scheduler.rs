@@ -327,9 +327,8 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) -> boo
             }
         }
     }
-    let plans: Vec<StepPlan> = step.plans().to_vec();
     let commits = step.commit(running.iter_mut().map(|j| &mut j.canvas), predictions);
-    for ((job, plan), committed) in running.iter().zip(&plans).zip(commits) {
+    for ((job, plan), committed) in running.iter().zip(step.plans()).zip(commits) {
         if plan.needs_forward() {
             m.tokens_per_forward
                 .get_or_create(m.model())

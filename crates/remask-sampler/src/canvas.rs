@@ -779,7 +779,7 @@ impl BatchStep {
     /// Commits every canvas's step: `predictions` holds one list per
     /// `active()` canvas, in that order. Returns each canvas's commits.
     pub fn commit<'a>(
-        self,
+        &self,
         canvases: impl IntoIterator<Item = &'a mut Canvas>,
         predictions: Vec<Vec<Prediction>>,
     ) -> Vec<Vec<Committed>> {
