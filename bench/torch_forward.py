@@ -4,7 +4,7 @@
 Loads a checkpoint directory in the Hugging Face LLaDA layout (config.json plus
 model.safetensors, or the shards listed in model.safetensors.index.json), widens
 every weight to float32 and runs a plain, module-free forward with the same math
-as the remask engine (see /work/shared/LLADA.md):
+as the remask engine (see docs/LLADA.md):
 
   x = wte[ids]
   per layer:  h = rmsnorm(x, attn_norm)

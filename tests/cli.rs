@@ -1338,9 +1338,16 @@ fn eval_reports_every_section_on_stdout_and_in_json() {
     }
 
     // The fixed rule at k = 1, 2, 4, 8 tokens per step, each without and
-    // with blocks of 8, then nine settings of the adaptive rules.
+    // with blocks of 8, then nine settings of the adaptive rules, then six
+    // with a K/V cache (the fixed rule's two first).
     let rows = v["sweep"]["rows"].as_array().expect("sweep.rows");
-    assert_eq!(rows.len(), 17, "{v}");
+    assert_eq!(rows.len(), 23, "{v}");
+    let caches: Vec<&str> = rows.iter().map(|r| r["cache"].as_str().unwrap()).collect();
+    assert!(caches[..17].iter().all(|&c| c == "none"), "{caches:?}");
+    assert_eq!(
+        caches[17..],
+        ["prefix", "dual", "dual", "dual", "prefix", "dual"]
+    );
     assert_eq!(
         rows[0]["agreement_with_k1"], 1.0,
         "the baseline agrees with itself"
@@ -1350,7 +1357,7 @@ fn eval_reports_every_section_on_stdout_and_in_json() {
         assert_fraction(r, "f1");
         assert_fraction(r, "agreement_with_k1");
         let forwards = r["forwards_per_answer"].as_f64().expect("forwards");
-        if i < 8 {
+        if i < 8 || (17..19).contains(&i) {
             // early stop: at most the schedule's steps
             let steps = r["steps"].as_f64().expect("steps");
             assert!((1.0..=steps).contains(&forwards), "{r}");

@@ -611,6 +611,42 @@ fn rule_configs() -> Vec<(&'static str, Vec<String>)> {
     ]
 }
 
+/// Both K/V cache modes with the fixed schedule, threshold and factor
+/// rules (and guidance), for the equivalence tests: ids and forward counts
+/// are a property of the mode, never of the topology. On the `small`
+/// preset each of these differs from its run without a cache
+/// (`caches_change_the_ids` checks it), so matching tests something.
+fn cache_configs() -> Vec<(&'static str, Vec<String>)> {
+    let base = [
+        (
+            "fixed",
+            "--prompt-ids 7,8,9 --gen-length 32 --steps 16 --block-length 8",
+        ),
+        (
+            "threshold 0.3",
+            "--prompt-ids 7,8,9 --gen-length 32 --block-length 8 --threshold 0.3",
+        ),
+        (
+            "factor 4, cfg 1",
+            "--prompt-ids 5,6 --gen-length 24 --block-length 8 --factor 4 --cfg-scale 1",
+        ),
+    ];
+    let mut configs = Vec::new();
+    for mode in ["prefix", "dual"] {
+        for (name, args) in base {
+            let name: &'static str = Box::leak(format!("{name}, cache {mode}").into_boxed_str());
+            configs.push((name, argv(&format!("{args} --cache {mode}"), &[])));
+        }
+    }
+    configs
+}
+
+/// The request of a cache configuration without its `--cache`.
+fn without_cache(request: &[String]) -> Vec<String> {
+    let at = request.iter().position(|a| a == "--cache").unwrap();
+    [&request[..at], &request[at + 2..]].concat()
+}
+
 /// Sampler configurations for the equivalence tests: (name, request
 /// arguments); the commit rules last.
 fn sampler_configs() -> Vec<(&'static str, Vec<String>)> {
@@ -711,7 +747,7 @@ fn etcd_cluster_matches_in_process() {
         logs.dump()
     );
 
-    for (name, request) in sampler_configs() {
+    for (name, request) in sampler_configs().into_iter().chain(cache_configs()) {
         let want = local(model, &request);
         let got = remote_json(&logs, &coord.addr, &request);
         assert_same(name, &got, &want);
@@ -719,6 +755,22 @@ fn etcd_cluster_matches_in_process() {
             got["model"], want["model"],
             "{name}: the model path differs"
         );
+    }
+}
+
+/// The cache configurations of the equivalence tests are ones where the
+/// cache changes the ids (in process).
+#[test]
+fn caches_change_the_ids() {
+    let model = small();
+    for (name, request) in cache_configs() {
+        let cached = local(model, &request);
+        let plain = local(model, &without_cache(&request));
+        assert_ne!(
+            cached["generated_ids"], plain["generated_ids"],
+            "{name}: the cache changes nothing here; pick another configuration"
+        );
+        assert_eq!(cached["cache"], request.last().unwrap().as_str());
     }
 }
 
@@ -984,11 +1036,15 @@ fn in_flight_requests_survive_a_worker_crash() {
             &[],
         ),
         argv(
-            "--prompt-ids 4,5 --gen-length 128 --steps 128 --block-length 64 --temperature 0.8 --seed 3",
+            "--prompt-ids 4,5 --gen-length 128 --steps 128 --block-length 64 --temperature 0.8 --seed 3 --cache prefix",
             &[],
         ),
         argv(
-            "--prompt-ids 7,8,9 --gen-length 192 --block-length 8 --factor 1 --no-early-stop",
+            "--prompt-ids 7,8,9 --gen-length 192 --block-length 8 --factor 1 --no-early-stop --cache dual",
+            &[],
+        ),
+        argv(
+            "--prompt-ids 9,8 --gen-length 192 --steps 96 --block-length 32 --cache dual --no-early-stop",
             &[],
         ),
     ];
@@ -1001,12 +1057,13 @@ fn in_flight_requests_survive_a_worker_crash() {
         steps: Some(128),
         block_length: Some(32),
         full_canvas: true,
+        cache: pb::CacheMode::Prefix as i32,
         ..Default::default()
     };
     let stream_solo = local(
         model,
         &argv(
-            "--prompt-ids 6,5,4,3 --gen-length 128 --steps 128 --block-length 32 --no-early-stop",
+            "--prompt-ids 6,5,4,3 --gen-length 128 --steps 128 --block-length 32 --no-early-stop --cache prefix",
             &[],
         ),
     );
@@ -1091,6 +1148,203 @@ fn in_flight_requests_survive_a_worker_crash() {
         logs.dump()
     );
     assert_eq!(after[&0], before[&0], "stage 0 stayed");
+    // The spare held none of the running requests' K/V caches: they were
+    // rebuilt from the canvases (and the ids above are the solo ones).
+    assert!(
+        coord
+            .log()
+            .contains("a worker does not hold K/V caches: rebuilding them from the canvases"),
+        "no cache was rebuilt\n{}",
+        logs.dump()
+    );
+}
+
+/// 200 streaming requests with K/V caches, cancelled by their clients after
+/// their first step (or while they wait): the worker holds caches while
+/// they run and none once they are gone.
+#[test]
+fn cancelled_requests_release_their_caches() {
+    use remask_proto::v1 as pb;
+    use remask_proto::worker as wpb;
+    let logs = Logs::new("cancelled_requests_release_their_caches");
+    let w = worker(&logs, "kv", None);
+    let coord = coordinator(&logs, tiny(), 1, &["--workers", &w.addr]);
+    wait_serving(&logs, &coord.addr, READY_TIMEOUT);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (coord_url, worker_url) = (
+        format!("http://{}", coord.addr),
+        format!("http://{}", w.addr),
+    );
+    let status = || {
+        let url = worker_url.clone();
+        rt.block_on(async move {
+            let mut c = wpb::worker_client::WorkerClient::connect(url)
+                .await
+                .unwrap();
+            c.status(wpb::StatusRequest {}).await.unwrap().into_inner()
+        })
+    };
+    let (first_steps, held) = rt.block_on(async {
+        let tasks: Vec<_> = (0..200u32)
+            .map(|i| {
+                let url = coord_url.clone();
+                tokio::spawn(async move {
+                    let mut client = pb::generation_client::GenerationClient::connect(url)
+                        .await
+                        .expect("connect");
+                    let request = pb::GenerateRequest {
+                        prompt_ids: vec![1 + i % 50, 2, 3],
+                        gen_length: Some(256),
+                        steps: Some(256),
+                        block_length: Some(32),
+                        full_canvas: true,
+                        cache: if i % 2 == 0 {
+                            pb::CacheMode::Prefix
+                        } else {
+                            pb::CacheMode::Dual
+                        } as i32,
+                        ..Default::default()
+                    };
+                    let mut stream = client.generate_stream(request).await.ok()?.into_inner();
+                    // The first step message, unless the request waited too
+                    // long: either way the client goes away.
+                    let first = tokio::time::timeout(Duration::from_millis(300), stream.message());
+                    matches!(first.await, Ok(Ok(Some(_)))).then_some(())
+                })
+            })
+            .collect();
+        // While the first ones run, the worker holds their caches.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut c = wpb::worker_client::WorkerClient::connect(worker_url.clone())
+            .await
+            .unwrap();
+        let held = c.status(wpb::StatusRequest {}).await.unwrap().into_inner();
+        let mut steps = 0;
+        for t in tasks {
+            steps += usize::from(t.await.unwrap().is_some());
+        }
+        (steps, held)
+    });
+    assert!(first_steps > 0, "no request got to its first step");
+    assert!(
+        held.kv_caches > 0 && held.kv_cache_bytes > 0,
+        "no cache was held while the requests ran: {held:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = status();
+    while last.kv_caches > 0 || last.kv_cache_bytes > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "60 s after 200 cancelled requests the worker still holds {} caches ({} bytes)\n{}",
+            last.kv_caches,
+            last.kv_cache_bytes,
+            logs.dump()
+        );
+        thread::sleep(Duration::from_millis(100));
+        last = status();
+    }
+    assert!(last.kv_budget_bytes > 0, "the worker has a default budget");
+    // And the cluster still serves, with a cache.
+    let request = argv(
+        "--prompt-ids 7,8,9 --gen-length 16 --block-length 8 --factor 4 --cache dual",
+        &[],
+    );
+    assert_same(
+        "after the cancellations",
+        &remote_json(&logs, &coord.addr, &request),
+        &local(tiny(), &request),
+    );
+    eprintln!("{first_steps} of 200 requests ran a step before their client left");
+}
+
+/// A worker's K/V budget: a request whose caches can never fit is refused
+/// with RESOURCE_EXHAUSTED and a message; requests that fit one at a time
+/// wait for room (none evicts another's cache) and each gets its solo ids;
+/// requests without a cache are not held back.
+#[test]
+fn kv_budget_admits_within_and_refuses_what_never_fits() {
+    use remask_proto::v1 as pb;
+    let logs = Logs::new("kv_budget");
+    let model = tiny();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let n = |k: &str| config[k].as_u64().unwrap() as usize;
+    // K and V of every layer, f32: a 48-position canvas takes 48 x this.
+    let per_position = 2 * n("n_layers") * n("n_kv_heads") * (n("d_model") / n("n_heads")) * 4;
+    let budget = (60 * per_position).to_string();
+    let args = argv(
+        "worker --listen 127.0.0.1:0 --id small-budget --kv-cache-budget",
+        &[&budget],
+    );
+    let w = Server::start(&logs, "w", "remask worker small-budget:", &args, &[]);
+    let coord = coordinator(&logs, model, 1, &["--workers", &w.addr]);
+    wait_serving(&logs, &coord.addr, READY_TIMEOUT);
+
+    // 3 + 64 = 67 positions > 60: never.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let url = format!("http://{}", coord.addr);
+    let too_big = pb::GenerateRequest {
+        prompt_ids: vec![1, 2, 3],
+        gen_length: Some(64),
+        block_length: Some(16),
+        factor: Some(3.0),
+        cache: pb::CacheMode::Dual as i32,
+        ..Default::default()
+    };
+    let status = rt.block_on(async {
+        let mut client = pb::generation_client::GenerationClient::connect(url.clone())
+            .await
+            .unwrap();
+        client.generate(too_big).await.unwrap_err()
+    });
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("K/V caches take") && status.message().contains("--cache none"),
+        "{}",
+        status.message()
+    );
+
+    // 3 + 48 = 51 positions fit, but not two at once: they take turns.
+    let fits = |i: u32| {
+        argv(
+            &format!(
+                "--prompt-ids 1,2,{} --gen-length 48 --steps 48 --block-length 16 --cache prefix --no-early-stop",
+                3 + i
+            ),
+            &[],
+        )
+    };
+    let plain = argv(
+        "--prompt-ids 5,6,7 --gen-length 16 --steps 16 --block-length 16",
+        &[],
+    );
+    let mut pending: Vec<Pending> = (0..3)
+        .map(|i| Pending::spawn(&remote_args(&coord.addr, &fits(i))))
+        .collect();
+    pending.push(Pending::spawn(&remote_args(&coord.addr, &plain)));
+    let mut done = Vec::new();
+    for p in &mut pending {
+        let out = p.wait_timeout(Duration::from_secs(120)).expect("finishes");
+        done.push(parse_json(&out).unwrap_or_else(|e| {
+            panic!(
+                "{e}
+{}",
+                logs.dump()
+            )
+        }));
+    }
+    for (i, got) in done[..3].iter().enumerate() {
+        assert_same(
+            &format!("cached request {i}"),
+            got,
+            &local(model, &fits(i as u32)),
+        );
+    }
+    assert_same(
+        "the request without a cache",
+        &done[3],
+        &local(model, &plain),
+    );
 }
 
 /// 3 workers for 2 stages: SIGTERM of an assigned worker hands its stage to
@@ -1527,7 +1781,11 @@ fn tensor_parallel_workers_match_in_process() {
     let workers = format!("{},{}", a.addr, b.addr);
     let coordinator = coordinator(&logs, small(), 2, &["--workers", &workers]);
     wait_serving(&logs, &coordinator.addr, READY_TIMEOUT);
-    let configs = fixed_configs().into_iter().take(4).chain(rule_configs());
+    let configs = fixed_configs()
+        .into_iter()
+        .take(4)
+        .chain(rule_configs())
+        .chain(cache_configs());
     for (name, request) in configs {
         let got = remote_json(&logs, &coordinator.addr, &request);
         assert_same(

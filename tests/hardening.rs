@@ -509,7 +509,29 @@ fn malformed_worker_calls_are_refused_and_keep_the_shard() {
         let forward = |lengths: Vec<u32>, queries: Vec<pb::HeadQuery>| pb::ForwardRequest {
             generation: 1,
             token_ids: vec![5; lengths.iter().map(|&l| l as usize).sum()],
-            lengths,
+            sequences: lengths
+                .iter()
+                .map(|&l| pb::Sequence {
+                    length: l,
+                    fed_start: 0,
+                    fed_end: l,
+                    ..Default::default()
+                })
+                .collect(),
+            queries,
+            ..Default::default()
+        };
+        // One sequence of 8 positions feeding `fed`, reading store 77.
+        let read = |fed: std::ops::Range<u32>, queries: Vec<pb::HeadQuery>| pb::ForwardRequest {
+            generation: 1,
+            token_ids: vec![5; fed.len()],
+            sequences: vec![pb::Sequence {
+                length: 8,
+                fed_start: fed.start,
+                fed_end: fed.end,
+                kv: pb::KvUse::Read as i32,
+                cache: 77,
+            }],
             queries,
             ..Default::default()
         };
@@ -586,11 +608,75 @@ fn malformed_worker_calls_are_refused_and_keep_the_shard() {
                 forward(vec![4], vec![query(vec![0; 100])]),
                 "100 query rows for a batch of 4 tokens",
             ),
+            (
+                "fed positions past the sequence",
+                read(4..12, vec![]),
+                "fed positions 4..12 are not inside its 8 positions",
+            ),
+            (
+                "a full forward that feeds part of its sequence",
+                pb::ForwardRequest {
+                    sequences: vec![pb::Sequence {
+                        length: 8,
+                        fed_start: 2,
+                        fed_end: 8,
+                        kv: pb::KvUse::Store as i32,
+                        cache: 1,
+                    }],
+                    ..read(2..8, vec![])
+                },
+                "a full forward feeds every position",
+            ),
+            (
+                "a query before the fed positions",
+                read(4..8, vec![pb::HeadQuery { first: 4, ..query(vec![2]) }]),
+                "position 2, before its first fed position 4",
+            ),
+            (
+                "an unknown kv use",
+                pb::ForwardRequest {
+                    sequences: vec![pb::Sequence {
+                        length: 4,
+                        fed_end: 4,
+                        kv: 9,
+                        ..Default::default()
+                    }],
+                    ..forward(vec![4], vec![])
+                },
+                "unknown kv use",
+            ),
         ] {
             let err = client.forward(request).await.unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
             assert!(err.message().contains(needle), "{what}: {}", err.message());
         }
+        // A store this worker does not hold: named, for the coordinator to
+        // rebuild; releasing it, or another generation's, changes nothing.
+        let err = client.forward(read(4..8, vec![])).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("K/V cache 77 not held"), "{}", err.message());
+        assert_eq!(err.metadata().get("remask-missing-caches").unwrap(), "77");
+        let released = client
+            .release_caches(pb::ReleaseCachesRequest {
+                generation: 1,
+                caches: vec![77, u64::MAX],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(released.released, 0);
+        let other = client
+            .release_caches(pb::ReleaseCachesRequest {
+                generation: 9,
+                caches: vec![1],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(other.code(), tonic::Code::FailedPrecondition);
+        client
+            .forward(forward(vec![4], vec![query(vec![0, 1])]))
+            .await
+            .expect("the shard still serves");
     });
 }
 

@@ -1,6 +1,6 @@
 """The LLaDA transformer in PyTorch, for training.
 
-The math is ../shared/LLADA.md line by line, and the module tree mirrors the
+The math is docs/LLADA.md line by line, and the module tree mirrors the
 Hugging Face checkpoint, so `state_dict()` keys are the safetensors names
 remask loads (`model.transformer.blocks.0.q_proj.weight`, ...):
 

@@ -25,9 +25,12 @@ REMASKING_NAMES = {None: None, 0: None, 1: "low_confidence", 2: "random"}
 def make_request(pb, **kw):
     """A GenerateRequest from keyword arguments; `remasking` may be a raw int."""
     remasking = kw.pop("remasking", None)
+    cache = kw.pop("cache", None)
     req = pb.GenerateRequest(**{k: v for k, v in kw.items() if v is not None})
     if remasking is not None:
         req.remasking = remasking  # open enum: an unknown raw value is kept
+    if cache is not None:
+        req.cache = cache
     return req
 
 
@@ -307,6 +310,7 @@ def _error_cases(cfg):
         "entropy_negative": with_(entropy=-1.0),
         "entropy_inf": with_(entropy=float("inf")),
         "two_rules": with_(threshold=0.9, factor=1.0),
+        "unknown_cache": with_(cache=9),
     }
 
 
@@ -323,7 +327,7 @@ ERROR_CASE_NAMES = [
     "mask_token_in_prompt", "over_max_sequence_length", "negative_temperature", "nan_temperature",
     "negative_cfg_scale", "inf_cfg_scale", "unknown_remasking", "more_steps_than_tokens",
     "threshold_zero", "threshold_above_one", "threshold_nan", "factor_zero", "entropy_negative",
-    "entropy_inf", "two_rules",
+    "entropy_inf", "two_rules", "unknown_cache",
 ]
 
 # The field each rule error must name.
@@ -435,6 +439,21 @@ def test_commit_rules_match_the_cli(name, stubs, gen_stub, cli):
     # fewer forwards than tokens: some steps committed several
     assert got.forwards < s["gen_length"], f"{name}: {got.forwards} forwards for {s['gen_length']} tokens"
     assert got.completion_tokens <= s["gen_length"]
+
+
+CACHE_MODES = {"prefix": 2, "dual": 3}
+
+
+@pytest.mark.parametrize("cache", list(CACHE_MODES))
+def test_cache_modes_match_the_cli(cache, stubs, gen_stub, cli):
+    """Both K/V cache modes through Generate and GenerateStream: the CLI's ids and forwards."""
+    s = dict(gen_length=32, block_length=8, factor=3.0)
+    want = cli.generate(prompt_ids=PROMPT_IDS, cache=cache, **s)
+    req = make_request(stubs.pb, prompt_ids=PROMPT_IDS, cache=CACHE_MODES[cache], **s)
+    assert_same_result(gen_stub.Generate(req, timeout=60), want, cache)
+    done = list(gen_stub.GenerateStream(req, timeout=60))[-1].done
+    assert list(done.generated_ids) == want["generated_ids"]
+    assert done.forwards == want["forwards"]
 
 
 def test_stream_shows_several_commits_per_step(stubs, gen_stub):

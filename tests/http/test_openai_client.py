@@ -336,9 +336,11 @@ def test_stream_invalid_request_is_an_error_before_streaming(client, model_id):
     (16, {"factor": -2}),
     (16, {"entropy": -0.1}),
     (16, {"threshold": 0.9, "entropy": 1.0}),     # two rules
+    (16, {"cache": "both"}),                      # unknown cache mode
+    (16, {"cache": 1}),
 ], ids=["block", "steps>max_tokens", "steps-blocks", "steps0", "max_tokens0", "remasking", "n2",
         "temperature", "too-long", "threshold0", "threshold1.5", "factor-2", "entropy-0.1",
-        "two-rules"])
+        "two-rules", "cache-unknown", "cache-not-a-string"])
 def test_completion_bad_request(max_tokens, extra, client, model_id):
     with pytest.raises(openai.BadRequestError) as ei:
         client.completions.create(model=model_id, prompt=TEXT, max_tokens=max_tokens, extra_body=extra)
@@ -518,6 +520,26 @@ def test_commit_rules_as_extra_fields_match_cli(rule, client, cli, model_id):
     assert remask["generated_ids"] == want["generated_ids"]
     assert remask["forwards"] == want["forwards"] < 32, "no step committed several tokens"
     assert got.choices[0].finish_reason == want["finish_reason"]
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_modes_as_extra_fields_match_cli(cache, client, cli, model_id):
+    """The K/V cache of the HTTP API is the CLI's: same ids, same forward count."""
+    want = cli.generate(prompt=TEXT, gen_length=64, block_length=16, factor=3.0, cache=cache)
+    got = client.completions.create(model=model_id, prompt=TEXT, max_tokens=64,
+                                    extra_body={"block_length": 16, "factor": 3.0,
+                                                "cache": cache})
+    remask = got.model_extra["remask"]
+    assert remask["generated_ids"] == want["generated_ids"]
+    assert remask["forwards"] == want["forwards"]
+    assert got.choices[0].text == want["text"]
+
+
+def test_cache_error_names_the_field(client, model_id):
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model=model_id, prompt=TEXT, max_tokens=16,
+                                  extra_body={"cache": "both"})
+    assert "cache" in ei.value.body["message"] and "dual" in ei.value.body["message"]
 
 
 def test_rule_errors_name_the_field(client, model_id):

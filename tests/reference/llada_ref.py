@@ -1,6 +1,6 @@
 """An independent numpy reference of LLaDA: checkpoint reader, forward pass and sampler.
 
-Written from /work/shared/LLADA.md (and the sampler contract in tests/reference/README.md),
+Written from docs/LLADA.md (and the sampler contract in tests/reference/README.md),
 not from the Rust code. Everything is plain numpy; all model math is float32, the sampler's
 Gumbel noise and softmax confidences are float64.
 """
@@ -163,7 +163,8 @@ def silu(x):
         return (x / (F32(1.0) + np.exp(-x))).astype(F32)
 
 
-def attention(ckpt, h, i, cos, sin):
+def attention(ckpt, h, i, cos, sin, cache=None):
+    """h: [B, n, d] (the fed rows), cos/sin: their RoPE rows. cache: see KVCache."""
     B, T, _ = h.shape
     H, KV, hd = ckpt.n_heads, ckpt.n_kv_heads, ckpt.head_dim
     p = f"blocks.{i}."
@@ -171,6 +172,16 @@ def attention(ckpt, h, i, cos, sin):
     k = (h @ ckpt.w(p + "k_proj.weight").T).reshape(B, T, KV, hd).transpose(0, 2, 1, 3)
     v = (h @ ckpt.w(p + "v_proj.weight").T).reshape(B, T, KV, hd).transpose(0, 2, 1, 3)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None and cache.fed is None:
+        cache.keys.append(k)            # a full forward: store every position's K/V (after RoPE)
+        cache.values.append(v)
+    elif cache is not None:
+        # a cached step: the fed rows' K/V are fresh (and not stored), every other position's
+        # come from the store of this layer; the queries (fed rows) attend to all positions
+        lo, hi = cache.fed
+        keys, values = cache.keys[i].copy(), cache.values[i].copy()
+        keys[:, :, lo:hi], values[:, :, lo:hi] = k, v
+        k, v = keys, values
     # kv head j serves query heads j*g .. (j+1)*g-1 (repeat_interleave, as HF Llama).
     g = H // KV
     k, v = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
@@ -180,19 +191,43 @@ def attention(ckpt, h, i, cos, sin):
     return out @ ckpt.w(p + "attn_out.weight").T
 
 
-def forward(ckpt, ids):
-    """ids: int array [B, T] -> float32 logits [B, T, embedding_size]."""
+class KVCache:
+    """Fast-dLLM's K/V store of a batch of sequences (cache modes "prefix" and "dual"): every
+    layer's keys and values after RoPE, [B, n_kv_heads, T, head_dim], at the absolute positions
+    0..T-1 of the sequence.
+
+    fed None: the next forward(ckpt, ids, cache) is the full forward, and it (re)fills the store.
+    fed (lo, hi): the next forwards feed only rows lo..hi-1 of ids (their embeddings, q/k/v with
+    RoPE at their absolute positions, attention over all T positions with the K/V of the others
+    taken from the store, attn_out/MLP/norm/head for those rows) and return their logits
+    [B, hi - lo, V]; the fresh K/V are not written into the store.
+    """
+
+    def __init__(self):
+        self.keys, self.values, self.fed = [], [], None
+
+
+def forward(ckpt, ids, cache=None):
+    """ids: int array [B, T] -> float32 logits [B, T, embedding_size]; with a KVCache, the full
+    forward that fills it (cache.fed None), or only the fed rows' logits (see KVCache)."""
     ids = np.asarray(ids, dtype=np.int64)
     if ids.ndim != 2:
         raise ValueError("ids must be [B, T]")
     T = ids.shape[1]
+    lo, hi = (0, T) if cache is None or cache.fed is None else cache.fed
+    if cache is not None and cache.fed is None:
+        cache.keys, cache.values = [], []
+    elif cache is not None and not (
+            0 <= lo < hi <= T and cache.keys[0].shape[:3] == (ids.shape[0], ckpt.n_kv_heads, T)):
+        raise ValueError("the fed rows or the sequences do not match the K/V store")
     eps = ckpt.rms_norm_eps
     cos, sin = rope_cos_sin(T, ckpt.head_dim, ckpt.rope_theta)
-    x = ckpt.w("wte.weight")[ids].astype(F32)
+    cos, sin = cos[lo:hi], sin[lo:hi]         # absolute positions of the fed rows
+    x = ckpt.w("wte.weight")[ids[:, lo:hi]].astype(F32)
     for i in range(ckpt.n_layers):
         p = f"blocks.{i}."
         h = rms_norm(x, ckpt.w(p + "attn_norm.weight"), eps)
-        x = (x + attention(ckpt, h, i, cos, sin)).astype(F32)
+        x = (x + attention(ckpt, h, i, cos, sin, cache)).astype(F32)
         h = rms_norm(x, ckpt.w(p + "ff_norm.weight"), eps)
         gate = silu(h @ ckpt.w(p + "ff_proj.weight").T)
         up = h @ ckpt.w(p + "up_proj.weight").T
@@ -271,15 +306,18 @@ def schedule(n, steps):
     return [base + (1 if i < rem else 0) for i in range(steps)]
 
 
-def guided_logits(ckpt, x, P, cfg_scale):
-    """[L, V] float32 logits of canvas x, with classifier-free guidance when cfg_scale > 0."""
+def guided_logits(ckpt, x, P, cfg_scale, cache=None):
+    """[L, V] float32 logits of canvas x, with classifier-free guidance when cfg_scale > 0 (the
+    unconditional sequence, prompt masked, is the second row of the batch: its own K/V store).
+    With a KVCache whose fed is (lo, hi), the [hi - lo, V] logits of those rows."""
+    fwd = forward if cache is None else (lambda m, ids: forward(m, ids, cache))
     if cfg_scale > 0:
         un_x = x.copy()
         un_x[:P] = ckpt.mask_token_id
-        both = forward(ckpt, np.stack([x, un_x]))
+        both = fwd(ckpt, np.stack([x, un_x]))
         cond, un = both[0], both[1]
         return (un + F32(cfg_scale + 1.0) * (cond - un)).astype(F32)
-    return forward(ckpt, x[None, :])[0]
+    return fwd(ckpt, x[None, :])[0]
 
 
 def _top2_margin(row):
@@ -402,6 +440,7 @@ def entropy(g64):
 
 
 RULES = ("fixed", "threshold", "factor", "entropy")
+CACHES = ("none", "prefix", "dual")
 
 
 def check_rule(rule, value):
@@ -435,7 +474,7 @@ def min_margin(diag):
 def generate(ckpt, prompt_ids, gen_length, steps, block_length, temperature=0.0, cfg_scale=0.0,
              remasking="low_confidence", seed=0, logits_eos_inf=False,
              confidence_eos_eot_inf=False, eot_id=None, rule="fixed", rule_value=None,
-             early_stop=False):
+             early_stop=False, cache="none"):
     """Return (x, diagnostics): x is the int64 canvas (prompt then generation).
 
     rule: "fixed" (LLaDA's schedule: `steps` over the blocks), or an adaptive rule that loops
@@ -456,7 +495,13 @@ def generate(ckpt, prompt_ids, gen_length, steps, block_length, temperature=0.0,
     "schedule" (fixed only), "stopped_at" (index in the generation of the stop token
     early stop ended on, else None), "stop_waits" (steps after which early stop found a
     committed stop token with a mask before it, so went on), "finish_reason" ("stop" when the
-    generation holds EOS or EoT, else "length").
+    generation holds EOS or EoT, else "length"), "cache", "full_forwards" (forwards over the
+    whole sequence: all of them without a cache, the first of each block with one).
+
+    cache: "none", or Fast-dLLM's K/V cache: the first forward of each block is the full one
+    and stores every layer's K/V (KVCache); every later step of the block feeds only
+    [block_start, len) ("prefix") or [block_start, block_end) ("dual") and takes every other
+    position's K/V from the store, which is never refreshed inside the block.
     """
     if gen_length <= 0 or block_length <= 0:
         raise ValueError("gen_length and block_length must be positive")
@@ -472,6 +517,8 @@ def generate(ckpt, prompt_ids, gen_length, steps, block_length, temperature=0.0,
         steps_per_block = steps // num_blocks
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"unknown remasking {remasking!r}")
+    if cache not in CACHES:
+        raise ValueError(f"unknown cache {cache!r}")
     mask, eos = ckpt.mask_token_id, ckpt.eos_token_id
     stops = {eos} if eot_id is None else {eos, int(eot_id)}
 
@@ -482,15 +529,17 @@ def generate(ckpt, prompt_ids, gen_length, steps, block_length, temperature=0.0,
     diag = {"argmax_margin": math.inf, "confidence_margin": math.inf,
             "threshold_margin": math.inf, "entropy_margin": math.inf,
             "schedule": [], "forwards": 0, "per_step": [], "neg_inf_confidences": 0,
-            "stopped_at": None, "stop_waits": 0, "steps": 0}
+            "stopped_at": None, "stop_waits": 0, "steps": 0, "cache": cache,
+            "full_forwards": 0}
 
     stopped = False
     for b in range(num_blocks):
         if stopped:
             break
-        block_end = P + (b + 1) * block_length
+        block_start, block_end = P + b * block_length, P + (b + 1) * block_length
+        store = None            # the block's K/V store, filled by its first forward
         if rule == "fixed":
-            n = int(np.sum(x[P + b * block_length:block_end] == mask))
+            n = int(np.sum(x[block_start:block_end] == mask))
             ks = schedule(n, steps_per_block)
             diag["schedule"].append(ks)
         i = 0
@@ -504,12 +553,24 @@ def generate(ckpt, prompt_ids, gen_length, steps, block_length, temperature=0.0,
                 if k == 0:
                     continue
             else:
-                if not np.any(x[P + b * block_length:block_end] == mask):
+                if not np.any(x[block_start:block_end] == mask):
                     break
                 step, k = diag["forwards"], None   # one forward per step: the global count
                 diag["steps"] += 1
             eligible = positions[(x == mask) & (positions < block_end)]
-            guided = guided_logits(ckpt, x, P, cfg_scale)
+            lo = 0                  # guided[r] is the logits row of position lo + r
+            if cache == "none":
+                guided = guided_logits(ckpt, x, P, cfg_scale)
+                diag["full_forwards"] += 1
+            elif store is None:     # the block's first forward: full, and fills the store
+                store = KVCache()
+                guided = guided_logits(ckpt, x, P, cfg_scale, store)
+                diag["full_forwards"] += 1
+                store.fed = (block_start, x.size if cache == "prefix" else block_end)
+            else:                   # a later step: only the fed rows, the rest from the store
+                lo = store.fed[0]
+                guided = guided_logits(ckpt, x, P, cfg_scale, store)
+                assert eligible.min() >= lo, "a masked position outside the fed rows"
             diag["forwards"] += 1
             # the mask token is never proposed (committing it would leave the
             # position masked); remask's spec, stricter than LLaDA's generate()
@@ -520,7 +581,7 @@ def generate(ckpt, prompt_ids, gen_length, steps, block_length, temperature=0.0,
             x0, conf, ent, margins = {}, {}, {}, {}
             for pos in eligible:
                 pos = int(pos)
-                g = guided[pos]
+                g = guided[pos - lo]
                 if temperature == 0:
                     score = g
                 else:

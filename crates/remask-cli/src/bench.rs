@@ -1,11 +1,13 @@
 //! `remask bench`: median time of one full forward pass (all logits, as a
-//! PyTorch reference computes them) and of one denoising step (forward with
-//! the head on the block's positions only, plus prediction).
+//! PyTorch reference computes them), of one denoising step (forward with
+//! the head on the block's positions only, plus prediction), and of one
+//! cached step of each K/V cache mode (after the block's first, storing,
+//! forward), side by side in one run.
 
 use crate::{CliError, CliResult, Globals, default_model};
-use remask_engine::{Engine, Packing};
+use remask_engine::{Engine, KvError, Packing, StepBatch, cache_ids};
 use remask_model::{Checkpoint, TextCodec};
-use remask_sampler::{Canvas, SamplerConfig};
+use remask_sampler::{BatchStep, CacheMode, Canvas, Prediction, SamplerConfig};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -30,6 +32,11 @@ pub struct BenchArgs {
     /// of a shorter --seq-len).
     #[arg(long, env = "REMASK_BLOCK_LENGTH")]
     pub block_length: Option<usize>,
+    /// Generated span at the end of each sequence (default: one block); the
+    /// steps are timed in its first block, so that a prefix-cache step feeds
+    /// the whole span and a dual-cache step the block only.
+    #[arg(long, env = "REMASK_GEN_LENGTH")]
+    pub gen_length: Option<usize>,
     /// Print one JSON object.
     #[arg(long, env = "REMASK_JSON")]
     pub json: bool,
@@ -79,6 +86,12 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
             "--block-length must be between 1 and --seq-len - 1".into(),
         ));
     }
+    let gen_length = args.gen_length.unwrap_or(block_length);
+    if gen_length >= args.seq_len || !gen_length.is_multiple_of(block_length) {
+        return Err(CliError::Usage(
+            "--gen-length must be a multiple of --block-length below --seq-len".into(),
+        ));
+    }
     let dir = default_model::resolve(args.model.clone(), globals)?;
     let ckpt = Checkpoint::open(&dir)?;
     let c = &ckpt.config;
@@ -104,15 +117,19 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
                 &|ids, packing| {
                     // Every position's logits, left on the devices.
                     gpus.on_ranks(|b, m| {
-                        let x = m.layers(b, m.embed(b, ids), packing);
+                        let lengths = packing.sequences().map(|s| s.len());
+                        let mut feed = remask_engine::kv::Feed::plain(lengths);
+                        let x = m.layers(b, m.embed(b, ids), &mut feed);
                         std::hint::black_box(m.head_logits(b, &x, None));
                         b.synchronize();
                     });
                 },
                 &|batch| {
-                    std::hint::black_box(gpus.run(batch));
+                    let p = gpus.run(batch);
                     gpus.on_ranks(|b, _| b.synchronize());
+                    p
                 },
+                &|ids| gpus.release(ids),
             );
         }
     }
@@ -126,11 +143,12 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
         &|ids, packing| {
             std::hint::black_box(engine.logits(ids, packing, None));
         },
-        &|batch| {
-            std::hint::black_box(engine.run(batch));
-        },
+        &|batch| engine.run(batch),
+        &|ids| engine.release(ids),
     )
 }
+
+type StepResult = Result<Vec<Vec<Prediction>>, KvError>;
 
 /// Times `forward` (a full forward pass of token ids) and `step` (one
 /// denoising step); each returns once its work is done, on every device.
@@ -140,10 +158,13 @@ fn measure(
     ckpt: &Checkpoint,
     special: remask_model::SpecialTokens,
     forward: &dyn Fn(&[u32], &Packing),
-    step: &dyn Fn(&remask_engine::StepBatch),
+    step: &dyn Fn(&StepBatch) -> StepResult,
+    release: &dyn Fn(&[u64]) -> usize,
 ) -> CliResult {
     let c = &ckpt.config;
     let block_length = args.block_length.unwrap_or((args.seq_len / 2).clamp(1, 32));
+    let gen_length = args.gen_length.unwrap_or(block_length);
+    let failed = |e: KvError| CliError::Internal(e.into());
 
     // Deterministic ids, never the mask.
     let ids: Vec<u32> = (0..args.batch * args.seq_len)
@@ -153,28 +174,71 @@ fn measure(
     let packing = Packing::new(vec![args.seq_len; args.batch]);
     let mut forward = time(args.iters, args.warmup, || forward(&ids, &packing));
 
-    // One denoising step: B canvases, the prompt then one masked block.
-    let config = SamplerConfig {
-        gen_length: block_length,
-        steps: block_length,
-        block_length,
-        ..SamplerConfig::default()
-    };
+    // One denoising step: B canvases, the prompt then the masked span.
     let space = remask_engine::token_space(c, &special);
-    let prompt_len = args.seq_len - block_length;
-    let canvases = ids
-        .chunks(args.seq_len)
-        .map(|s| Canvas::new(&s[..prompt_len], config, space))
-        .collect::<Result<Vec<_>, _>>()?;
-    let plans: Vec<_> = canvases.iter().map(|c| c.plan()).collect();
-    let requests: Vec<_> = canvases.iter().zip(&plans).collect();
-    let batch = remask_engine::StepBatch::new(&requests);
-    let mut step = time(args.iters, args.warmup, || step(&batch));
+    let prompt_len = args.seq_len - gen_length;
+    let canvases = |cache| {
+        let config = SamplerConfig {
+            gen_length,
+            steps: gen_length,
+            block_length,
+            cache,
+            ..SamplerConfig::default()
+        };
+        ids.chunks(args.seq_len)
+            .map(|s| Canvas::new(&s[..prompt_len], config, space))
+            .collect::<Result<Vec<Canvas>, _>>()
+    };
+    let batch_of = |canvases: &[Canvas]| {
+        let plans: Vec<_> = canvases.iter().map(|c| c.plan()).collect();
+        let requests: Vec<_> = (0..canvases.len())
+            .map(|i| (i as u64, &canvases[i], &plans[i]))
+            .collect();
+        StepBatch::new(&requests)
+    };
+    let full = batch_of(&canvases(CacheMode::None)?);
+    let mut step_ms = time(args.iters, args.warmup, || {
+        std::hint::black_box(step(&full).expect("no store is read"));
+    });
+    // A cached step: the block's first forward stores, its commits are
+    // applied, and the next (reading) step is timed.
+    let mut cached = Vec::new();
+    for mode in [CacheMode::Prefix, CacheMode::Dual] {
+        let mut canvases = canvases(mode)?;
+        let first = BatchStep::new(&canvases);
+        let predictions = step(&batch_of(&canvases)).map_err(failed)?;
+        first.commit(&mut canvases, predictions);
+        let batch = batch_of(&canvases);
+        let fed = batch.ids.len() / args.batch;
+        let mut err = None;
+        let mut ms = time(args.iters, args.warmup, || {
+            if let Err(e) = step(&batch) {
+                err.get_or_insert(e);
+            }
+        });
+        if let Some(e) = err {
+            return Err(failed(e));
+        }
+        let ids: Vec<u64> = (0..args.batch as u64).flat_map(cache_ids).collect();
+        release(&ids);
+        cached.push((mode, fed, median(&mut ms)));
+    }
 
     let threads = rayon::current_num_threads();
     let gpus = args.device.gpus(1)?;
     let all = forward.clone();
-    let (fwd, stp) = (median(&mut forward), median(&mut step));
+    let (fwd, stp) = (median(&mut forward), median(&mut step_ms));
+    let cached_json: serde_json::Map<String, serde_json::Value> = cached
+        .iter()
+        .map(|(mode, fed, ms)| {
+            let v = serde_json::json!({
+                "ms_per_step_median": ms,
+                "fed_positions": fed,
+                "ratio_to_full_step": ms / stp,
+            });
+            (mode.as_str().to_string(), v)
+        })
+        .collect();
     if args.json {
         let out = serde_json::json!({
             "impl": "remask",
@@ -182,10 +246,12 @@ fn measure(
             "devices": gpus,
             "ms_per_forward_median": fwd,
             "ms_per_step_median": stp,
+            "cached_step": cached_json,
             "ms_all": all,
             "batch": args.batch,
             "seq_len": args.seq_len,
             "block_length": block_length,
+            "gen_length": gen_length,
             "threads": threads,
             "model": dir,
         });
@@ -196,9 +262,19 @@ fn measure(
         } else {
             format!("GPUs {}", crate::device::list(&gpus))
         };
+        let cached: Vec<String> = cached
+            .iter()
+            .map(|(mode, fed, ms)| {
+                format!("{mode} {ms:.2} ms ({:.2}x, {fed} positions fed)", ms / stp)
+            })
+            .collect();
         println!(
-            "remask {}: batch {} seq_len {} {on}: forward {fwd:.2} ms (median of {}), denoising step {stp:.2} ms",
-            args.device.backend, args.batch, args.seq_len, args.iters
+            "remask {}: batch {} seq_len {} {on}: forward {fwd:.2} ms (median of {}), denoising step {stp:.2} ms; cached step: {}",
+            args.device.backend,
+            args.batch,
+            args.seq_len,
+            args.iters,
+            cached.join(", ")
         );
     }
     Ok(())

@@ -35,6 +35,75 @@ pub struct BatchArgs {
     /// never past a request's deadline. 0: fail them at once.
     #[arg(long, env = "REMASK_FAILOVER_TIMEOUT", default_value_t = 30.0)]
     pub failover_timeout: f64,
+    /// K/V cache mode of requests that name none: none (every step a full
+    /// forward, as the reference), prefix or dual (Fast-dLLM's caches).
+    #[arg(long, env = "REMASK_CACHE", default_value = "none")]
+    pub cache: remask_sampler::CacheMode,
+}
+
+/// Where the K/V caches of the layers a process holds are bounded.
+#[derive(clap::Args, Clone)]
+pub struct KvArgs {
+    /// Bytes the K/V caches of this process may take, e.g. 512MiB, 8GiB or
+    /// 1000000 (0: unbounded). The coordinator admits requests within it: a
+    /// request waits for room rather than evicting another's cache. Default:
+    /// a quarter of the machine's memory.
+    #[arg(long, env = "REMASK_KV_CACHE_BUDGET", value_parser = parse_bytes)]
+    pub kv_cache_budget: Option<u64>,
+}
+
+impl KvArgs {
+    pub fn budget(&self) -> Option<usize> {
+        match self.kv_cache_budget {
+            Some(0) => None,
+            Some(b) => Some(b as usize),
+            None => Some(default_kv_budget()),
+        }
+    }
+}
+
+/// A quarter of MemTotal, or 4 GiB where /proc/meminfo cannot be read.
+fn default_kv_budget() -> usize {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    });
+    total_kib.map_or(4 << 30, |kib| (kib * 1024 / 4) as usize)
+}
+
+/// `123`, `512K`, `64MiB`, `8G`, `1.5GiB` (K/M/G/T are powers of 1000,
+/// KiB/MiB/GiB/TiB of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024f64.powi(2),
+        "gi" | "gib" => 1024f64.powi(3),
+        "ti" | "tib" => 1024f64.powi(4),
+        u => {
+            return Err(format!(
+                "unknown unit '{u}' in '{s}': use K, M, G, KiB, MiB or GiB"
+            ));
+        }
+    };
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size: a number of bytes, optionally with a unit"))?;
+    let bytes = n * scale;
+    if !(bytes.is_finite() && bytes < 2f64.powi(63)) {
+        return Err(format!("'{s}' is too large"));
+    }
+    Ok(bytes as u64)
 }
 
 /// What clients see: the HTTP API and API keys.
@@ -157,6 +226,8 @@ pub struct ServeArgs {
     pub conn: ConnArgs,
     #[command(flatten)]
     pub batch: BatchArgs,
+    #[command(flatten)]
+    pub kv: KvArgs,
 }
 
 #[derive(clap::Args)]
@@ -228,6 +299,8 @@ pub struct WorkerArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub conn: ConnArgs,
+    #[command(flatten)]
+    pub kv: KvArgs,
 }
 
 fn runtime() -> CliResult<tokio::runtime::Runtime> {
@@ -309,11 +382,11 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     let ckpt = Checkpoint::open(&dir)?;
     let shard = Shard::full(&ckpt.config);
     let runner = if gpus.is_empty() {
-        ShardRunner::load_tp(&ckpt, shard.clone(), args.tensor_parallel)?
+        ShardRunner::load_tp(&ckpt, shard.clone(), args.tensor_parallel, args.kv.budget())?
     } else {
         #[cfg(feature = "cuda")]
         {
-            ShardRunner::load_cuda(&ckpt, shard.clone(), &gpus).map_err(|e| {
+            ShardRunner::load_cuda(&ckpt, shard.clone(), &gpus, args.kv.budget()).map_err(|e| {
                 CliError::Usage(format!(
                     "--backend cuda (GPUs {}): {e}",
                     crate::device::list(&gpus)
@@ -418,6 +491,7 @@ fn start_coordinator(
         metrics,
         api_keys,
         default_rule: batch.rule,
+        default_cache: batch.cache,
     }))
 }
 
@@ -547,7 +621,13 @@ pub fn worker(args: WorkerArgs) -> CliResult {
             })
         });
         eprintln!("remask worker {id}: listening on {bound}");
-        let service = WorkerService::new(id, args.model.clone(), args.tensor_parallel, devices);
+        let service = WorkerService::new(
+            id,
+            args.model.clone(),
+            args.tensor_parallel,
+            devices,
+            args.kv.budget(),
+        );
         let result = server::serve_worker(listener, tls, limits, service, shutdown_signal()).await;
         if let Some(task) = registration {
             if task.is_finished() {

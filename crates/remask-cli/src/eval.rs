@@ -24,10 +24,10 @@
 use crate::default_model::{self, is_random};
 use crate::generate::RuleArgs;
 use crate::{CliError, CliResult, Globals};
-use remask_engine::{Backend, Engine, Packing, Shard, StepBatch};
+use remask_engine::{Backend, Engine, Packing, Shard, StepBatch, StepRequest, cache_ids};
 use remask_model::{Checkpoint, Message, TextCodec};
 use remask_sampler::{
-    BatchStep, Canvas, CommitRule, InvalidRequest, Remasking, SamplerConfig, StepPlan, TokenSpace,
+    BatchStep, CacheMode, Canvas, CommitRule, InvalidRequest, Remasking, SamplerConfig, TokenSpace,
 };
 use serde_json::{Value, json};
 use std::fmt::Write as _;
@@ -54,6 +54,16 @@ const SWEEP_RULES: [CommitRule; 9] = [
     CommitRule::Entropy(0.1),
     CommitRule::Entropy(0.5),
     CommitRule::Entropy(2.0),
+];
+/// The sweep's rows with a K/V cache (blocks of `SWEEP_BLOCK`, one token per
+/// step under the fixed rule).
+const SWEEP_CACHED: [(CommitRule, CacheMode); 6] = [
+    (CommitRule::Fixed, CacheMode::Prefix),
+    (CommitRule::Fixed, CacheMode::Dual),
+    (CommitRule::Threshold(0.5), CacheMode::Dual),
+    (CommitRule::Factor(1.0), CacheMode::Dual),
+    (CommitRule::Factor(2.0), CacheMode::Prefix),
+    (CommitRule::Factor(2.0), CacheMode::Dual),
 ];
 /// Words of the sentences of the infill task.
 const INFILL_WORDS: std::ops::RangeInclusive<usize> = 10..=30;
@@ -275,6 +285,7 @@ fn answer_config(
         seed: args.seed,
         logits_eos_inf: false,
         confidence_eos_eot_inf: false,
+        cache: args.rule.cache.unwrap_or_default(),
     }
 }
 
@@ -326,32 +337,42 @@ impl<B: Backend> Runner<'_, B> {
     /// (`BatchStep`, as the scheduler steps); batching does not change the
     /// result (each sequence attends only to itself). Finished canvases
     /// leave their chunk's batch at once.
-    fn complete(&self, canvases: &mut [Canvas], what: &str) {
+    /// A canvas's K/V stores are named by its place in the chunk.
+    fn complete(&self, canvases: &mut [Canvas], what: &str) -> CliResult {
         let total = canvases.len();
         let mut done = 0;
         for chunk in canvases.chunks_mut(self.batch) {
             loop {
-                let mut running: Vec<&mut Canvas> =
-                    chunk.iter_mut().filter(|c| !c.is_done()).collect();
+                let mut running: Vec<(u64, &mut Canvas)> = chunk
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(_, c)| !c.is_done())
+                    .map(|(i, c)| (i as u64, c))
+                    .collect();
                 if running.is_empty() {
                     break;
                 }
-                let step = BatchStep::new(running.iter().map(|c| &**c));
+                let step = BatchStep::new(running.iter().map(|(_, c)| &**c));
                 let active = step.active();
                 let predictions = if active.is_empty() {
                     Vec::new()
                 } else {
-                    let requests: Vec<(&Canvas, &StepPlan)> = active
+                    let requests: Vec<StepRequest> = active
                         .iter()
-                        .map(|&i| (&*running[i], &step.plans()[i]))
+                        .map(|&i| (running[i].0, &*running[i].1, &step.plans()[i]))
                         .collect();
-                    self.engine.run(&StepBatch::new(&requests))
+                    self.engine
+                        .run(&StepBatch::new(&requests))
+                        .map_err(|e| CliError::Internal(e.into()))?
                 };
-                step.commit(running.iter_mut().map(|c| &mut **c), predictions);
+                step.commit(running.iter_mut().map(|(_, c)| &mut **c), predictions);
             }
+            let ids: Vec<u64> = (0..chunk.len() as u64).flat_map(cache_ids).collect();
+            self.engine.release(&ids);
             done += chunk.len();
             eprintln!("eval: {what}: {done}/{total}");
         }
+        Ok(())
     }
 }
 
@@ -734,7 +755,7 @@ fn answer<B: Backend>(
             Err(e) => return Err(e.into()),
         }
     }
-    runner.complete(&mut canvases, what);
+    runner.complete(&mut canvases, what)?;
     let forwards = canvases.iter().map(Canvas::forwards).sum();
     let committed = canvases.iter().map(Canvas::committed).sum();
     let ids = canvases.iter().map(|c| c.answer().to_vec()).collect();
@@ -871,28 +892,39 @@ fn sweep<B: Backend>(
     if block < args.answer_length {
         blocks.push(block);
     }
-    // Every setting: (rule, k per step, block length); the baseline first.
-    let mut settings = vec![(CommitRule::Fixed, 1, block)];
+    // Every setting: (rule, k per step, block length, cache); the baseline
+    // first.
+    let mode = args.rule.cache.unwrap_or_default();
+    let mut settings = vec![(CommitRule::Fixed, 1, block, mode)];
     for &k in &SWEEP_K {
         for &b in &blocks {
             if (k, b) != (1, block) {
-                settings.push((CommitRule::Fixed, k, b));
+                settings.push((CommitRule::Fixed, k, b, mode));
             }
         }
     }
-    settings.extend(SWEEP_RULES.iter().map(|&r| (r, 1, block)));
+    settings.extend(SWEEP_RULES.iter().map(|&r| (r, 1, block, mode)));
+    settings.extend(
+        SWEEP_CACHED
+            .iter()
+            .filter(|(_, c)| *c != mode)
+            .map(|&(r, c)| (r, 1, block, c)),
+    );
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| rule | steps | block length | exact match | token F1 | agreement with k=1 | forwards / answer | tokens / forward | ms / answer |"
+        "| rule | steps | block length | cache | exact match | token F1 | agreement with k=1 | forwards / answer | tokens / forward | ms / answer |"
     );
-    let _ = writeln!(table, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(table, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     let (mut answered, mut skipped) = (0, 0);
     let mut baseline: Option<Answers> = None;
     let fmt = |v: &Value| v.as_f64().map_or("–".into(), |x| format!("{x:.1}"));
-    for (rule, k, block) in settings {
-        let config = answer_config(args, block, k, rule);
+    for (rule, k, block, cache_mode) in settings {
+        let config = SamplerConfig {
+            cache: cache_mode,
+            ..answer_config(args, block, k, rule)
+        };
         let name = match rule {
             CommitRule::Fixed => format!("fixed, k={k}"),
             r => r.to_string(),
@@ -902,10 +934,10 @@ fn sweep<B: Backend>(
         if !fits {
             let _ = writeln!(
                 table,
-                "| {name} | – | {block} | not possible: {} is not a whole number of steps per block | | | | | |",
+                "| {name} | – | {block} | {cache_mode} | not possible: {} is not a whole number of steps per block | | | | | |",
                 args.answer_length
             );
-            rows.push(json!({"rule": name, "block_length": block, "skipped": true}));
+            rows.push(json!({"rule": name, "block_length": block, "cache": cache_mode.as_str(), "skipped": true}));
             continue;
         }
         let cached = cache
@@ -925,10 +957,11 @@ fn sweep<B: Backend>(
         let agreement = baseline.as_ref().map_or(1.0, |b| answers.agreement(b));
         value["agreement_with_k1"] = json!(agreement);
         value["setting"] = json!(name);
+        value["cache"] = json!(cache_mode.as_str());
         (answered, skipped) = (answers.texts.len(), answers.skipped);
         let _ = writeln!(
             table,
-            "| {name} | {} | {block} | {} | {} | {agreement:.3} | {} | {} | {} |",
+            "| {name} | {} | {block} | {cache_mode} | {} | {} | {agreement:.3} | {} | {} | {} |",
             if rule.is_adaptive() {
                 "–".to_string()
             } else {
@@ -954,7 +987,9 @@ fn sweep<B: Backend>(
          The fixed rule commits k tokens per step; the adaptive rules (threshold, factor, entropy) \
          commit as many as the model is sure of, until the block is complete. Agreement: the share \
          of answer positions holding the same token as the fixed k=1 answer in blocks of {block}. \
-         Tokens per forward: tokens the model committed over its forward passes. Forward passes and \
+         Tokens per forward: tokens the model committed over its forward passes. Cache: the K/V \
+         cache of the steps after a block's first (prefix: the block and what follows it are fed; \
+         dual: the block only), an approximation of the reference. Forward passes and \
          wall time per answer; the time is amortised over up to {} answers per forward pass.\n",
         args.answer_length,
         if args.rule.no_early_stop {
@@ -1068,6 +1103,7 @@ fn gap_config(args: &EvalArgs, gap: usize) -> CliResult<SamplerConfig> {
         seed: args.seed,
         logits_eos_inf: false,
         confidence_eos_eot_inf: false,
+        cache: args.rule.cache.unwrap_or_default(),
     })
 }
 
@@ -1145,10 +1181,10 @@ fn infill<B: Backend>(setup: &Setup, runner: &Runner<B>, md: &mut String) -> Cli
         })
         .collect::<CliResult<Vec<_>>>()?;
     let t = Instant::now();
-    runner.complete(&mut backward, "infill (first half given the second)");
+    runner.complete(&mut backward, "infill (first half given the second)")?;
     let backward_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    runner.complete(&mut forward, "continuation (second half given the first)");
+    runner.complete(&mut forward, "continuation (second half given the first)")?;
     let forward_s = t.elapsed().as_secs_f64();
 
     let gen_b: Vec<&[u32]> = backward.iter().map(Canvas::generated).collect();

@@ -5,12 +5,14 @@ use crate::display::{LiveCanvas, render};
 use crate::{CliError, CliResult, Globals};
 use remask_engine::Engine;
 use remask_model::{Checkpoint, Message, TextCodec};
-use remask_sampler::{Canvas, CommitRule, Prediction, Remasking, SamplerConfig, StepPlan, denoise};
+use remask_sampler::{
+    CacheMode, Canvas, CommitRule, Prediction, Remasking, SamplerConfig, StepPlan, denoise,
+};
 use std::path::PathBuf;
 use std::time::Instant;
 
 /// One denoising step's predictions for one canvas.
-type StepFn = dyn Fn(&Canvas, &StepPlan) -> Vec<Prediction>;
+type StepFn = dyn Fn(&Canvas, &StepPlan) -> Result<Vec<Prediction>, remask_engine::KvError>;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -148,6 +150,13 @@ pub struct RuleArgs {
     /// instead of finishing once the answer is final.
     #[arg(long, env = "REMASK_NO_EARLY_STOP")]
     pub no_early_stop: bool,
+    /// Reuse keys and values across the steps of a block (Fast-dLLM's
+    /// caches, an approximation of the reference): `none` (every step a
+    /// full forward), `prefix` (later steps feed the block and what follows
+    /// it) or `dual` (later steps feed only the block). Default: none
+    /// (with --endpoint: the server's default).
+    #[arg(long, env = "REMASK_CACHE")]
+    pub cache: Option<CacheMode>,
 }
 
 impl RuleArgs {
@@ -208,6 +217,7 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         seed: args.seed,
         logits_eos_inf: args.logits_eos_inf,
         confidence_eos_eot_inf: args.confidence_eos_eot_inf,
+        cache: args.rule.cache.unwrap_or_default(),
     };
     let space = remask_engine::token_space(&ckpt.config, &special);
     // Check the request before the (possibly slow) weight load.
@@ -227,29 +237,29 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         {
             // The head is reduced on the GPUs: only partials come back.
             let gpus = args.device.cuda_engine(&ckpt, args.tensor_parallel)?;
-            Box::new(move |c, p| gpus.predict(&[(c, p)]).pop().unwrap())
+            Box::new(move |c, p| Ok(gpus.predict(&[(0, c, p)])?.remove(0)))
         }
         #[cfg(not(feature = "cuda"))]
         unreachable!("is_cuda() is false without the feature")
     } else {
         let cpu = Engine::load(&ckpt, args.tensor_parallel)?;
-        Box::new(move |c, p| cpu.predict(&[(c, p)]).pop().unwrap())
+        Box::new(move |c, p| Ok(cpu.predict(&[(0, c, p)])?.remove(0)))
     };
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
 
     let mut live = if args.json { None } else { LiveCanvas::new() };
     let decode = |ids: &[u32]| codec.decode(ids, true).unwrap_or_default();
     let t_gen = Instant::now();
-    let done: Result<(), std::convert::Infallible> = denoise(
+    denoise(
         &mut canvas,
-        |c, p| Ok(engine(c, p)),
+        |c, p| engine(c, p),
         |c, _| {
             if let Some(live) = live.as_mut() {
                 live.draw(&render(c.generated(), special.mask, decode));
             }
         },
-    );
-    done.unwrap_or_else(|never| match never {});
+    )
+    .map_err(|e| CliError::Internal(e.into()))?;
     let elapsed_ms = t_gen.elapsed().as_secs_f64() * 1e3;
     if let Some(live) = live {
         live.finish();
@@ -270,6 +280,7 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
             "completion_tokens": canvas.answer().len(),
             "finish_reason": canvas.finish_reason().as_str(),
             "rule": config.rule.to_string(),
+            "cache": config.cache.as_str(),
             "gen_length": config.gen_length,
             "block_length": config.block_length,
             "elapsed_ms": elapsed_ms,

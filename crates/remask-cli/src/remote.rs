@@ -5,7 +5,7 @@ use crate::generate::GenerateArgs;
 use crate::{CliError, CliResult};
 use remask_proto::v1 as pb;
 use remask_proto::v1::generation_client::GenerationClient;
-use remask_sampler::Remasking;
+use remask_sampler::{CacheMode, Remasking};
 use std::time::Instant;
 use tonic::Code;
 
@@ -61,6 +61,12 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
         factor: args.rule.factor,
         entropy: args.rule.entropy,
         full_canvas: args.rule.no_early_stop,
+        cache: match args.rule.cache {
+            None => pb::CacheMode::Unspecified,
+            Some(CacheMode::None) => pb::CacheMode::None,
+            Some(CacheMode::Prefix) => pb::CacheMode::Prefix,
+            Some(CacheMode::Dual) => pb::CacheMode::Dual,
+        } as i32,
     };
     let url = if endpoint.contains("://") {
         endpoint.to_string()

@@ -1,8 +1,8 @@
 //! Between the wire types of `proto/` and the engine's types.
 
-use remask_engine::{Query, Shard};
+use remask_engine::{Query, Seq, Shard};
 use remask_proto::worker as pb;
-use remask_sampler::{PredictOptions, Prediction, Remasking};
+use remask_sampler::{KvUse, PredictOptions, Prediction, Remasking};
 
 pub fn shard_to_pb(s: &Shard) -> pb::ShardSpec {
     pb::ShardSpec {
@@ -28,6 +28,7 @@ pub fn query_to_pb(q: &Query) -> pb::HeadQuery {
         uncond_base: q.uncond_base.map(|b| b as u32),
         positions: q.positions.iter().map(|&p| p as u32).collect(),
         step: q.step,
+        first: q.first as u32,
         options: Some(pb::PredictOptions {
             temperature: o.temperature,
             cfg_scale: o.cfg_scale,
@@ -47,6 +48,7 @@ pub fn query_from_pb(q: &pb::HeadQuery) -> Query {
     Query {
         cond_base: q.cond_base as usize,
         uncond_base: q.uncond_base.map(|b| b as usize),
+        first: q.first as usize,
         positions: q.positions.iter().map(|&p| p as usize).collect(),
         step: q.step,
         options: PredictOptions {
@@ -66,6 +68,38 @@ pub fn query_from_pb(q: &pb::HeadQuery) -> Query {
         },
     }
 }
+
+pub fn seq_to_pb(s: &Seq) -> pb::Sequence {
+    pb::Sequence {
+        length: s.len as u32,
+        fed_start: s.fed.start as u32,
+        fed_end: s.fed.end as u32,
+        kv: match s.kv {
+            KvUse::None => pb::KvUse::None,
+            KvUse::Store => pb::KvUse::Store,
+            KvUse::Read => pb::KvUse::Read,
+        } as i32,
+        cache: s.cache,
+    }
+}
+
+/// `None` for an unknown `kv`.
+pub fn seq_from_pb(s: &pb::Sequence) -> Option<Seq> {
+    let kv = match pb::KvUse::try_from(s.kv).ok()? {
+        pb::KvUse::None => KvUse::None,
+        pb::KvUse::Store => KvUse::Store,
+        pb::KvUse::Read => KvUse::Read,
+    };
+    Some(Seq {
+        fed: s.fed_start as usize..s.fed_end as usize,
+        len: s.length as usize,
+        kv,
+        cache: s.cache,
+    })
+}
+
+/// The trailer naming the stores a worker does not hold.
+pub const MISSING_CACHES: &str = "remask-missing-caches";
 
 pub fn predictions_to_pb(p: &[Prediction]) -> pb::Predictions {
     pb::Predictions {

@@ -9,7 +9,7 @@ use crate::scheduler::{Event, Finished, InferError, Job, Scheduler, StepEvent};
 use remask_model::{LladaConfig, Message, SpecialTokens, TextCodec};
 use remask_proto::v1 as pb;
 use remask_proto::v1::generation_server::Generation;
-use remask_sampler::{Canvas, CommitRule, FinishReason, Remasking, SamplerConfig};
+use remask_sampler::{CacheMode, Canvas, CommitRule, FinishReason, Remasking, SamplerConfig};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +35,8 @@ pub struct Coordinator {
     pub api_keys: ApiKeys,
     /// The commit rule of requests that name none (`--rule`).
     pub default_rule: CommitRule,
+    /// The K/V cache mode of requests that name none (`--cache`).
+    pub default_cache: CacheMode,
 }
 
 /// The channel a request's events arrive on.
@@ -47,7 +49,9 @@ impl From<InferError> for Status {
             InferError::Cancelled => Status::cancelled(message),
             InferError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
             InferError::Unavailable(_) => Status::unavailable(message),
-            InferError::QueueFull(_) => Status::resource_exhausted(message),
+            InferError::QueueFull(_) | InferError::TooLarge(_) => {
+                Status::resource_exhausted(message)
+            }
             InferError::Internal(_) => Status::internal(message),
         }
     }
@@ -157,6 +161,18 @@ impl Coordinator {
             CommitRule::Fixed => self.default_rule,
             rule => rule,
         };
+        let cache = match pb::CacheMode::try_from(req.cache) {
+            Ok(pb::CacheMode::Unspecified) => self.default_cache,
+            Ok(pb::CacheMode::None) => CacheMode::None,
+            Ok(pb::CacheMode::Prefix) => CacheMode::Prefix,
+            Ok(pb::CacheMode::Dual) => CacheMode::Dual,
+            Err(_) => {
+                return Err(invalid(format!(
+                    "unknown cache mode {}: expected NONE, PREFIX or DUAL",
+                    req.cache
+                )));
+            }
+        };
         let defaults = SamplerConfig::default();
         // The adaptive rules need no step count: unset, it is not checked.
         let default_steps = if rule.is_adaptive() {
@@ -178,6 +194,7 @@ impl Coordinator {
             seed: req.seed,
             logits_eos_inf: req.logits_eos_inf,
             confidence_eos_eot_inf: req.confidence_eos_eot_inf,
+            cache,
         };
         let space = remask_engine::token_space(&self.meta.config, &self.meta.special);
         Canvas::infill(&prompt, &suffix, config, space).map_err(|e| invalid(e.to_string()))

@@ -105,7 +105,16 @@ impl From<Status> for ApiError {
 
 impl From<InferError> for ApiError {
     fn from(e: InferError) -> Self {
-        ApiError::from(Status::from(e))
+        match e {
+            // Not a rate limit: the request can never run here.
+            InferError::TooLarge(message) => ApiError {
+                status: StatusCode::BAD_REQUEST,
+                message,
+                kind: "invalid_request_error",
+                code: Some("kv_cache_too_large"),
+            },
+            e => ApiError::from(Status::from(e)),
+        }
     }
 }
 
@@ -172,7 +181,7 @@ async fn models(State(c): State<Arc<Coordinator>>) -> Json<Value> {
 /// Sampler fields of both endpoints: OpenAI's, plus remask's own as extra
 /// top-level fields, as vLLM takes its extra sampling parameters (`steps`,
 /// `block_length`, `remasking`, `cfg_scale`, the commit rules `threshold`,
-/// `factor`, `entropy`, and `full_canvas`, ...).
+/// `factor`, `entropy`, `full_canvas` and the K/V `cache` mode, ...).
 #[derive(Deserialize, Default)]
 struct Sampling {
     model: Option<String>,
@@ -197,6 +206,8 @@ struct Sampling {
     /// Run every step and return the whole canvas (no early stop).
     #[serde(default)]
     full_canvas: bool,
+    /// K/V cache mode: "none", "prefix" or "dual" (unset: the server's).
+    cache: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -266,6 +277,17 @@ impl Sampling {
                 )));
             }
         };
+        let cache = match self.cache.as_deref() {
+            None => pb::CacheMode::Unspecified,
+            Some("none") => pb::CacheMode::None,
+            Some("prefix") => pb::CacheMode::Prefix,
+            Some("dual") => pb::CacheMode::Dual,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown cache '{other}': expected 'none', 'prefix' or 'dual'"
+                )));
+            }
+        };
         let adaptive = self.threshold.is_some()
             || self.factor.is_some()
             || self.entropy.is_some()
@@ -286,6 +308,7 @@ impl Sampling {
             factor: self.factor,
             entropy: self.entropy,
             full_canvas: self.full_canvas,
+            cache: cache as i32,
             ..Default::default()
         })
     }

@@ -8,7 +8,7 @@
 use crate::convert::shard_to_pb;
 use crate::membership::{Members, WorkerInfo};
 use crate::metrics::Metrics;
-use crate::pipeline::{MAX_MESSAGE_BYTES, Pipeline, StageClient, StageFailure};
+use crate::pipeline::{MAX_MESSAGE_BYTES, Pipeline, StageClient, StageFailure, StageKv};
 use remask_engine::Shard;
 use remask_proto::worker as pb;
 use remask_proto::worker::worker_client::WorkerClient;
@@ -27,6 +27,7 @@ struct Slot {
     worker: WorkerInfo,
     client: WorkerClient<Channel>,
     generation: u64,
+    kv: StageKv,
 }
 
 pub struct Manager {
@@ -168,15 +169,20 @@ impl Manager {
                 let mut client = WorkerClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-                tokio::time::timeout(timeout, client.load_shard(request))
+                let loaded = tokio::time::timeout(timeout, client.load_shard(request))
                     .await
                     .map_err(|_| "loading the shard timed out".to_string())?
-                    .map_err(|s| s.message().to_string())?;
+                    .map_err(|s| s.message().to_string())?
+                    .into_inner();
                 tracing::info!(stage, worker = %worker.id, generation, "stage assigned");
                 Ok(Slot {
                     worker: worker.clone(),
                     client,
                     generation,
+                    kv: StageKv {
+                        budget: (loaded.kv_budget_bytes > 0).then_some(loaded.kv_budget_bytes),
+                        bytes_per_position: loaded.kv_bytes_per_position,
+                    },
                 })
             }
             .await;
@@ -199,6 +205,7 @@ impl Manager {
                     worker_id: s.worker.id.clone(),
                     client: s.client.clone(),
                     generation: s.generation,
+                    kv: s.kv,
                 })
             })
             .collect::<Option<Vec<_>>>()

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub tokens_per_forward: Family<Model, Histogram>,
     pub forwards_per_request: Family<Model, Histogram>,
     pub stage_forward_time: Family<StageLabel, Histogram>,
+    pub stage_bytes: Family<Model, Histogram>,
+    pub kv_cache_bytes: Family<Model, Gauge>,
+    pub kv_cache_rebuilds: Family<Model, Counter>,
     pub workers: Family<Model, Gauge>,
     pub shard_coverage: Family<Model, GaugeF>,
 }
@@ -75,6 +78,12 @@ impl Metrics {
                 Histogram::new(exponential_buckets(1.0, 2.0, 14))
             }),
             stage_forward_time: Family::new_with_constructor(seconds),
+            stage_bytes: Family::new_with_constructor(|| {
+                // 1 KiB .. 1 GiB
+                Histogram::new(exponential_buckets(1024.0, 4.0, 11))
+            }),
+            kv_cache_bytes: Family::default(),
+            kv_cache_rebuilds: Family::default(),
             workers: Family::default(),
             shard_coverage: Family::default(),
             registry: Registry::default(),
@@ -134,6 +143,21 @@ impl Metrics {
             "remask:stage_forward_time_seconds",
             "Forward time of one stage, transfers included",
             m.stage_forward_time.clone(),
+        );
+        r.register(
+            "remask:stage_transfer_bytes",
+            "Hidden-state bytes one stage boundary carries per step",
+            m.stage_bytes.clone(),
+        );
+        r.register(
+            "remask:kv_cache_bytes",
+            "K/V cache bytes the running requests hold, over all stages",
+            m.kv_cache_bytes.clone(),
+        );
+        r.register(
+            "remask:kv_cache_rebuilds",
+            "K/V caches rebuilt from the coordinator's canvas after a worker lost them",
+            m.kv_cache_rebuilds.clone(),
         );
         r.register(
             "remask:workers",

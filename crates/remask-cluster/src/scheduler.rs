@@ -13,14 +13,22 @@
 //! to put another worker on the stage, then go on from their committed
 //! canvases with the ids they would have had.
 //!
+//! K/V caches live on the workers, named by the request (`Job::id`); the
+//! scheduler releases them when a request leaves, admits a request only
+//! while its caches fit every stage's budget (it waits for room rather than
+//! evicting another's), and when a worker does not hold a cache a step
+//! reads (it restarted or replaced a failed one) it rebuilds it from the
+//! canvas with a full forward and runs the step again: the request goes on
+//! with the ids it would have had.
+//!
 //! Events and errors are the scheduler's own types: the gRPC and HTTP layers
 //! map them to their wire shapes.
 
 use crate::metrics::Metrics;
-use crate::pipeline::{Pipeline, StageFailure};
-use remask_engine::StepBatch;
+use crate::pipeline::{Pipeline, StageFailure, StepError};
+use remask_engine::{StepBatch, StepRequest, cache_ids};
 use remask_model::TextCodec;
-use remask_sampler::{BatchStep, Canvas, Committed, FinishReason, StepPlan};
+use remask_sampler::{BatchStep, CacheMode, Canvas, Committed, FinishReason, KvUse};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -76,6 +84,9 @@ pub enum InferError {
     Unavailable(String),
     #[error("the queue is full ({0} requests waiting): retry later")]
     QueueFull(usize),
+    /// The request's K/V caches are larger than a stage's whole budget.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -92,6 +103,8 @@ pub type EventSender = mpsc::UnboundedSender<Result<Event, InferError>>;
 
 /// A request waiting for, or holding, a place in the running batch.
 pub struct Job {
+    /// Names the request's K/V caches on the workers (set at admission).
+    id: u64,
     pub canvas: Canvas,
     pub events: EventSender,
     /// Send every step's commits (GenerateStream), not only the result.
@@ -117,6 +130,7 @@ impl Job {
         deadline: Option<Instant>,
     ) -> Self {
         Job {
+            id: 0,
             canvas,
             events,
             stream,
@@ -187,14 +201,85 @@ struct Context {
     metrics: Arc<Metrics>,
 }
 
+impl Job {
+    /// The names of the K/V caches this request may hold.
+    fn caches(&self) -> Vec<u64> {
+        if self.canvas.config().cache == CacheMode::None {
+            Vec::new()
+        } else {
+            cache_ids(self.id).to_vec()
+        }
+    }
+
+    /// K/V bytes this request holds at most on a stage of `bytes_per_position`.
+    fn kv_bytes(&self, bytes_per_position: u64) -> u64 {
+        let c = &self.canvas;
+        if c.config().cache == CacheMode::None {
+            return 0;
+        }
+        let sequences = 1 + u64::from(c.config().cfg_scale > 0.0);
+        sequences * c.tokens().len() as u64 * bytes_per_position
+    }
+}
+
 impl Context {
     fn abort(&self, job: Job, error: InferError) {
         self.metrics
             .request_success
             .get_or_create(&self.metrics.finished("abort"))
             .inc();
+        self.release(&job);
         let _ = job.events.send(Err(error));
     }
+
+    /// Drops the request's K/V caches on the workers of the current
+    /// pipeline (a replaced worker's went with it).
+    fn release(&self, job: &Job) {
+        let pipeline = self.pipeline.borrow().clone();
+        if let Some(p) = pipeline {
+            p.release(job.caches());
+        }
+    }
+}
+
+/// Whether `job`'s K/V caches fit every stage's budget next to the running
+/// requests': `Err` when they never can.
+fn fits(job: &Job, running: &[Job], pipeline: Option<&Pipeline>) -> Result<bool, InferError> {
+    let Some(pipeline) = pipeline else {
+        return Ok(true);
+    };
+    for (i, stage) in pipeline.stages.iter().enumerate() {
+        let kv = stage.kv();
+        let Some(budget) = kv.budget else { continue };
+        let need = job.kv_bytes(kv.bytes_per_position);
+        if need > budget {
+            return Err(InferError::TooLarge(format!(
+                "the request's K/V caches take {need} bytes on stage {i}, more than its whole \
+                 budget of {budget} bytes: use a shorter canvas or --cache none"
+            )));
+        }
+        let used: u64 = running
+            .iter()
+            .map(|j| j.kv_bytes(kv.bytes_per_position))
+            .sum();
+        if used + need > budget {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// K/V bytes the running requests hold, over all stages.
+fn kv_in_use(running: &[Job], pipeline: Option<&Pipeline>) -> u64 {
+    pipeline.map_or(0, |p| {
+        p.stages
+            .iter()
+            .map(|s| {
+                let per = s.kv().bytes_per_position;
+                running.iter().map(|j| j.kv_bytes(per)).sum::<u64>()
+            })
+            .sum()
+    })
 }
 
 async fn run(mut queue: mpsc::Receiver<Job>, config: SchedulerConfig, ctx: Context) {
@@ -205,20 +290,54 @@ async fn run(mut queue: mpsc::Receiver<Job>, config: SchedulerConfig, ctx: Conte
     let mut failed: Option<Arc<Pipeline>> = None;
     let mut waiting_since: Option<Instant> = None;
     let mut pipeline_rx = ctx.pipeline.clone();
+    // The next request, waiting for room in the K/V budgets.
+    let mut held: Option<Job> = None;
+    let mut next_id: u64 = 0;
     loop {
         let m = &ctx.metrics;
-        m.waiting.get_or_create(m.model()).set(queue.len() as i64);
+        let current = ctx.pipeline.borrow().clone();
+        m.waiting
+            .get_or_create(m.model())
+            .set((queue.len() + usize::from(held.is_some())) as i64);
         m.running.get_or_create(m.model()).set(running.len() as i64);
+        m.kv_cache_bytes
+            .get_or_create(m.model())
+            .set(kv_in_use(&running, current.as_deref()) as i64);
         while running.len() < max_batch {
-            match queue.try_recv() {
-                Ok(job) => running.push(admit(job)),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            let job = match held.take() {
+                Some(job) => job,
+                None => match queue.try_recv() {
+                    Ok(job) => job,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return,
+                },
+            };
+            if job.events.is_closed() {
+                ctx.abort(job, InferError::Cancelled);
+                continue;
+            }
+            match fits(&job, &running, current.as_deref()) {
+                Ok(true) => {
+                    running.push(admit(job, next_id));
+                    next_id += 1;
+                }
+                Ok(false) => {
+                    held = Some(job);
+                    break;
+                }
+                Err(e) => ctx.abort(job, e),
             }
         }
         if running.is_empty() {
+            if let Some(job) = held.take() {
+                // Nothing runs, so nothing holds the budget: it fits now
+                // (or never, which `fits` said).
+                running.push(admit(job, next_id));
+                next_id += 1;
+                continue;
+            }
             match queue.recv().await {
-                Some(job) => running.push(admit(job)),
+                Some(job) => held = Some(job),
                 None => return,
             }
             continue;
@@ -279,7 +398,8 @@ async fn run(mut queue: mpsc::Receiver<Job>, config: SchedulerConfig, ctx: Conte
     }
 }
 
-fn admit(mut job: Job) -> Job {
+fn admit(mut job: Job, id: u64) -> Job {
+    job.id = id;
     job.admitted_at = Some(Instant::now());
     job
 }
@@ -294,12 +414,42 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) -> boo
     let active = step.active();
     let mut predictions = Vec::new();
     if !active.is_empty() {
-        let requests: Vec<(&Canvas, &StepPlan)> = active
+        let requests: Vec<StepRequest> = active
             .iter()
-            .map(|&i| (&running[i].canvas, &step.plans()[i]))
+            .map(|&i| (running[i].id, &running[i].canvas, &step.plans()[i]))
             .collect();
         let batch = StepBatch::new(&requests);
-        match pipeline.step(&batch, m).await {
+        // A worker that lost caches (restarted, or the spare that replaced
+        // a failed one) gets them rebuilt, then the step runs again; twice
+        // at most, as a third miss means the stores do not stay.
+        let mut result = pipeline.step(&batch, m).await;
+        for _ in 0..2 {
+            let Err(StepError::CachesMissing { stage, caches }) = &result else {
+                break;
+            };
+            let rebuild: Vec<(u64, &Canvas)> = running
+                .iter()
+                .filter(|j| j.caches().iter().any(|c| caches.contains(c)))
+                .map(|j| (j.id, &j.canvas))
+                .collect();
+            tracing::info!(
+                stage,
+                requests = rebuild.len(),
+                "a worker does not hold K/V caches: rebuilding them from the canvases"
+            );
+            m.kv_cache_rebuilds
+                .get_or_create(m.model())
+                .inc_by(rebuild.len() as u64);
+            let rebuilt = StepBatch::rebuild(&rebuild);
+            if rebuilt.seqs.is_empty() {
+                break;
+            }
+            result = match pipeline.step(&rebuilt, m).await {
+                Ok(_) => pipeline.step(&batch, m).await,
+                Err(e) => Err(e),
+            };
+        }
+        match result {
             Ok((preds, timing)) => {
                 for &i in &active {
                     running[i].forward_ms += timing.forward_ms;
@@ -307,24 +457,34 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) -> boo
                 }
                 predictions = preds;
             }
-            Err(failure) => {
-                tracing::warn!(%failure, "forward pass failed; the running requests wait for the stage to be re-assigned");
+            Err(StepError::CacheFull { stage, message }) => {
+                // Admission keeps the caches within the budgets; a stage
+                // whose budget is smaller than it said fails the requests
+                // that would store, and the others go on.
+                tracing::warn!(stage, %message, "a stage's K/V budget is full");
+                let storing: Vec<u64> = active
+                    .iter()
+                    .filter(|&&i| step.plans()[i].kv == KvUse::Store)
+                    .map(|&i| running[i].id)
+                    .collect();
                 for job in std::mem::take(running) {
-                    let mut job = job;
-                    job.failures += 1;
-                    if job.failures >= MAX_STEP_FAILURES {
-                        let error = InferError::Unavailable(format!(
-                            "{} steps of this request failed on workers; the last: {failure}",
-                            job.failures
-                        ));
-                        ctx.abort(job, error);
+                    if storing.contains(&job.id) {
+                        ctx.abort(job, InferError::TooLarge(message.clone()));
                     } else {
                         running.push(job);
                     }
                 }
-                let _ = ctx.failures.send(failure);
-                return false;
+                return true;
             }
+            Err(StepError::CachesMissing { stage, caches }) => {
+                let failure = StageFailure {
+                    stage,
+                    worker: pipeline.workers()[stage].clone(),
+                    message: format!("K/V caches {caches:?} are still missing after a rebuild"),
+                };
+                return fail_step(running, failure, ctx);
+            }
+            Err(StepError::Failed(failure)) => return fail_step(running, failure, ctx),
         }
     }
     let commits = step.commit(running.iter_mut().map(|j| &mut j.canvas), predictions);
@@ -375,10 +535,31 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) -> boo
                 m.request_success.get_or_create(&m.finished("abort")).inc();
             }
         }
+        ctx.release(job);
         let _ = job.events.send(event);
         false
     });
     true
+}
+
+/// A failed forward pass: nothing was committed, the requests wait for the
+/// stage to be re-assigned (those that failed too often are given up).
+fn fail_step(running: &mut Vec<Job>, failure: StageFailure, ctx: &Context) -> bool {
+    tracing::warn!(%failure, "forward pass failed; the running requests wait for the stage to be re-assigned");
+    for mut job in std::mem::take(running) {
+        job.failures += 1;
+        if job.failures >= MAX_STEP_FAILURES {
+            let error = InferError::Unavailable(format!(
+                "{} steps of this request failed on workers; the last: {failure}",
+                job.failures
+            ));
+            ctx.abort(job, error);
+        } else {
+            running.push(job);
+        }
+    }
+    let _ = ctx.failures.send(failure);
+    false
 }
 
 fn finish(job: &Job, codec: &TextCodec) -> Result<Event, InferError> {

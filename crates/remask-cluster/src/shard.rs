@@ -1,21 +1,12 @@
-//! What a stage computes: its layers over a packed batch, starting from token
-//! ids (first stage) or hidden states (the others), ending in hidden states or,
-//! on the last stage, in (token, confidence) for the queried positions only.
-//! Shared by the worker process and the in-process stage of `remask serve`.
+//! What a stage computes: its layers over the fed rows of a packed batch,
+//! starting from token ids (first stage) or hidden states (the others),
+//! ending in hidden states or, on the last stage, in (token, confidence,
+//! entropy) for the queried positions only; the stage's K/V stores live in
+//! its engine. Shared by the worker process and the in-process stage of
+//! `remask serve`; this file checks what arrives, `Engine::forward` computes.
 
-use remask_engine::{Backend, Engine, Llada, Packing, Query, Shard, combine_ranks, query_rows};
+use remask_engine::{CacheUsage, Engine, KvError, Query, Seq, Shard, StageInput, StageOutput};
 use remask_model::{Checkpoint, Result};
-use remask_sampler::{Partial, Prediction};
-
-pub enum StageInput {
-    Ids(Vec<u32>),
-    Hidden(Vec<f32>),
-}
-
-pub enum StageOutput {
-    Hidden(Vec<f32>),
-    Predictions(Vec<Vec<Prediction>>),
-}
 
 /// A loaded shard over a group of ranks: CPU thread ranks (one without
 /// tensor parallelism), or one NCCL rank per GPU on CUDA.
@@ -29,19 +20,30 @@ enum Ranks {
     Cuda(Engine<remask_engine::cuda::CudaBackend>),
 }
 
+/// Calls `$f` on the engine, whichever backend it runs on.
+macro_rules! engine {
+    ($self:expr, $e:ident => $f:expr) => {
+        match &$self.inner {
+            Ranks::Cpu($e) => $f,
+            #[cfg(feature = "cuda")]
+            Ranks::Cuda($e) => $f,
+        }
+    };
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
     #[error("this stage has no embedding: it needs hidden states, not token ids")]
     NeedsHidden,
     #[error("the first stage needs token ids, not hidden states")]
     NeedsIds,
-    #[error("hidden states of {got} values do not match {tokens} tokens x d_model {d_model}")]
+    #[error("hidden states of {got} values do not match {tokens} fed tokens x d_model {d_model}")]
     HiddenSize {
         got: usize,
         tokens: usize,
         d_model: usize,
     },
-    #[error("token ids ({ids}) do not match the sequence lengths ({tokens} tokens)")]
+    #[error("token ids ({ids}) do not match the fed positions ({tokens} tokens)")]
     IdsSize { ids: usize, tokens: usize },
     #[error("token id {0} is outside the embedding")]
     TokenOutOfRange(u32),
@@ -68,6 +70,10 @@ pub enum ShardError {
     },
     #[error("{rows} query rows for a batch of {tokens} tokens; each row is queried once at most")]
     TooManyQueryRows { rows: usize, tokens: usize },
+    #[error("a query asks for position {position}, before its first fed position {first}")]
+    QueryBeforeFed { position: usize, first: usize },
+    #[error("{0}")]
+    Kv(#[from] KvError),
 }
 
 /// Sequences one forward pass may carry: twice (classifier-free guidance)
@@ -84,10 +90,17 @@ pub fn max_tokens(d_model: usize) -> usize {
 }
 
 impl ShardRunner {
-    /// The shard split over `tensor_parallel` ranks (threads on the CPU).
-    pub fn load_tp(ckpt: &Checkpoint, shard: Shard, tensor_parallel: usize) -> Result<Self> {
+    /// The shard split over `tensor_parallel` ranks (threads on the CPU),
+    /// its K/V stores bounded by `kv_budget` bytes.
+    pub fn load_tp(
+        ckpt: &Checkpoint,
+        shard: Shard,
+        tensor_parallel: usize,
+        kv_budget: Option<usize>,
+    ) -> Result<Self> {
+        let engine = Engine::load_shard(ckpt, shard, tensor_parallel)?.with_kv_budget(kv_budget);
         Ok(ShardRunner {
-            inner: Ranks::Cpu(Engine::load_shard(ckpt, shard, tensor_parallel)?),
+            inner: Ranks::Cpu(engine),
         })
     }
 
@@ -98,58 +111,68 @@ impl ShardRunner {
         ckpt: &Checkpoint,
         shard: Shard,
         devices: &[usize],
+        kv_budget: Option<usize>,
     ) -> std::result::Result<Self, String> {
         let group = remask_engine::cuda::tp_group(devices).map_err(|e| e.to_string())?;
         let engine = Engine::from_backends(group, ckpt, shard).map_err(|e| e.to_string())?;
         Ok(ShardRunner {
-            inner: Ranks::Cuda(engine),
+            inner: Ranks::Cuda(engine.with_kv_budget(kv_budget)),
         })
     }
 
     pub fn shard(&self) -> &Shard {
-        match &self.inner {
-            Ranks::Cpu(g) => g.shard(),
-            #[cfg(feature = "cuda")]
-            Ranks::Cuda(g) => g.shard(),
-        }
+        engine!(self, e => e.shard())
     }
 
     fn config(&self) -> &remask_model::LladaConfig {
-        match &self.inner {
-            Ranks::Cpu(g) => g.config(),
-            #[cfg(feature = "cuda")]
-            Ranks::Cuda(g) => g.config(),
-        }
+        engine!(self, e => e.config())
+    }
+
+    /// K/V bytes per position of one sequence on this stage.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        engine!(self, e => e.kv_bytes_per_position())
+    }
+
+    pub fn kv_budget(&self) -> Option<usize> {
+        engine!(self, e => e.kv_budget())
+    }
+
+    pub fn cache_usage(&self) -> CacheUsage {
+        engine!(self, e => e.cache_usage())
+    }
+
+    /// Drops the stores of `caches`; returns how many were held.
+    pub fn release(&self, caches: &[u64]) -> usize {
+        engine!(self, e => e.release(caches))
     }
 
     /// Runs the shard. Every input is checked first: a malformed request is an
     /// error, never a panic in the worker.
     pub fn run(
         &self,
-        lengths: &[usize],
-        input: StageInput,
+        seqs: &[Seq],
+        input: StageInput<'_>,
         queries: &[Query],
     ) -> std::result::Result<StageOutput, ShardError> {
         let c = self.config();
         let shard = self.shard();
-        if lengths.len() > MAX_SEQUENCES {
+        if seqs.len() > MAX_SEQUENCES {
             return Err(ShardError::TooManySequences {
-                sequences: lengths.len(),
+                sequences: seqs.len(),
             });
         }
-        if let Some((index, &length)) = lengths
-            .iter()
-            .enumerate()
-            .find(|&(_, &l)| l > c.max_sequence_length)
-        {
-            return Err(ShardError::TooLong {
-                index,
-                length,
-                max: c.max_sequence_length,
-            });
+        for (index, seq) in seqs.iter().enumerate() {
+            if seq.len > c.max_sequence_length {
+                return Err(ShardError::TooLong {
+                    index,
+                    length: seq.len,
+                    max: c.max_sequence_length,
+                });
+            }
+            seq.check(index)?;
         }
         // No overflow: at most MAX_SEQUENCES x max_sequence_length (bounded by the config).
-        let tokens: usize = lengths.iter().sum();
+        let tokens: usize = seqs.iter().map(|s| s.fed.len()).sum();
         if tokens > max_tokens(c.d_model) {
             return Err(ShardError::TooManyTokens {
                 tokens,
@@ -157,7 +180,6 @@ impl ShardRunner {
                 d_model: c.d_model,
             });
         }
-        let packing = Packing::new(lengths.iter().copied());
         match (&input, shard.embedding) {
             (StageInput::Ids(ids), true) => {
                 if ids.len() != tokens {
@@ -182,89 +204,37 @@ impl ShardRunner {
             (StageInput::Ids(_), false) => return Err(ShardError::NeedsHidden),
             (StageInput::Hidden(_), true) => return Err(ShardError::NeedsIds),
         }
-        // Counted before the rows are collected: their number is the
-        // request's to choose.
-        let n_rows: usize = queries
-            .iter()
-            .map(|q| q.positions.len() * (1 + q.uncond_base.is_some() as usize))
-            .sum();
-        if n_rows > tokens {
-            return Err(ShardError::TooManyQueryRows {
-                rows: n_rows,
-                tokens,
-            });
-        }
-        let rows = query_rows(queries);
-        if shard.head && rows.iter().any(|&r| r >= tokens) {
-            return Err(ShardError::QueryOutOfRange { rows: tokens });
-        }
-        let step = Step {
-            input: &input,
-            tokens,
-            d_model: c.d_model,
-            packing: &packing,
-            rows: &rows,
-            queries,
-        };
-        let outputs = match &self.inner {
-            Ranks::Cpu(group) => group.on_ranks(|b, m| step.on_rank(b, m)),
-            #[cfg(feature = "cuda")]
-            Ranks::Cuda(group) => group.on_ranks(|b, m| step.on_rank(b, m)),
-        };
-        Ok(step.combine(outputs))
-    }
-}
-
-/// One checked forward pass of a stage, as every rank sees it.
-struct Step<'a> {
-    input: &'a StageInput,
-    tokens: usize,
-    d_model: usize,
-    packing: &'a Packing,
-    rows: &'a [usize],
-    queries: &'a [Query],
-}
-
-/// What one rank returns: the stage's hidden states, or its partials of the
-/// head (its vocabulary slice) on the last stage.
-enum RankOutput {
-    Hidden(Vec<f32>),
-    Partials(Vec<Vec<Partial>>),
-}
-
-impl Step<'_> {
-    /// Every rank runs the same code on its blocks, on any backend; after the
-    /// last all-reduce all ranks hold the same hidden states. The head is
-    /// reduced by the backend (on the device for CUDA): only partials come
-    /// back, never logits.
-    fn on_rank<B: Backend>(&self, backend: &B, model: &Llada<B>) -> RankOutput {
-        let x = match self.input {
-            StageInput::Ids(ids) => model.embed(backend, ids),
-            StageInput::Hidden(h) => backend.load_hidden(h, self.tokens, self.d_model),
-        };
-        let x = model.layers(backend, x, self.packing);
-        if model.shard.head {
-            let logits = model.head_logits(backend, &x, Some(self.rows));
-            RankOutput::Partials(backend.head_partials(logits, model.vocab.clone(), self.queries))
-        } else if backend.rank_world().0 == 0 {
-            RankOutput::Hidden(backend.to_host(x))
-        } else {
-            // The same values as rank 0's: not worth a copy off the GPU.
-            RankOutput::Hidden(Vec::new())
-        }
-    }
-
-    /// The stage's output from every rank's, in rank order: rank 0's hidden
-    /// states, or the ranks' partials combined.
-    fn combine(&self, outputs: Vec<RankOutput>) -> StageOutput {
-        let mut partials = Vec::with_capacity(outputs.len());
-        for output in outputs {
-            match output {
-                RankOutput::Hidden(h) => return StageOutput::Hidden(h),
-                RankOutput::Partials(p) => partials.push(p),
+        if shard.head {
+            // Counted before the rows are collected: their number is the
+            // request's to choose.
+            let n_rows: usize = queries
+                .iter()
+                .map(|q| q.positions.len() * (1 + q.uncond_base.is_some() as usize))
+                .sum();
+            if n_rows > tokens {
+                return Err(ShardError::TooManyQueryRows {
+                    rows: n_rows,
+                    tokens,
+                });
+            }
+            for q in queries {
+                for &position in &q.positions {
+                    if position < q.first {
+                        return Err(ShardError::QueryBeforeFed {
+                            position,
+                            first: q.first,
+                        });
+                    }
+                    let offset = position - q.first;
+                    let base = q.cond_base.max(q.uncond_base.unwrap_or(0));
+                    if base.checked_add(offset).is_none_or(|r| r >= tokens) {
+                        return Err(ShardError::QueryOutOfRange { rows: tokens });
+                    }
+                }
             }
         }
-        StageOutput::Predictions(combine_ranks(&partials, self.queries))
+        let queries = if shard.head { queries } else { &[] };
+        Ok(engine!(self, e => e.forward(seqs, input, queries))?)
     }
 }
 
@@ -305,7 +275,7 @@ mod tests {
         };
         let canvas = Canvas::new(&[5, 6, 7], config, space).unwrap();
         let plan = canvas.plan();
-        let batch = StepBatch::new(&[(&canvas, &plan)]);
+        let batch = StepBatch::new(&[(0, &canvas, &plan)]);
         let split = c.n_layers / 2;
         let first = Shard {
             layers: 0..split,
@@ -318,15 +288,14 @@ mod tests {
             head: true,
         };
         let run = |world: usize| {
-            let a = ShardRunner::load_tp(&ckpt, first.clone(), world).unwrap();
-            let b = ShardRunner::load_tp(&ckpt, last.clone(), world).unwrap();
-            let ids = StageInput::Ids(batch.ids.clone());
-            let Ok(StageOutput::Hidden(h)) = a.run(&batch.lengths, ids, &batch.queries) else {
+            let a = ShardRunner::load_tp(&ckpt, first.clone(), world, None).unwrap();
+            let b = ShardRunner::load_tp(&ckpt, last.clone(), world, None).unwrap();
+            let ids = StageInput::Ids(&batch.ids);
+            let Ok(StageOutput::Hidden(h)) = a.run(&batch.seqs, ids, &batch.queries) else {
                 panic!("the first stage gives hidden states")
             };
-            let hidden = StageInput::Hidden(h.clone());
-            let Ok(StageOutput::Predictions(p)) = b.run(&batch.lengths, hidden, &batch.queries)
-            else {
+            let hidden = StageInput::Hidden(&h);
+            let Ok(StageOutput::Predictions(p)) = b.run(&batch.seqs, hidden, &batch.queries) else {
                 panic!("the last stage gives predictions")
             };
             (h, p)

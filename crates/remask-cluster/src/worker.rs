@@ -3,9 +3,11 @@
 //! worker can be re-assigned to another stage without a restart.
 
 use crate::convert::{
-    bytes_to_f32, f32_to_bytes, predictions_to_pb, query_from_pb, shard_from_pb, shard_to_pb,
+    MISSING_CACHES, bytes_to_f32, f32_to_bytes, predictions_to_pb, query_from_pb, seq_from_pb,
+    shard_from_pb, shard_to_pb,
 };
-use crate::shard::{ShardRunner, StageInput, StageOutput};
+use crate::shard::{ShardError, ShardRunner};
+use remask_engine::{KvError, StageInput, StageOutput};
 use remask_model::Checkpoint;
 use remask_proto::worker as pb;
 use remask_proto::worker::worker_server::Worker;
@@ -37,8 +39,9 @@ fn load_gpus(
     ckpt: &Checkpoint,
     shard: remask_engine::Shard,
     devices: &[usize],
+    kv_budget: Option<usize>,
 ) -> Result<ShardRunner, LoadError> {
-    ShardRunner::load_cuda(ckpt, shard, devices).map_err(LoadError::Gpu)
+    ShardRunner::load_cuda(ckpt, shard, devices, kv_budget).map_err(LoadError::Gpu)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -46,6 +49,7 @@ fn load_gpus(
     _: &Checkpoint,
     _: remask_engine::Shard,
     _: &[usize],
+    _: Option<usize>,
 ) -> Result<ShardRunner, LoadError> {
     Err(LoadError::Gpu(
         "this worker was built without the CUDA backend".into(),
@@ -61,6 +65,8 @@ pub struct WorkerService {
     /// GPU ordinals of the CUDA backend, one tensor-parallel rank each
     /// (NCCL); empty for the CPU.
     devices: Vec<usize>,
+    /// Bytes the K/V stores of a loaded shard may take.
+    kv_budget: Option<usize>,
     loaded: RwLock<Option<Loaded>>,
 }
 
@@ -70,14 +76,50 @@ impl WorkerService {
         model_override: Option<PathBuf>,
         tensor_parallel: usize,
         devices: Vec<usize>,
+        kv_budget: Option<usize>,
     ) -> Self {
         WorkerService {
             id,
             model_override,
             tensor_parallel: tensor_parallel.max(1),
             devices,
+            kv_budget,
             loaded: RwLock::new(None),
         }
+    }
+
+    /// The loaded runner, if it serves assignment `generation`.
+    async fn runner(&self, generation: u64) -> Result<Arc<ShardRunner>, Status> {
+        let loaded = self.loaded.read().await;
+        let loaded = loaded
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("no shard is loaded"))?;
+        if loaded.generation != generation {
+            return Err(Status::failed_precondition(format!(
+                "assignment {} is loaded, not {generation}",
+                loaded.generation
+            )));
+        }
+        Ok(loaded.runner.clone())
+    }
+}
+
+/// A refused Forward as gRPC: missing stores are FAILED_PRECONDITION with
+/// their names in a trailer (the coordinator rebuilds them), a full budget
+/// RESOURCE_EXHAUSTED, anything else about the request INVALID_ARGUMENT.
+fn forward_status(e: ShardError) -> Status {
+    match e {
+        ShardError::Kv(KvError::Missing(ids)) => {
+            let names: Vec<String> = ids.iter().map(u64::to_string).collect();
+            let mut meta = tonic::metadata::MetadataMap::new();
+            if let Ok(v) = names.join(",").parse() {
+                meta.insert(MISSING_CACHES, v);
+            }
+            let message = KvError::Missing(ids).to_string();
+            Status::with_metadata(tonic::Code::FailedPrecondition, message, meta)
+        }
+        ShardError::Kv(e @ KvError::Full { .. }) => Status::resource_exhausted(e.to_string()),
+        e => Status::invalid_argument(e.to_string()),
     }
 }
 
@@ -161,11 +203,17 @@ impl Worker for WorkerService {
         let previous = self.loaded.write().await.take();
         let tensor_parallel = self.tensor_parallel;
         let devices = self.devices.clone();
+        let kv_budget = self.kv_budget;
         let load = move |ckpt: Checkpoint, shard: remask_engine::Shard| {
             if devices.is_empty() {
-                Ok(ShardRunner::load_tp(&ckpt, shard, tensor_parallel)?)
+                Ok(ShardRunner::load_tp(
+                    &ckpt,
+                    shard,
+                    tensor_parallel,
+                    kv_budget,
+                )?)
             } else {
-                load_gpus(&ckpt, shard, &devices)
+                load_gpus(&ckpt, shard, &devices, kv_budget)
             }
         };
         let loaded = {
@@ -188,12 +236,17 @@ impl Worker for WorkerService {
         };
         let load_ms = start.elapsed().as_secs_f64() * 1e3;
         tracing::info!(generation = req.generation, layers = ?runner.shard().layers, load_ms, "shard loaded");
+        let response = pb::LoadShardResponse {
+            load_ms,
+            kv_budget_bytes: runner.kv_budget().unwrap_or(0) as u64,
+            kv_bytes_per_position: runner.kv_bytes_per_position() as u64,
+        };
         *self.loaded.write().await = Some(Loaded {
             runner: Arc::new(runner),
             generation: req.generation,
             model: dir.display().to_string(),
         });
-        Ok(Response::new(pb::LoadShardResponse { load_ms }))
+        Ok(Response::new(response))
     }
 
     async fn forward(
@@ -201,34 +254,32 @@ impl Worker for WorkerService {
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
         let req = request.into_inner();
-        let runner = {
-            let loaded = self.loaded.read().await;
-            let loaded = loaded
-                .as_ref()
-                .ok_or_else(|| Status::failed_precondition("no shard is loaded"))?;
-            if loaded.generation != req.generation {
-                return Err(Status::failed_precondition(format!(
-                    "assignment {} is loaded, not {}",
-                    loaded.generation, req.generation
-                )));
-            }
-            loaded.runner.clone()
-        };
-        let input = if runner.shard().embedding {
-            StageInput::Ids(req.token_ids)
+        let runner = self.runner(req.generation).await?;
+        let seqs = req
+            .sequences
+            .iter()
+            .map(seq_from_pb)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Status::invalid_argument("a sequence has an unknown kv use"))?;
+        let hidden = if runner.shard().embedding {
+            Vec::new()
         } else {
-            StageInput::Hidden(
-                bytes_to_f32(&req.hidden)
-                    .ok_or_else(|| Status::invalid_argument("hidden states are not f32"))?,
-            )
+            bytes_to_f32(&req.hidden)
+                .ok_or_else(|| Status::invalid_argument("hidden states are not f32"))?
         };
-        let lengths: Vec<usize> = req.lengths.iter().map(|&l| l as usize).collect();
         let queries: Vec<_> = req.queries.iter().map(query_from_pb).collect();
         let start = Instant::now();
-        let output = tokio::task::spawn_blocking(move || runner.run(&lengths, input, &queries))
-            .await
-            .map_err(|e| Status::internal(format!("compute task failed: {e}")))?
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let output = tokio::task::spawn_blocking(move || {
+            let input = if runner.shard().embedding {
+                StageInput::Ids(&req.token_ids)
+            } else {
+                StageInput::Hidden(&hidden)
+            };
+            runner.run(&seqs, input, &queries)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("compute task failed: {e}")))?
+        .map_err(forward_status)?;
         let compute_ms = start.elapsed().as_secs_f64() * 1e3;
         let response = match output {
             StageOutput::Hidden(h) => pb::ForwardResponse {
@@ -255,12 +306,33 @@ impl Worker for WorkerService {
         } else {
             "cuda"
         };
+        let usage = loaded
+            .as_ref()
+            .map(|l| l.runner.cache_usage())
+            .unwrap_or_default();
         Ok(Response::new(pb::StatusResponse {
             id: self.id.clone(),
             backend: backend.into(),
             shard: loaded.as_ref().map(|l| shard_to_pb(l.runner.shard())),
             generation: loaded.as_ref().map_or(0, |l| l.generation),
             model: loaded.as_ref().map(|l| l.model.clone()).unwrap_or_default(),
+            kv_caches: usage.caches as u32,
+            kv_cache_bytes: usage.bytes as u64,
+            kv_budget_bytes: self.kv_budget.unwrap_or(0) as u64,
+        }))
+    }
+
+    async fn release_caches(
+        &self,
+        request: Request<pb::ReleaseCachesRequest>,
+    ) -> Result<Response<pb::ReleaseCachesResponse>, Status> {
+        let req = request.into_inner();
+        let runner = self.runner(req.generation).await?;
+        let released = tokio::task::spawn_blocking(move || runner.release(&req.caches))
+            .await
+            .map_err(|e| Status::internal(format!("release task failed: {e}")))?;
+        Ok(Response::new(pb::ReleaseCachesResponse {
+            released: released as u32,
         }))
     }
 }

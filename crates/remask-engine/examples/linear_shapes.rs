@@ -59,7 +59,7 @@ fn main() {
         println!("{name:10} {:8.2} ms", t.elapsed().as_secs_f64() * 1e3 / 5.0);
     };
     time("attention", &mut || {
-        drop(be.attention(&q, &k, &vv, heads, &packing))
+        drop(be.attention(&q, &k, &vv, heads, &packing, &packing))
     });
     time("rms_norm", &mut || drop(be.rms_norm(&q, &norm, 1e-5)));
     time("silu_mul", &mut || drop(be.silu_mul(&g, &u)));

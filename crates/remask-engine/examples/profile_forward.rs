@@ -49,8 +49,16 @@ impl Backend for Timed {
     fn rope(&self, x: &mut Matrix, hd: usize, p: &[u32], c: &Matrix, s: &Matrix) {
         self.t("rope", || self.inner.rope(x, hd, p, c, s))
     }
-    fn attention(&self, q: &Matrix, k: &Matrix, v: &Matrix, h: Heads, p: &Packing) -> Matrix {
-        self.t("attention", || self.inner.attention(q, k, v, h, p))
+    fn attention(
+        &self,
+        q: &Matrix,
+        k: &Matrix,
+        v: &Matrix,
+        h: Heads,
+        p: &Packing,
+        keys: &Packing,
+    ) -> Matrix {
+        self.t("attention", || self.inner.attention(q, k, v, h, p, keys))
     }
     fn silu_mul(&self, g: &Matrix, u: &Matrix) -> Matrix {
         self.t("silu_mul", || self.inner.silu_mul(g, u))
@@ -60,6 +68,9 @@ impl Backend for Timed {
     }
     fn gather_rows(&self, x: &Matrix, rows: &[usize]) -> Matrix {
         self.inner.gather_rows(x, rows)
+    }
+    fn concat_rows(&self, pieces: &[(&Matrix, std::ops::Range<usize>)]) -> Matrix {
+        self.t("concat_rows", || self.inner.concat_rows(pieces))
     }
     fn to_host(&self, x: Matrix) -> Vec<f32> {
         self.t("to_host", || self.inner.to_host(x))

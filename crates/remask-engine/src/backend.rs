@@ -112,14 +112,19 @@ pub trait Backend: Send + Sync {
         cos: &Self::Weight,
         sin: &Self::Weight,
     );
-    /// Bidirectional attention within each packed sequence, grouped KV heads.
+    /// Bidirectional attention within each packed sequence, grouped KV
+    /// heads: the rows of sequence i of `q` (by `queries`) attend to every
+    /// row of sequence i of `k`/`v` (by `keys`). The two packings are the
+    /// same for a full forward; with a K/V cache a sequence feeds fewer
+    /// queries than it has keys.
     fn attention(
         &self,
         q: &Self::Tensor,
         k: &Self::Tensor,
         v: &Self::Tensor,
         heads: Heads,
-        packing: &Packing,
+        queries: &Packing,
+        keys: &Packing,
     ) -> Self::Tensor;
     /// `silu(gate) * up`.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Self::Tensor;
@@ -127,6 +132,9 @@ pub trait Backend: Send + Sync {
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
     /// The given rows of `x`, in that order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
+    /// Row ranges of tensors of one width, one after the other (the K/V of
+    /// a cached step: stored rows around fresh ones).
+    fn concat_rows(&self, pieces: &[(&Self::Tensor, Range<usize>)]) -> Self::Tensor;
     /// Moves to the host as row-major f32.
     fn to_host(&self, x: Self::Tensor) -> Vec<f32>;
     /// (rank, world size) of this backend's tensor-parallel group; (0, 1)

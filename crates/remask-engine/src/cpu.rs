@@ -207,29 +207,40 @@ impl Backend for CpuBackend {
             });
     }
 
-    fn attention(&self, q: &Matrix, k: &Matrix, v: &Matrix, h: Heads, packing: &Packing) -> Matrix {
+    fn attention(
+        &self,
+        q: &Matrix,
+        k: &Matrix,
+        v: &Matrix,
+        h: Heads,
+        queries: &Packing,
+        keys: &Packing,
+    ) -> Matrix {
         let hd = h.head_dim;
         let group = h.n_heads / h.n_kv_heads;
         let (qs, kvs) = (q.cols as isize, k.cols as isize);
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = Matrix::zeros(q.rows, q.cols);
         let out_ptr = SendPtr(out.data.as_mut_ptr());
-        let tasks: Vec<(std::ops::Range<usize>, usize, usize)> = packing
+        // (query rows of the sequence, its key rows, head, first query row)
+        type Task = (std::ops::Range<usize>, std::ops::Range<usize>, usize, usize);
+        let tasks: Vec<Task> = queries
             .sequences()
-            .flat_map(|seq| {
+            .zip(keys.sequences())
+            .flat_map(|(qseq, kseq)| {
                 (0..h.n_heads).flat_map(move |head| {
-                    let seq = seq.clone();
-                    (seq.start..seq.end)
+                    let (qseq, kseq) = (qseq.clone(), kseq.clone());
+                    (qseq.start..qseq.end)
                         .step_by(QUERY_CHUNK)
-                        .map(move |q0| (seq.clone(), head, q0))
+                        .map(move |q0| (qseq.clone(), kseq.clone(), head, q0))
                 })
             })
             .collect();
-        tasks
-            .into_par_iter()
-            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (seq, head, q0)| {
+        tasks.into_par_iter().for_each_init(
+            Vec::new,
+            |scores: &mut Vec<f32>, (qseq, seq, head, q0)| {
                 let t = seq.len();
-                let rows = QUERY_CHUNK.min(seq.end - q0);
+                let rows = QUERY_CHUNK.min(qseq.end - q0);
                 let kv_head = head / group;
                 scores.resize(rows * t, 0.0);
                 // SAFETY: all offsets stay inside q/k/v/out; each task writes
@@ -269,7 +280,8 @@ impl Backend for CpuBackend {
                         gemm::Parallelism::None,
                     );
                 }
-            });
+            },
+        );
         out
     }
 
@@ -297,6 +309,20 @@ impl Backend for CpuBackend {
         let mut out = Matrix::zeros(rows.len(), x.cols);
         for (o, &r) in out.data.chunks_exact_mut(x.cols).zip(rows) {
             o.copy_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        out
+    }
+
+    fn concat_rows(&self, pieces: &[(&Matrix, std::ops::Range<usize>)]) -> Matrix {
+        let cols = pieces.first().map_or(0, |(m, _)| m.cols);
+        let rows = pieces.iter().map(|(_, r)| r.len()).sum();
+        let mut out = Matrix::zeros(0, cols);
+        out.rows = rows;
+        out.data.reserve_exact(rows * cols);
+        for (m, r) in pieces {
+            assert_eq!(m.cols, cols, "concat_rows of different widths");
+            out.data
+                .extend_from_slice(&m.data[r.start * cols..r.end * cols]);
         }
         out
     }

@@ -1,19 +1,24 @@
-//! The whole model in this process: one engine type for every
-//! tensor-parallel world size (1 included). A step runs every rank at once
-//! (they meet in the all-reduces), each reduces its vocabulary slice to one
-//! `Partial` per queried position through `Llada::partials` (on the device
-//! for CUDA), and the partials are combined: full logits are never
-//! assembled. The ranks are thread ranks of the CPU backend (`load`) or any
-//! backends that already know their place in a group (`from_backends`:
-//! NCCL ranks, one per GPU).
+//! The model, or one pipeline stage of it, in this process: one engine type
+//! for every tensor-parallel world size (1 included) and every place in a
+//! pipeline. `forward` is the one step path: the whole model in process and
+//! every stage of a cluster run it. It runs every rank at once (they meet in
+//! the all-reduces); on the last stage each rank reduces its vocabulary
+//! slice to one `Partial` per queried position (on the device for CUDA) and
+//! the partials are combined: full logits are never assembled. The engine
+//! also holds the K/V stores of its layers (`kv`), per rank its own heads.
+//! The ranks are thread ranks of the CPU backend (`load`) or any backends
+//! that already know their place in a group (`from_backends`: NCCL ranks,
+//! one per GPU).
 
 use crate::backend::{Backend, Packing};
 use crate::collective::thread_group;
 use crate::cpu::CpuBackend;
+use crate::kv::{Feed, KvError, KvStore, Seq};
 use crate::llada::{Llada, Shard};
-use crate::query::{StepBatch, combine_ranks};
+use crate::query::{Query, StepBatch, StepRequest, combine_ranks, query_rows};
 use remask_model::{Checkpoint, LladaConfig, Result, SpecialTokens};
-use remask_sampler::{Canvas, Prediction, StepPlan, TokenSpace};
+use remask_sampler::{KvUse, Partial, Prediction, TokenSpace};
+use std::sync::Mutex;
 
 /// What the sampler must know of a checkpoint: its vocabulary, special ids
 /// (from its own tokenizer files) and length limit.
@@ -27,9 +32,38 @@ pub fn token_space(config: &LladaConfig, special: &SpecialTokens) -> TokenSpace 
     }
 }
 
+/// What a stage starts from: token ids (the first stage) or the previous
+/// stage's hidden states (`[fed rows, d_model]`).
+#[derive(Clone, Copy, Debug)]
+pub enum StageInput<'a> {
+    Ids(&'a [u32]),
+    Hidden(&'a [f32]),
+}
+
+/// What a stage gives: hidden states for the next, or on the last stage one
+/// prediction per queried position.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StageOutput {
+    Hidden(Vec<f32>),
+    Predictions(Vec<Vec<Prediction>>),
+}
+
+/// The K/V stores an engine holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheUsage {
+    /// Sequences with a store.
+    pub caches: usize,
+    pub bytes: usize,
+}
+
 /// The model (or one pipeline stage of it) over a group of ranks.
 pub struct Engine<B: Backend = CpuBackend> {
     ranks: Vec<(B, Llada<B>)>,
+    /// One store per rank, locked for a whole forward pass (a release waits
+    /// for the step to end).
+    kv: Mutex<Vec<KvStore<B>>>,
+    /// Bytes the stores may take at most (all ranks); `None`: unbounded.
+    kv_budget: Option<usize>,
 }
 
 impl Engine<CpuBackend> {
@@ -88,7 +122,33 @@ impl<B: Backend> Engine<B> {
             .zip(models)
             .map(|(b, m)| Ok((b, m?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Engine { ranks })
+        let kv = Mutex::new(ranks.iter().map(|_| KvStore::default()).collect());
+        Ok(Engine {
+            ranks,
+            kv,
+            kv_budget: None,
+        })
+    }
+
+    /// Bounds the bytes the K/V stores may take: a step that would store
+    /// more fails with `KvError::Full` (the coordinator admits requests
+    /// within the budget, so a request waits for room rather than evicting
+    /// another's store).
+    pub fn with_kv_budget(mut self, bytes: Option<usize>) -> Self {
+        self.kv_budget = bytes;
+        self
+    }
+
+    pub fn kv_budget(&self) -> Option<usize> {
+        self.kv_budget
+    }
+
+    /// K/V bytes of one position of one sequence over every rank.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        self.ranks
+            .iter()
+            .map(|(_, m)| m.kv_bytes_per_position())
+            .sum()
     }
 
     pub fn shard(&self) -> &Shard {
@@ -105,23 +165,36 @@ impl<B: Backend> Engine<B> {
 
     /// Runs `f` on every rank at once, one thread each (not rayon workers:
     /// a rank waiting in an all-reduce must not hold a worker the others need;
-    /// NCCL likewise needs every rank's call in flight at once). A group of
-    /// one runs on the caller's thread.
-    pub fn on_ranks<T: Send>(&self, f: impl Fn(&B, &Llada<B>) -> T + Sync) -> Vec<T> {
+    /// NCCL likewise needs every rank's call in flight at once), with each
+    /// rank's own input. A group of one runs on the caller's thread.
+    fn on_ranks_each<I: Send, T: Send>(
+        &self,
+        inputs: Vec<I>,
+        f: impl Fn(&B, &Llada<B>, I) -> T + Sync,
+    ) -> Vec<T> {
+        assert_eq!(inputs.len(), self.ranks.len(), "one input per rank");
         if let [(backend, model)] = &self.ranks[..] {
-            return vec![f(backend, model)];
+            let input = inputs.into_iter().next().expect("one rank");
+            return vec![f(backend, model, input)];
         }
+        let f = &f;
         std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .ranks
                 .iter()
-                .map(|(backend, model)| s.spawn(|| f(backend, model)))
+                .zip(inputs)
+                .map(|((backend, model), input)| s.spawn(move || f(backend, model, input)))
                 .collect();
             handles
                 .into_iter()
                 .map(|h| h.join().expect("a rank panicked"))
                 .collect()
         })
+    }
+
+    /// `f` on every rank at once (see `on_ranks_each`).
+    pub fn on_ranks<T: Send>(&self, f: impl Fn(&B, &Llada<B>) -> T + Sync) -> Vec<T> {
+        self.on_ranks_each(vec![(); self.ranks.len()], |b, m, ()| f(b, m))
     }
 
     /// Full logits (for tests, `remask forward` and `bench`): the ranks'
@@ -143,17 +216,160 @@ impl<B: Backend> Engine<B> {
         out
     }
 
-    /// One step: each rank runs `Llada::partials`, which reduces its slice of
-    /// the head through `head_partials` (on the host for the CPU, on the
-    /// device for CUDA).
-    pub fn run(&self, batch: &StepBatch) -> Vec<Vec<Prediction>> {
-        let packing = batch.packing();
-        let per_rank = self.on_ranks(|b, m| m.partials(b, &batch.ids, &packing, &batch.queries));
-        combine_ranks(&per_rank, &batch.queries)
+    /// One forward pass of this engine's layers over the fed rows of
+    /// `seqs`, reading and writing their K/V stores as each says. The
+    /// caller has checked the shapes (`input` holds one row per fed
+    /// position, every query inside its sequence's fed rows); the stores are
+    /// checked here, before any rank starts.
+    pub fn forward(
+        &self,
+        seqs: &[Seq],
+        input: StageInput<'_>,
+        queries: &[Query],
+    ) -> std::result::Result<StageOutput, KvError> {
+        let mut stores = self.kv.lock().unwrap_or_else(|e| e.into_inner());
+        // Every rank holds the same names: rank 0's decide for all.
+        for id in stores[0].idle(crate::kv::IDLE_LIMIT) {
+            stores.iter_mut().for_each(|s| {
+                s.remove(id);
+            });
+        }
+        self.check_stores(&stores[0], seqs)?;
+        let feeds: Vec<Feed<B>> = stores.iter_mut().map(|s| s.feed(seqs)).collect();
+        let rows = query_rows(queries);
+        let d_model = self.config().d_model;
+        let outputs = self.on_ranks_each(feeds, |backend, model, mut feed| {
+            let x = match input {
+                StageInput::Ids(ids) => model.embed(backend, ids),
+                StageInput::Hidden(h) => backend.load_hidden(h, h.len() / d_model, d_model),
+            };
+            let x = model.layers(backend, x, &mut feed);
+            let out = if !model.shard.head {
+                // Every rank holds the same hidden states after the last
+                // all-reduce: rank 0's are the stage's (not worth a copy off
+                // the GPU for the others).
+                let first = backend.rank_world().0 == 0;
+                RankOutput::Hidden(if first {
+                    backend.to_host(x)
+                } else {
+                    Vec::new()
+                })
+            } else if rows.is_empty() {
+                RankOutput::Partials(queries.iter().map(|_| Vec::new()).collect())
+            } else {
+                let logits = model.head_logits(backend, &x, Some(&rows));
+                RankOutput::Partials(backend.head_partials(logits, model.vocab.clone(), queries))
+            };
+            (out, feed)
+        });
+        let mut partials = Vec::with_capacity(outputs.len());
+        let mut hidden = None;
+        for (store, (out, feed)) in stores.iter_mut().zip(outputs) {
+            store.finish(feed);
+            match out {
+                RankOutput::Hidden(h) => {
+                    hidden.get_or_insert(h);
+                }
+                RankOutput::Partials(p) => partials.push(p),
+            }
+        }
+        Ok(match hidden {
+            Some(h) => StageOutput::Hidden(h),
+            None => StageOutput::Predictions(combine_ranks(&partials, queries)),
+        })
+    }
+
+    /// The stores `seqs` read are held with their length, and what they
+    /// store fits the budget.
+    fn check_stores(&self, store: &KvStore<B>, seqs: &[Seq]) -> std::result::Result<(), KvError> {
+        let missing: Vec<u64> = seqs
+            .iter()
+            .filter(|s| s.kv == KvUse::Read && store.holds(s.cache).is_none())
+            .map(|s| s.cache)
+            .collect();
+        if !missing.is_empty() {
+            return Err(KvError::Missing(missing));
+        }
+        for s in seqs.iter().filter(|s| s.kv == KvUse::Read) {
+            let held = store.holds(s.cache).expect("checked");
+            if held != s.len {
+                return Err(KvError::LengthMismatch {
+                    cache: s.cache,
+                    held,
+                    len: s.len,
+                });
+            }
+        }
+        if let Some(budget) = self.kv_budget {
+            let per = self.kv_bytes_per_position();
+            let used = store.positions() * per;
+            let mut seen = std::collections::HashSet::new();
+            let new: usize = seqs
+                .iter()
+                .filter(|s| s.kv == KvUse::Store && seen.insert(s.cache))
+                .map(|s| s.len.saturating_sub(store.holds(s.cache).unwrap_or(0)))
+                .sum();
+            let needed = new * per;
+            if used + needed > budget {
+                return Err(KvError::Full {
+                    needed,
+                    used,
+                    budget,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the stores of `caches` (a request finished, was cancelled or
+    /// expired); returns how many were held.
+    pub fn release(&self, caches: &[u64]) -> usize {
+        let mut stores = self.kv.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = 0;
+        for (r, store) in stores.iter_mut().enumerate() {
+            for &c in caches {
+                if store.remove(c) && r == 0 {
+                    held += 1;
+                }
+            }
+        }
+        held
+    }
+
+    /// Drops every store (a new assignment).
+    pub fn clear_caches(&self) {
+        let mut stores = self.kv.lock().unwrap_or_else(|e| e.into_inner());
+        stores.iter_mut().for_each(KvStore::clear);
+    }
+
+    pub fn cache_usage(&self) -> CacheUsage {
+        let stores = self.kv.lock().unwrap_or_else(|e| e.into_inner());
+        CacheUsage {
+            caches: stores[0].len(),
+            bytes: stores[0].positions() * self.kv_bytes_per_position(),
+        }
+    }
+
+    /// One step of the whole model (this engine must hold every layer).
+    pub fn run(&self, batch: &StepBatch) -> std::result::Result<Vec<Vec<Prediction>>, KvError> {
+        match self.forward(&batch.seqs, StageInput::Ids(&batch.ids), &batch.queries)? {
+            StageOutput::Predictions(p) => Ok(p),
+            StageOutput::Hidden(_) => panic!("Engine::run needs the whole model"),
+        }
     }
 
     /// Predictions for every planned position of every request.
-    pub fn predict(&self, requests: &[(&Canvas, &StepPlan)]) -> Vec<Vec<Prediction>> {
+    pub fn predict(
+        &self,
+        requests: &[StepRequest<'_>],
+    ) -> std::result::Result<Vec<Vec<Prediction>>, KvError> {
         self.run(&StepBatch::new(requests))
     }
+}
+
+/// What one rank returns: the stage's hidden states, or its partials of the
+/// head (its vocabulary slice) on the last stage.
+enum RankOutput {
+    Hidden(Vec<f32>),
+    Partials(Vec<Vec<Partial>>),
 }

@@ -72,16 +72,20 @@ pub fn tiled_attention_kernel(head_dim: usize) -> Option<&'static str> {
     }
 }
 
-/// The plan for `heads` over `packing`: tiled where the head dim allows
-/// and `tiled` is set (`REMASK_CUDA_ATTENTION=rows` clears it, to compare
-/// the two kernels on one GPU or to step around the tiled one).
-pub fn attention(heads: Heads, packing: &Packing, tiled: bool) -> AttentionPlan {
+/// The plan for `heads`, the query rows of each sequence (`queries`)
+/// attending to its key rows (`keys`; the same packing but for a step that
+/// reads a K/V store): tiled where the head dim allows and `tiled` is set
+/// (`REMASK_CUDA_ATTENTION=rows` clears it, to compare the two kernels on
+/// one GPU or to step around the tiled one). Both kernels index queries and
+/// keys separately, so neither needs to know which case it is.
+pub fn attention(heads: Heads, queries: &Packing, keys: &Packing, tiled: bool) -> AttentionPlan {
+    let pairs = || queries.sequences().zip(keys.sequences());
     if let Some(kernel) = tiled_attention_kernel(heads.head_dim).filter(|_| tiled) {
         let mut tiles = Vec::new();
-        for seq in packing.sequences() {
-            for q0 in seq.clone().step_by(ATTENTION_TILE) {
-                let q_end = (q0 + ATTENTION_TILE).min(seq.end);
-                tiles.extend([q0, q_end, seq.start, seq.end].map(|v| v as u32));
+        for (qseq, kseq) in pairs() {
+            for q0 in qseq.clone().step_by(ATTENTION_TILE) {
+                let q_end = (q0 + ATTENTION_TILE).min(qseq.end);
+                tiles.extend([q0, q_end, kseq.start, kseq.end].map(|v| v as u32));
             }
         }
         let n = (tiles.len() / 4) as u32;
@@ -96,11 +100,11 @@ pub fn attention(heads: Heads, packing: &Packing, tiled: bool) -> AttentionPlan 
         };
     }
     let (mut start, mut len, mut longest) = (Vec::new(), Vec::new(), 0);
-    for seq in packing.sequences() {
-        longest = longest.max(seq.len());
-        for _ in seq.clone() {
-            start.push(seq.start as u32);
-            len.push(seq.len() as u32);
+    for (qseq, kseq) in pairs() {
+        longest = longest.max(kseq.len());
+        for _ in qseq {
+            start.push(kseq.start as u32);
+            len.push(kseq.len() as u32);
         }
     }
     AttentionPlan::Rows {
@@ -181,7 +185,7 @@ mod tests {
             kernel,
             tiles,
             geometry,
-        } = attention(heads, &packing, true)
+        } = attention(heads, &packing, &packing, true)
         else {
             panic!("head dim 64 is tiled")
         };
@@ -206,7 +210,8 @@ mod tests {
             n_kv_heads: 2,
             head_dim: 24,
         };
-        let plan = attention(heads, &Packing::new([3, 5]), true);
+        let p = Packing::new([3, 5]);
+        let plan = attention(heads, &p, &p, true);
         let AttentionPlan::Rows {
             start,
             len,
@@ -223,7 +228,8 @@ mod tests {
             head_dim: 64,
             ..heads
         };
-        let plan = attention(h64, &Packing::new([3, 5]), false);
+        let p = Packing::new([3, 5]);
+        let plan = attention(h64, &p, &p, false);
         assert!(matches!(plan, AttentionPlan::Rows { .. }));
     }
 }

@@ -5,8 +5,10 @@
 //! - `query`: the head-query protocol (what a step asks of the output head,
 //!   per vocabulary slice, and how slices combine);
 //! - `llada`: the model, loadable as a whole or as a shard of layers;
-//! - `engine`: the model over a group of ranks (world 1 included): canvases
-//!   in, (token, confidence, entropy) per masked position out;
+//! - `kv`: the K/V stores of the prefix and dual caches;
+//! - `engine`: the model (or a stage) over a group of ranks (world 1
+//!   included), holding its layers' K/V stores: canvases in, (token,
+//!   confidence, entropy) per masked position out;
 //! - `launch`: how the CUDA kernels are launched (pure, tested on the CPU).
 
 pub mod backend;
@@ -16,15 +18,19 @@ pub mod cpu;
 pub mod cuda;
 pub mod engine;
 mod fastmath;
+pub mod kv;
 pub mod launch;
 pub mod llada;
 pub mod query;
 
 pub use backend::{Backend, Heads, Packing};
 pub use cpu::{CpuBackend, Matrix};
-pub use engine::{Engine, token_space};
+pub use engine::{CacheUsage, Engine, StageInput, StageOutput, token_space};
+pub use kv::{KvError, Seq};
 pub use llada::{Llada, Shard};
-pub use query::{Query, StepBatch, combine_ranks, partial_queries, query_rows};
+pub use query::{
+    Query, StepBatch, StepRequest, cache_ids, combine_ranks, partial_queries, query_rows,
+};
 
 #[cfg(test)]
 mod tests;

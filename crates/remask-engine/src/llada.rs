@@ -1,6 +1,6 @@
 //! The LLaDA transformer (block_type "llama"), written once over `Backend`.
 //! Field names mirror the checkpoint's tensor names, so this file reads
-//! side by side with ../shared/LLADA.md:
+//! side by side with docs/LLADA.md:
 //!
 //! ```text
 //! x = wte[ids]
@@ -11,6 +11,7 @@
 //! Attention is bidirectional: there is no causal mask.
 
 use crate::backend::{Backend, Heads, Packing};
+use crate::kv::Feed;
 use remask_model::{Checkpoint, LladaConfig, Result, TensorRef, WeightSource};
 use std::ops::Range;
 
@@ -200,31 +201,24 @@ impl<B: Backend> Llada<B> {
         backend.embed(wte, ids)
     }
 
-    /// Runs this shard's layers over packed sequences.
-    pub fn layers(&self, backend: &B, mut x: B::Tensor, packing: &Packing) -> B::Tensor {
+    /// Runs this shard's layers over the fed rows of packed sequences. With
+    /// K/V stores (`feed`), a sequence's queries may be fewer than its keys:
+    /// the others come from its store.
+    pub fn layers(&self, backend: &B, mut x: B::Tensor, feed: &mut Feed<B>) -> B::Tensor {
         let heads = self.heads;
         let eps = self.config.rms_norm_eps as f32;
-        let positions = packing.positions();
-        for b in &self.blocks {
+        let (cos, sin) = (&self.rope_cos, &self.rope_sin);
+        for (i, b) in self.blocks.iter().enumerate() {
             let h = backend.rms_norm(&x, &b.attn_norm, eps);
             let mut q = backend.linear(&h, &b.q_proj);
             let mut k = backend.linear(&h, &b.k_proj);
             let v = backend.linear(&h, &b.v_proj);
-            backend.rope(
-                &mut q,
-                heads.head_dim,
-                &positions,
-                &self.rope_cos,
-                &self.rope_sin,
-            );
-            backend.rope(
-                &mut k,
-                heads.head_dim,
-                &positions,
-                &self.rope_cos,
-                &self.rope_sin,
-            );
-            let a = backend.attention(&q, &k, &v, heads, packing);
+            backend.rope(&mut q, heads.head_dim, &feed.positions, cos, sin);
+            backend.rope(&mut k, heads.head_dim, &feed.positions, cos, sin);
+            let a = match feed.keys_values(backend, i, &k, &v) {
+                Some((k, v)) => backend.attention(&q, &k, &v, heads, &feed.packing, &feed.keys),
+                None => backend.attention(&q, &k, &v, heads, &feed.packing, &feed.packing),
+            };
             let mut o = backend.linear(&a, &b.attn_out);
             backend.all_reduce(&mut o);
             backend.add_assign(&mut x, &o);
@@ -238,6 +232,12 @@ impl<B: Backend> Llada<B> {
             backend.add_assign(&mut x, &o);
         }
         x
+    }
+
+    /// Bytes of one position's keys and values over this shard's layers
+    /// (this rank's heads, f32).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        2 * self.blocks.len() * self.heads.n_kv_heads * self.heads.head_dim * 4
     }
 
     /// Logits of the given rows (all rows when `None`), `[rows, vocab.len()]`
@@ -262,23 +262,6 @@ impl<B: Backend> Llada<B> {
         backend.linear(&h, head)
     }
 
-    /// One denoising step's forward pass with the head reduced by the
-    /// backend (on the device for CUDA): this rank's partials for every
-    /// queried position, never logits on the host.
-    pub fn partials(
-        &self,
-        backend: &B,
-        ids: &[u32],
-        packing: &Packing,
-        queries: &[crate::query::Query],
-    ) -> Vec<Vec<remask_sampler::Partial>> {
-        let rows = crate::query::query_rows(queries);
-        let x = self.embed(backend, ids);
-        let x = self.layers(backend, x, packing);
-        let logits = self.head_logits(backend, &x, Some(&rows));
-        backend.head_partials(logits, self.vocab.clone(), queries)
-    }
-
     /// The whole model on one shard: ids of packed sequences to logits.
     pub fn logits(
         &self,
@@ -287,8 +270,9 @@ impl<B: Backend> Llada<B> {
         packing: &Packing,
         rows: Option<&[usize]>,
     ) -> Vec<f32> {
+        let mut feed = Feed::plain(packing.sequences().map(|s| s.len()));
         let x = self.embed(backend, ids);
-        let x = self.layers(backend, x, packing);
+        let x = self.layers(backend, x, &mut feed);
         self.head(backend, &x, rows)
     }
 }

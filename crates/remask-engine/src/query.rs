@@ -8,19 +8,23 @@
 //! logits never leave the backend. The in-process engine and the cluster's
 //! last stage speak it alike; it depends only on the sampler.
 
-use crate::backend::Packing;
+use crate::kv::Seq;
 use rayon::prelude::*;
 use remask_sampler::{
-    Canvas, Partial, PredictOptions, Prediction, StepPlan, combine, predict_partial,
+    Canvas, KvUse, Partial, PredictOptions, Prediction, StepPlan, combine, predict_partial,
 };
 
 /// The rows of one request that the sampler asks about.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Query {
-    /// Row of canvas position 0 in the packed batch.
+    /// Row of canvas position `first` (the first fed position) in the
+    /// packed batch.
     pub cond_base: usize,
-    /// Row of position 0 of the prompt-masked sequence, under guidance.
+    /// Same for the prompt-masked sequence, under guidance.
     pub uncond_base: Option<usize>,
+    /// The canvas position of the base rows (0 unless a K/V store feeds
+    /// the positions before it).
+    pub first: usize,
     /// Canvas positions to predict.
     pub positions: Vec<usize>,
     /// The request's denoising step (keys the random draws).
@@ -30,36 +34,67 @@ pub struct Query {
 
 impl Query {
     fn rows(&self) -> impl Iterator<Item = usize> + '_ {
-        let cond = self.positions.iter().map(|&p| self.cond_base + p);
+        let cond = self
+            .positions
+            .iter()
+            .map(|&p| self.cond_base + p - self.first);
         let uncond = self
             .uncond_base
             .into_iter()
-            .flat_map(|b| self.positions.iter().map(move |&p| b + p));
+            .flat_map(move |b| self.positions.iter().map(move |&p| b + p - self.first));
         cond.chain(uncond)
+    }
+
+    /// Every queried position lies in `first..first + fed` (checked before
+    /// a stage computes rows from them).
+    pub fn check(&self, fed: usize) -> bool {
+        self.positions
+            .iter()
+            .all(|&p| p >= self.first && p - self.first < fed)
     }
 }
 
-/// The input of one forward pass for a set of requests.
+/// One request of a step: the name of its K/V stores, its canvas and plan.
+pub type StepRequest<'a> = (u64, &'a Canvas, &'a StepPlan);
+
+/// The input of one forward pass for a set of requests: the fed ids of
+/// every sequence, back to back, what each sequence feeds and does with its
+/// K/V store, and what the head is asked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepBatch {
     pub ids: Vec<u32>,
-    pub lengths: Vec<usize>,
+    pub seqs: Vec<Seq>,
     pub queries: Vec<Query>,
 }
 
+/// The store names of request `id`: its conditional sequence, and the
+/// prompt-masked one under guidance.
+pub fn cache_ids(id: u64) -> [u64; 2] {
+    [2 * id, 2 * id + 1]
+}
+
 impl StepBatch {
-    pub fn new(requests: &[(&Canvas, &StepPlan)]) -> Self {
-        let mut batch = StepBatch {
+    fn empty() -> Self {
+        StepBatch {
             ids: Vec::new(),
-            lengths: Vec::new(),
+            seqs: Vec::new(),
             queries: Vec::new(),
-        };
-        for (canvas, plan) in requests {
-            let cond_base = batch.push(canvas.tokens());
-            let uncond_base = canvas.unconditional().map(|un| batch.push(&un));
+        }
+    }
+
+    /// The step of each request, as its plan says.
+    pub fn new(requests: &[StepRequest<'_>]) -> Self {
+        let mut batch = Self::empty();
+        for &(id, canvas, plan) in requests {
+            let [cond, uncond] = cache_ids(id);
+            let cond_base = batch.push(canvas.tokens(), plan, cond);
+            let uncond_base = canvas
+                .unconditional()
+                .map(|un| batch.push(&un, plan, uncond));
             batch.queries.push(Query {
                 cond_base,
                 uncond_base,
+                first: plan.fed.start,
                 positions: plan.positions.clone(),
                 step: plan.step as u64,
                 options: canvas.predict_options(),
@@ -68,15 +103,47 @@ impl StepBatch {
         batch
     }
 
-    fn push(&mut self, seq: &[u32]) -> usize {
+    /// A full forward that rebuilds the K/V stores of each request's
+    /// current block, exactly as its block's first forward made them (from
+    /// `Canvas::block_start_tokens`); nothing is predicted. Requests whose
+    /// next step reads no store are left out.
+    pub fn rebuild(requests: &[(u64, &Canvas)]) -> Self {
+        let mut batch = Self::empty();
+        for &(id, canvas) in requests {
+            let Some(tokens) = canvas.block_start_tokens() else {
+                continue;
+            };
+            let store = |len| StepPlan {
+                step: 0,
+                transfer: 0,
+                positions: Vec::new(),
+                fed: 0..len,
+                kv: KvUse::Store,
+            };
+            let [cond, uncond] = cache_ids(id);
+            batch.push(tokens, &store(tokens.len()), cond);
+            if let Some(un) = canvas.block_start_unconditional() {
+                batch.push(&un, &store(un.len()), uncond);
+            }
+        }
+        batch
+    }
+
+    fn push(&mut self, seq: &[u32], plan: &StepPlan, cache: u64) -> usize {
         let at = self.ids.len();
-        self.ids.extend_from_slice(seq);
-        self.lengths.push(seq.len());
+        self.ids.extend_from_slice(&seq[plan.fed.clone()]);
+        self.seqs.push(Seq {
+            fed: plan.fed.clone(),
+            len: seq.len(),
+            kv: plan.kv,
+            cache,
+        });
         at
     }
 
-    pub fn packing(&self) -> Packing {
-        Packing::new(self.lengths.iter().copied())
+    /// The rows fed per sequence.
+    pub fn fed_lengths(&self) -> Vec<usize> {
+        self.seqs.iter().map(|s| s.fed.len()).collect()
     }
 }
 

@@ -96,9 +96,10 @@ fn layer_shards_compose_to_the_whole_model() {
     .unwrap();
     let ids: Vec<u32> = (0..12).collect();
     let p = Packing::new([12]);
-    let hidden = first.layers(&be, first.embed(&be, &ids), &p);
+    let feed = || crate::kv::Feed::plain([12]);
+    let hidden = first.layers(&be, first.embed(&be, &ids), &mut feed());
     let hidden = be.load_hidden(&be.to_host(hidden), 12, ckpt.config.d_model);
-    let staged = last.head(&be, &last.layers(&be, hidden, &p), None);
+    let staged = last.head(&be, &last.layers(&be, hidden, &mut feed()), None);
     assert_eq!(staged, whole.logits(&be, &ids, &p, None));
 }
 
@@ -175,8 +176,14 @@ fn tensor_parallel_ranks_match_one_rank() {
         let rel = max_rel_diff(&want, &got);
         assert!(rel < 1e-4, "TP={world}: relative logit difference {rel}");
         for config in configs {
-            let a = generate(&|c, p| one.predict(&[(c, p)]).pop().unwrap(), config);
-            let b = generate(&|c, p| tp.predict(&[(c, p)]).pop().unwrap(), config);
+            let a = generate(
+                &|c, p| one.predict(&[(0, c, p)]).unwrap().pop().unwrap(),
+                config,
+            );
+            let b = generate(
+                &|c, p| tp.predict(&[(0, c, p)]).unwrap().pop().unwrap(),
+                config,
+            );
             assert_eq!(a, b, "TP={world}, {config:?}");
         }
     }
@@ -219,15 +226,16 @@ fn fused_head_matches_host_head() {
     ] {
         let canvas = Canvas::new(&[3, 4, 5], config, space).unwrap();
         let plan = canvas.plan();
-        let batch = StepBatch::new(&[(&canvas, &plan)]);
+        let batch = StepBatch::new(&[(0, &canvas, &plan)]);
         let rows = query_rows(&batch.queries);
-        let logits = engine.logits(&batch.ids, &batch.packing(), Some(&rows));
+        let packing = Packing::new(batch.fed_lengths());
+        let logits = engine.logits(&batch.ids, &packing, Some(&rows));
         let vocab = 0..engine.config().embedding_size();
         let host = combine_ranks(
             &[partial_queries(&logits, vocab, &batch.queries)],
             &batch.queries,
         );
-        let fused = engine.run(&batch);
+        let fused = engine.run(&batch).unwrap();
         for (h, f) in host[0].iter().zip(&fused[0]) {
             assert_eq!(h.token, f.token);
             assert!((h.confidence - f.confidence).abs() < 1e-9, "{h:?} {f:?}");
@@ -278,9 +286,10 @@ fn generated_weights_equal_the_bf16_files() {
         .unwrap()
     };
     let (first, last) = (stage(0..1, true, false), stage(1..2, false, true));
-    let hidden = first.layers(&be, first.embed(&be, &ids), &packing);
+    let feed = || crate::kv::Feed::plain([12, 18]);
+    let hidden = first.layers(&be, first.embed(&be, &ids), &mut feed());
     assert_eq!(
-        last.head(&be, &last.layers(&be, hidden, &packing), None),
+        last.head(&be, &last.layers(&be, hidden, &mut feed()), None),
         want
     );
 
@@ -337,4 +346,165 @@ fn tp_engine_from_backends_in_any_order() {
         &tp.logits(&ids, &packing, None),
     );
     assert!(rel < 1e-6, "relative logit difference {rel}");
+}
+
+fn cache_space(ckpt: &Checkpoint) -> remask_sampler::TokenSpace {
+    remask_sampler::TokenSpace {
+        vocab_size: ckpt.config.vocab_size,
+        mask: ckpt.config.mask_token_id.unwrap(),
+        eos: ckpt.config.eos_token_id.unwrap(),
+        eot: None,
+        max_sequence_length: 512,
+    }
+}
+
+/// A step that reads a K/V store made from the same canvas computes what
+/// a full forward computes (the store holds exactly those keys and
+/// values): both modes, with guidance (two stores per request), on one rank
+/// and on two.
+#[test]
+fn a_cached_step_on_an_unchanged_canvas_equals_the_full_step() {
+    use remask_sampler::{CacheMode, Canvas, KvUse, SamplerConfig};
+    let (_dir, ckpt) = tiny(f32_opts());
+    let space = cache_space(&ckpt);
+    for world in [1, 2] {
+        let engine = Engine::load(&ckpt, world).unwrap();
+        for cache in [CacheMode::Prefix, CacheMode::Dual] {
+            let config = SamplerConfig {
+                gen_length: 24,
+                steps: 24,
+                block_length: 8,
+                cfg_scale: 0.5,
+                cache,
+                ..SamplerConfig::default()
+            };
+            let canvas = Canvas::new(&[3, 4, 5, 6, 7], config, space).unwrap();
+            let store = canvas.plan();
+            assert_eq!(store.kv, KvUse::Store);
+            let full = engine.predict(&[(7, &canvas, &store)]).unwrap();
+            // The same step as a read of the store just made.
+            let block = 5..13;
+            let read = remask_sampler::StepPlan {
+                kv: KvUse::Read,
+                fed: match cache {
+                    CacheMode::Prefix => 5..29,
+                    _ => block,
+                },
+                ..store.clone()
+            };
+            let cached = engine.predict(&[(7, &canvas, &read)]).unwrap();
+            for (a, b) in full[0].iter().zip(&cached[0]) {
+                assert_eq!(a.token, b.token, "TP={world} {cache:?}");
+                assert!((a.confidence - b.confidence).abs() < 1e-5, "{a:?} {b:?}");
+            }
+            assert_eq!(engine.cache_usage().caches, 2);
+            assert_eq!(engine.release(&cache_ids(7)), 2);
+            assert_eq!(engine.cache_usage(), CacheUsage::default());
+        }
+    }
+}
+
+/// The whole of a cached generation under tensor parallelism is the one of
+/// one rank (every rank keeps its own heads' K/V), and packing it with other
+/// requests changes nothing; the cache does change the ids here, so the
+/// comparison tests something.
+#[test]
+fn cached_generations_do_not_depend_on_tensor_parallelism_or_batching() {
+    use remask_sampler::{BatchStep, CacheMode, Canvas, CommitRule, SamplerConfig};
+    let (_dir, ckpt) = tiny(f32_opts());
+    let space = cache_space(&ckpt);
+    let one = Engine::load(&ckpt, 1).unwrap();
+    let two = Engine::load(&ckpt, 2).unwrap();
+    let run = |engine: &Engine, configs: &[SamplerConfig]| {
+        let mut canvases: Vec<Canvas> = configs
+            .iter()
+            .map(|&c| Canvas::new(&[9, 8, 7, 1], c, space).unwrap())
+            .collect();
+        while canvases.iter().any(|c| !c.is_done()) {
+            let mut running: Vec<(u64, &mut Canvas)> = canvases
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, c)| !c.is_done())
+                .map(|(i, c)| (i as u64, c))
+                .collect();
+            let step = BatchStep::new(running.iter().map(|(_, c)| &**c));
+            let requests: Vec<StepRequest> = step
+                .active()
+                .iter()
+                .map(|&i| (running[i].0, &*running[i].1, &step.plans()[i]))
+                .collect();
+            let predictions = engine.run(&StepBatch::new(&requests)).unwrap();
+            step.commit(running.iter_mut().map(|(_, c)| &mut **c), predictions);
+        }
+        let ids: Vec<u64> = (0..configs.len() as u64).flat_map(cache_ids).collect();
+        engine.release(&ids);
+        assert_eq!(engine.cache_usage().caches, 0);
+        canvases
+            .iter()
+            .map(|c| (c.tokens().to_vec(), c.forwards()))
+            .collect::<Vec<_>>()
+    };
+    let config = |cache, rule| SamplerConfig {
+        gen_length: 24,
+        steps: 12,
+        block_length: 8,
+        rule,
+        early_stop: false,
+        cache,
+        ..SamplerConfig::default()
+    };
+    let configs: Vec<SamplerConfig> = [CacheMode::None, CacheMode::Prefix, CacheMode::Dual]
+        .into_iter()
+        .flat_map(|m| {
+            [CommitRule::Fixed, CommitRule::Factor(3.0)]
+                .into_iter()
+                .map(move |r| config(m, r))
+        })
+        .collect();
+    let solo: Vec<_> = configs.iter().map(|c| run(&one, &[*c]).remove(0)).collect();
+    assert_eq!(run(&one, &configs), solo, "batched");
+    assert_eq!(run(&two, &configs), solo, "TP=2");
+    // fixed keeps its k per step: 12 forwards with and without a cache
+    assert!(solo.iter().step_by(2).all(|(_, f)| *f == 12));
+    assert!(
+        solo[0].0 != solo[4].0 || solo[1].0 != solo[5].0,
+        "the cache changed nothing"
+    );
+}
+
+/// A step that reads a store this engine does not hold is refused before
+/// any rank starts, naming the store; so is one that would store past the
+/// budget; and nothing is kept of either.
+#[test]
+fn missing_stores_and_a_full_budget_are_refused() {
+    use remask_sampler::{CacheMode, Canvas, KvUse, SamplerConfig};
+    let (_dir, ckpt) = tiny(f32_opts());
+    let space = cache_space(&ckpt);
+    let per_position = Engine::load(&ckpt, 1).unwrap().kv_bytes_per_position();
+    let engine = Engine::load(&ckpt, 2)
+        .unwrap()
+        .with_kv_budget(Some(per_position * 20));
+    assert_eq!(engine.kv_bytes_per_position(), per_position);
+    let config = SamplerConfig {
+        gen_length: 8,
+        steps: 8,
+        block_length: 8,
+        cache: CacheMode::Dual,
+        ..SamplerConfig::default()
+    };
+    let canvas = Canvas::new(&[3, 4, 5], config, space).unwrap();
+    let read = remask_sampler::StepPlan {
+        kv: KvUse::Read,
+        fed: 3..11,
+        ..canvas.plan()
+    };
+    let err = engine.predict(&[(4, &canvas, &read)]).unwrap_err();
+    assert_eq!(err, crate::KvError::Missing(vec![8]));
+    assert!(err.to_string().contains("rebuild"), "{err}");
+    // 11 positions fit a budget of 20; a second request's 11 do not.
+    engine.predict(&[(0, &canvas, &canvas.plan())]).unwrap();
+    let full = engine.predict(&[(1, &canvas, &canvas.plan())]).unwrap_err();
+    assert!(matches!(full, crate::KvError::Full { .. }), "{full}");
+    assert_eq!(engine.cache_usage().caches, 1);
+    assert_eq!(engine.cache_usage().bytes, 11 * per_position);
 }

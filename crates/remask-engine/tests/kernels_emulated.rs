@@ -154,13 +154,13 @@ fn emulated_attention(
     k: &[f32],
     v: &[f32],
     h: Heads,
-    packing: &Packing,
+    (queries, keys): (&Packing, &Packing),
     tiled: bool,
 ) -> (Vec<f32>, &'static str) {
     let mut out = vec![f32::NAN; q.len()];
     let (nh, nkv, hd) = (h.n_heads as i32, h.n_kv_heads as i32, h.head_dim as i32);
     let scale = 1.0 / (h.head_dim as f32).sqrt();
-    let kernel = match launch::attention(h, packing, tiled) {
+    let kernel = match launch::attention(h, queries, keys, tiled) {
         AttentionPlan::Tiled {
             kernel,
             tiles,
@@ -261,7 +261,7 @@ fn tiled_attention_matches_f64_on_bf16_inputs() {
             .map(|x| x * amplitude)
             .collect();
         let v = values(t * 2 * hd, 3);
-        let (out, kernel) = emulated_attention(emu, &q, &k, &v, h, &packing, true);
+        let (out, kernel) = emulated_attention(emu, &q, &k, &v, h, (&packing, &packing), true);
         assert_eq!(kernel, format!("attention_tc_{hd}"));
         // The kernel rounds Q, K, V (and P) to bf16, as a bf16 model does.
         let round = |x: &[f32]| x.iter().map(|&v| bf16(v)).collect::<Vec<_>>();
@@ -281,6 +281,7 @@ fn tiled_attention_matches_f64_on_bf16_inputs() {
             &matrix(k.clone(), t, 2 * hd),
             &matrix(v.clone(), t, 2 * hd),
             h,
+            &packing,
             &packing,
         );
         let err = max_abs_diff(&out, &cpu.data);
@@ -303,7 +304,7 @@ fn row_attention_matches_the_cpu_backend() {
     let packing = Packing::new([5, 1, 40]);
     let t = packing.tokens();
     let (q, k, v) = (values(t * 72, 4), values(t * 24, 5), values(t * 24, 6));
-    let (out, kernel) = emulated_attention(emu, &q, &k, &v, h, &packing, true);
+    let (out, kernel) = emulated_attention(emu, &q, &k, &v, h, (&packing, &packing), true);
     assert_eq!(kernel, "attention");
     let cpu = CpuBackend::default().attention(
         &matrix(q, t, 72),
@@ -311,9 +312,41 @@ fn row_attention_matches_the_cpu_backend() {
         &matrix(v, t, 24),
         h,
         &packing,
+        &packing,
     );
     let err = max_abs_diff(&out, &cpu.data);
     assert!(err < 1e-5, "max |diff| {err}");
+}
+
+/// A step that reads a K/V store: each sequence has fewer query rows than
+/// keys (the fed block against the whole canvas). Both kernels against the
+/// CPU backend.
+#[test]
+fn attention_with_fewer_queries_than_keys_matches_the_cpu_backend() {
+    let Some(emu) = emu() else { return };
+    for (hd, tol) in [(24, 1e-5), (64, 2e-2)] {
+        let h = Heads {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: hd,
+        };
+        let queries = Packing::new([8, 1, 70]);
+        let keys = Packing::new([40, 9, 100]);
+        let (tq, tk) = (queries.tokens(), keys.tokens());
+        let q = values(tq * 4 * hd, 9);
+        let (k, v) = (values(tk * 2 * hd, 10), values(tk * 2 * hd, 11));
+        let (out, kernel) = emulated_attention(emu, &q, &k, &v, h, (&queries, &keys), true);
+        let cpu = CpuBackend::default().attention(
+            &matrix(q, tq, 4 * hd),
+            &matrix(k, tk, 2 * hd),
+            &matrix(v, tk, 2 * hd),
+            h,
+            &queries,
+            &keys,
+        );
+        let err = max_abs_diff(&out, &cpu.data);
+        assert!(err < tol, "{kernel}: max |diff| {err}");
+    }
 }
 
 #[test]
@@ -483,6 +516,7 @@ fn head_partials_match_the_host_reduction() {
         Query {
             cond_base: 0,
             uncond_base: None,
+            first: 0,
             positions: vec![0, 2, 5],
             step: 3,
             options: options(0.0, 0.0, false),
@@ -490,6 +524,7 @@ fn head_partials_match_the_host_reduction() {
         Query {
             cond_base: 10,
             uncond_base: Some(20),
+            first: 0,
             positions: vec![1, 4],
             step: 7,
             options: options(0.8, 1.5, true),
@@ -497,6 +532,7 @@ fn head_partials_match_the_host_reduction() {
         Query {
             cond_base: 30,
             uncond_base: None,
+            first: 0,
             positions: vec![3],
             step: 0,
             options: options(1.0, 0.0, true),

@@ -164,8 +164,56 @@ fn rank_entropy(h: f64) -> f64 {
     if h.is_nan() { f64::INFINITY } else { h }
 }
 
+/// How the steps of a block after its first reuse keys and values
+/// (Fast-dLLM's caches, an approximation). The first forward of every block
+/// is a full one that stores every layer's K and V; the later ones of the
+/// block feed fewer positions and read the rest from that store, which is
+/// never refreshed inside the block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Every step is a full forward over the whole canvas (the reference).
+    #[default]
+    None,
+    /// Later steps feed the block and everything right of it; K/V left of
+    /// the block come from the store.
+    Prefix,
+    /// Later steps feed only the block; K/V left and right of it come from
+    /// the store.
+    Dual,
+}
+
+impl CacheMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CacheMode::None => "none",
+            CacheMode::Prefix => "prefix",
+            CacheMode::Dual => "dual",
+        }
+    }
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(CacheMode::None),
+            "prefix" => Ok(CacheMode::Prefix),
+            "dual" => Ok(CacheMode::Dual),
+            _ => Err(format!(
+                "unknown cache mode '{s}': expected none, prefix or dual"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The sampler settings of one request (LLaDA's `generate()` arguments,
-/// plus the commit rule and early stop).
+/// plus the commit rule, early stop and the cache mode).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplerConfig {
     pub gen_length: usize,
@@ -184,6 +232,7 @@ pub struct SamplerConfig {
     pub seed: u64,
     pub logits_eos_inf: bool,
     pub confidence_eos_eot_inf: bool,
+    pub cache: CacheMode,
 }
 
 impl Default for SamplerConfig {
@@ -200,6 +249,7 @@ impl Default for SamplerConfig {
             seed: 0,
             logits_eos_inf: false,
             confidence_eos_eot_inf: false,
+            cache: CacheMode::None,
         }
     }
 }
@@ -332,6 +382,19 @@ pub fn transfer_schedule(n: usize, steps: usize) -> Vec<usize> {
     (0..steps).map(|i| base + usize::from(i < rem)).collect()
 }
 
+/// What one step's forward pass does with the request's K/V store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvUse {
+    /// A full forward, nothing kept (`CacheMode::None`).
+    None,
+    /// A full forward that also stores every layer's K and V (the first
+    /// forward of a block).
+    Store,
+    /// Feeds `StepPlan::fed` only; K/V of the other positions come from the
+    /// store.
+    Read,
+}
+
 /// The work of one denoising step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepPlan {
@@ -345,6 +408,10 @@ pub struct StepPlan {
     /// Positions that can be committed now: the masked positions of the
     /// current block. Predictions are needed for exactly these.
     pub positions: Vec<usize>,
+    /// The canvas positions the forward pass feeds (the whole canvas unless
+    /// `kv` is `Read`); `positions` lie inside.
+    pub fed: std::ops::Range<usize>,
+    pub kv: KvUse,
 }
 
 impl StepPlan {
@@ -375,6 +442,11 @@ pub struct Canvas {
     block: usize,
     /// Steps taken in the current block.
     block_step: usize,
+    /// Forward passes taken in the current block (the first stores the K/V).
+    block_forwards: usize,
+    /// The canvas as the current block's first forward saw it: what a lost
+    /// K/V store is rebuilt from (`block_start_tokens`).
+    block_start: Vec<u32>,
     /// Commit counts of the current block's steps (the `Fixed` rule).
     schedule: Vec<usize>,
     step: usize,
@@ -416,6 +488,8 @@ impl Canvas {
             blocks: config.gen_length / config.block_length,
             block: 0,
             block_step: 0,
+            block_forwards: 0,
+            block_start: Vec::new(),
             schedule: Vec::new(),
             step: 0,
             forwards: 0,
@@ -508,13 +582,15 @@ impl Canvas {
     /// The input of the unconditional pass of classifier-free guidance: the
     /// canvas with only the prompt (and suffix) masked. `None` without guidance.
     pub fn unconditional(&self) -> Option<Vec<u32>> {
-        (self.config.cfg_scale > 0.0).then(|| {
-            let mut un = self.x.clone();
-            let n = un.len();
-            un[..self.prompt_len].fill(self.space.mask);
-            un[n - self.suffix_len..].fill(self.space.mask);
-            un
-        })
+        (self.config.cfg_scale > 0.0).then(|| self.prompt_masked(&self.x))
+    }
+
+    fn prompt_masked(&self, x: &[u32]) -> Vec<u32> {
+        let mut un = x.to_vec();
+        let n = un.len();
+        un[..self.prompt_len].fill(self.space.mask);
+        un[n - self.suffix_len..].fill(self.space.mask);
+        un
     }
 
     /// The options `predict` needs for this request.
@@ -539,6 +615,7 @@ impl Canvas {
 
     fn start_block(&mut self) {
         self.block_step = 0;
+        self.block_forwards = 0;
         if self.config.rule == CommitRule::Fixed {
             let n = self.x[self.block_range()]
                 .iter()
@@ -559,11 +636,35 @@ impl Canvas {
             CommitRule::Fixed => self.schedule[self.block_step],
             _ => positions.len(),
         };
+        let block = self.block_range();
+        let (kv, fed) = match self.config.cache {
+            CacheMode::None => (KvUse::None, 0..self.x.len()),
+            _ if self.block_forwards == 0 => (KvUse::Store, 0..self.x.len()),
+            CacheMode::Prefix => (KvUse::Read, block.start..self.x.len()),
+            CacheMode::Dual => (KvUse::Read, block),
+        };
         StepPlan {
             step: self.step,
             transfer,
             positions,
+            fed,
+            kv,
         }
+    }
+
+    /// The tokens the current block's K/V store was made from (the canvas
+    /// at the block's first forward), for a step that reads it; `None` when
+    /// the next step does not read a store. A worker that lost the store
+    /// (restart, replacement, eviction) gets it back exactly from these.
+    pub fn block_start_tokens(&self) -> Option<&[u32]> {
+        (self.config.cache != CacheMode::None && self.block_forwards > 0)
+            .then_some(&self.block_start[..])
+    }
+
+    /// `unconditional()` of `block_start_tokens()`.
+    pub fn block_start_unconditional(&self) -> Option<Vec<u32>> {
+        let start = self.block_start_tokens()?;
+        (self.config.cfg_scale > 0.0).then(|| self.prompt_masked(start))
     }
 
     /// Commits the predictions (one per `plan.positions`, in that order)
@@ -572,6 +673,9 @@ impl Canvas {
     /// lower position, a NaN confidence ranks as -inf.
     pub fn commit(&mut self, plan: &StepPlan, predictions: &[Prediction]) -> Vec<Committed> {
         assert_eq!(plan.step, self.step, "plan of another step");
+        if plan.kv == KvUse::Store && plan.needs_forward() {
+            self.block_start.clone_from(&self.x);
+        }
         assert_eq!(
             plan.positions.len(),
             predictions.len(),
@@ -610,6 +714,7 @@ impl Canvas {
         self.committed += committed.len();
         self.step += 1;
         self.forwards += usize::from(plan.needs_forward());
+        self.block_forwards += usize::from(plan.needs_forward());
         self.block_step += 1;
         let block_over = match self.config.rule {
             CommitRule::Fixed => self.block_step == self.schedule.len(),

@@ -13,8 +13,8 @@ mod predict;
 pub mod rng;
 
 pub use canvas::{
-    BatchStep, Canvas, CommitRule, Committed, FinishReason, InvalidRequest, SamplerConfig,
-    StepPlan, TokenSpace, denoise, transfer_schedule,
+    BatchStep, CacheMode, Canvas, CommitRule, Committed, FinishReason, InvalidRequest, KvUse,
+    SamplerConfig, StepPlan, TokenSpace, denoise, transfer_schedule,
 };
 pub use predict::{
     Partial, PredictOptions, Prediction, Remasking, combine, predict, predict_partial,

@@ -219,7 +219,12 @@ proptest! {
         let end = prompt.len() + config.gen_length;
         while !infill.is_done() {
             let plan = infill.plan();
-            prop_assert_eq!(&plan, &plain.plan());
+            let other = plain.plan();
+            // the same step of the gap (only the fed canvas is longer)
+            prop_assert_eq!(
+                (plan.step, plan.transfer, &plan.positions),
+                (other.step, other.transfer, &other.positions)
+            );
             prop_assert!(plan.positions.iter().all(|&p| p >= prompt.len() && p < end));
             let preds = fake_predictions(seed, &plan);
             infill.commit(&plan, &preds);
@@ -566,4 +571,69 @@ fn rules_parse_and_refuse_bad_values() {
         CommitRule::from_parameters(Some(0.9), Some(1.0), None),
         Err(InvalidRequest::TwoRules)
     );
+}
+
+proptest! {
+    /// The K/V cache modes: the first forward of every block stores over the
+    /// whole canvas, the later ones read and feed the block (dual) or the
+    /// block and what follows it (prefix); the planned positions always lie
+    /// in what is fed; the store is rebuilt from the canvas as the block's
+    /// first forward saw it; and the mode never changes which positions a
+    /// step plans or how many forwards a request takes for the same
+    /// predictions (the fixed rule keeps its k per step).
+    #[test]
+    fn cache_modes_plan_what_the_store_needs(
+        prompt in proptest::collection::vec(0u32..MASK, 1..6),
+        block_length in 1usize..8,
+        blocks in 1usize..4,
+        per_block in 1usize..4,
+        seed in any::<u64>(),
+        suffix_len in 0usize..3,
+    ) {
+        use crate::{CacheMode, KvUse};
+        let steps = (per_block.min(block_length)) * blocks;
+        let run = |cache| {
+            let config = SamplerConfig {
+                gen_length: block_length * blocks,
+                steps,
+                block_length,
+                early_stop: false,
+                cache,
+                ..SamplerConfig::default()
+            };
+            let suffix = vec![3; suffix_len];
+            let mut c = Canvas::infill(&prompt, &suffix, config, space()).unwrap();
+            let mut plans = Vec::new();
+            let mut block_start: Option<Vec<u32>> = None;
+            while !c.is_done() {
+                let plan = c.plan();
+                let len = c.tokens().len();
+                let block = (plan.step * blocks / steps) * block_length + prompt.len();
+                match (cache, plan.kv) {
+                    (CacheMode::None, KvUse::None) => assert_eq!(plan.fed, 0..len),
+                    (_, KvUse::Store) => {
+                        assert_eq!(plan.fed, 0..len);
+                        assert!(c.block_start_tokens().is_none());
+                        block_start = Some(c.tokens().to_vec());
+                    }
+                    (CacheMode::Prefix, KvUse::Read) => assert_eq!(plan.fed, block..len),
+                    (CacheMode::Dual, KvUse::Read) => {
+                        assert_eq!(plan.fed, block..block + block_length)
+                    }
+                    other => panic!("{other:?}"),
+                }
+                if plan.kv == KvUse::Read {
+                    assert_eq!(c.block_start_tokens(), block_start.as_deref());
+                }
+                assert!(plan.positions.iter().all(|p| plan.fed.contains(p)));
+                let preds = fake_predictions(seed, &plan);
+                c.commit(&plan, &preds);
+                plans.push((plan.step, plan.transfer, plan.positions));
+            }
+            (plans, c.tokens().to_vec(), c.forwards())
+        };
+        let none = run(CacheMode::None);
+        prop_assert_eq!(&run(CacheMode::Prefix), &none);
+        prop_assert_eq!(&run(CacheMode::Dual), &none);
+    }
 }

@@ -420,13 +420,14 @@ impl Backend for CudaBackend {
         k: &CudaTensor,
         v: &CudaTensor,
         h: Heads,
-        packing: &Packing,
+        queries: &Packing,
+        keys: &Packing,
     ) -> CudaTensor {
         // Both kernels write every row of every head.
         let mut out = self.uninit(q.rows, q.cols);
         let (nh, nkv, hd) = (h.n_heads as i32, h.n_kv_heads as i32, h.head_dim as i32);
         let scale = 1.0 / (h.head_dim as f32).sqrt();
-        match launch::attention(h, packing, self.tiled_attention) {
+        match launch::attention(h, queries, keys, self.tiled_attention) {
             AttentionPlan::Tiled {
                 kernel,
                 tiles,
@@ -490,6 +491,24 @@ impl Backend for CudaBackend {
             .arg(&n)
             .arg(&cols);
         unsafe { l.launch(grid(rows.len() * x.cols)) }.expect("CUDA: gather_rows");
+        out
+    }
+
+    fn concat_rows(&self, pieces: &[(&CudaTensor, std::ops::Range<usize>)]) -> CudaTensor {
+        let cols = pieces.first().map_or(0, |(t, _)| t.cols);
+        let rows = pieces.iter().map(|(_, r)| r.len()).sum();
+        let mut out = self.uninit(rows, cols);
+        let mut at = 0;
+        for (t, r) in pieces {
+            assert_eq!(t.cols, cols, "concat_rows of different widths");
+            let n = r.len() * cols;
+            let src = t.data.slice(r.start * cols..r.end * cols);
+            let mut dst = out.data.slice_mut(at..at + n);
+            self.stream
+                .memcpy_dtod(&src, &mut dst)
+                .expect("CUDA: copy rows");
+            at += n;
+        }
         out
     }
 
