@@ -16,8 +16,8 @@ forward passes per answer for each cache mode x commit rule.
   machine (issue 12: 2 cores, f32, `base` with random weights, a 32-token
   prompt, gen 128, blocks of 32, factor 3): no cache, prefix, dual;
 - chat: the README's chat question on the demo model (the embedded default
-  unless --demo) at gen_length 32 and 224, blocks of 32, threshold 0.9, with and
-  without the dual cache.
+  unless --demo) at gen_length 32 and 224, as the README runs it (blocks of 8,
+  one token per step, early stop), with and without each cache.
 
 Every command of a table alternates with the others in each of --rounds rounds
 and the median is reported. Runs `remask` in process; binary: $REMASK_BIN or
@@ -129,18 +129,18 @@ def chat_table(demo: str | None, n: int) -> str:
     model = ["--model", demo] if demo else []
     commands = {}
     for gen in (32, 224):
-        for mode in ("none", "dual"):
+        for mode in MODES:
             commands[(gen, mode)] = ["generate", "--json", *model, "--chat", "--prompt", CHAT,
-                                     "--gen-length", str(gen), "--block-length", "32",
-                                     "--threshold", "0.9", "--cache", mode]
+                                     "--gen-length", str(gen), "--steps", str(gen),
+                                     "--block-length", "8", "--cache", mode]
     res = rounds(commands, n)
     lines = ["| gen_length | cache | forwards | ms | answer |", "|---:|---|---:|---:|---|"]
     for (gen, mode), rs in res.items():
         ms = median(rs, lambda r: r["elapsed_ms"])
         lines.append(f"| {gen} | {mode} | {rs[0]['forwards']} | {ms:.0f} | `{rs[0]['text']}` |")
     t = {k: median(v, lambda r: r["elapsed_ms"]) for k, v in res.items()}
-    lines.append(f"\ngen_length 224 / 32 with the dual cache: {t[(224, 'dual')] / t[(32, 'dual')]:.2f}x"
-                 f" (without: {t[(224, 'none')] / t[(32, 'none')]:.2f}x)")
+    ratios = ", ".join(f"{m} {t[(224, m)] / t[(32, m)]:.2f}x" for m in MODES)
+    lines.append(f"\nms at gen_length 224 / ms at 32: {ratios}")
     return "\n".join(lines)
 
 

@@ -124,6 +124,12 @@ pub struct FrontArgs {
     /// A file of client API keys, one per line.
     #[arg(long, env = "REMASK_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Let chat messages hold the tokenizer's special tokens as text (they
+    /// become real control tokens, so a user can forge a turn of another
+    /// role: Hugging Face's and vLLM's behaviour). Off: such a message is
+    /// refused with INVALID_ARGUMENT / HTTP 400.
+    #[arg(long, env = "REMASK_ALLOW_SPECIAL_TOKENS_IN_CHAT")]
+    pub allow_special_tokens_in_chat: bool,
 }
 
 /// What a listening port tolerates from its clients (the gRPC port, and the
@@ -328,12 +334,13 @@ async fn shutdown_signal() {
     eprintln!("remask: shutting down");
 }
 
-fn model_meta(dir: &Path) -> CliResult<ModelMeta> {
+fn model_meta(dir: &Path, front: &FrontArgs) -> CliResult<ModelMeta> {
     if !dir.join("config.json").is_file() {
         return Err(remask_model::ModelError::NotADirectory(dir.to_path_buf()).into());
     }
     let config = LladaConfig::from_file(&dir.join("config.json"))?;
-    let codec = TextCodec::load(dir)?;
+    let codec =
+        TextCodec::load(dir)?.allow_special_tokens_in_chat(front.allow_special_tokens_in_chat);
     let special = codec.special_tokens(&config)?;
     Ok(ModelMeta {
         dir: dir.display().to_string(),
@@ -378,7 +385,7 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     // The GPUs (empty on the CPU), checked before the model is read.
     let gpus = args.device.gpus(args.tensor_parallel)?;
     let dir = default_model::resolve(args.model, globals)?;
-    let meta = model_meta(&dir)?;
+    let meta = model_meta(&dir, &args.front)?;
     let ckpt = Checkpoint::open(&dir)?;
     let shard = Shard::full(&ckpt.config);
     let runner = if gpus.is_empty() {
@@ -499,7 +506,7 @@ fn start_coordinator(
 pub fn coordinator(args: CoordinatorArgs) -> CliResult {
     check_batch(&args.batch)?;
     let limits = args.conn.limits()?;
-    let meta = model_meta(&args.model)?;
+    let meta = model_meta(&args.model, &args.front)?;
     let n_layers = meta.config.n_layers;
     if args.stages == 0 || args.stages > n_layers {
         return Err(CliError::Usage(format!(

@@ -49,6 +49,10 @@ pub struct GenerateArgs {
         conflicts_with = "prompt_ids"
     )]
     pub chat: bool,
+    /// With --chat: let the prompt hold the tokenizer's special tokens as
+    /// text (they become real control tokens); refused otherwise.
+    #[arg(long, env = "REMASK_ALLOW_SPECIAL_TOKENS_IN_CHAT", requires = "chat")]
+    pub allow_special_tokens_in_chat: bool,
     /// Infilling: fixed text after the generated span; the generation fills the
     /// gap between the prompt and it (e.g. the first half of a sentence from
     /// its second half, with an empty prompt).
@@ -182,7 +186,7 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
     args.device.gpus(args.tensor_parallel)?;
     let dir = default_model::resolve(args.model.clone(), globals)?;
     let ckpt = Checkpoint::open(&dir)?;
-    let codec = TextCodec::load(&dir)?;
+    let codec = TextCodec::load(&dir)?.allow_special_tokens_in_chat(args.allow_special_tokens_in_chat);
     let special = codec.special_tokens(&ckpt.config)?;
     let random = is_random(&ckpt.config);
 

@@ -63,6 +63,16 @@ pub enum ModelError {
     Tokenizer { path: PathBuf, reason: String },
     #[error("chat template: {0}")]
     Template(String),
+    #[error(
+        "chat message {index} ({role}) contains the special token {token:?}: the template would \
+         make it a real control token (a user could end their turn and write one for another \
+         role); remove it, or start the server with --allow-special-tokens-in-chat"
+    )]
+    SpecialTokenInChat {
+        index: usize,
+        role: String,
+        token: String,
+    },
     #[error("special token {0} not found: set it in config.json or add it to tokenizer.json")]
     MissingSpecialToken(&'static str),
     #[error("no checkpoint at {0}: expected a directory with config.json")]

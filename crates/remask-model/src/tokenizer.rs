@@ -37,6 +37,11 @@ pub struct TextCodec {
     /// keeps every input byte (no normalizer; byte-level or no
     /// pre-tokenizer); see `max_token_bytes`.
     max_token_bytes: Option<usize>,
+    /// The special tokens' texts (`<|eot_id|>`, `<|start_header_id|>`, ...),
+    /// longest first.
+    special_texts: Vec<String>,
+    /// Whether chat content may hold them (`allow_special_tokens_in_chat`).
+    special_in_chat: bool,
 }
 
 impl TextCodec {
@@ -67,8 +72,18 @@ impl TextCodec {
             None => None,
         };
         let max_token_bytes = bytes_per_token_bound(&tokenizer);
+        let mut special_texts: Vec<String> = tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content.clone())
+            .collect();
+        special_texts.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        special_texts.dedup();
         Ok(TextCodec {
             max_token_bytes,
+            special_texts,
+            special_in_chat: false,
             tokenizer,
             chat_template: config
                 .get("chat_template")
@@ -77,6 +92,15 @@ impl TextCodec {
             bos_token: token("bos_token"),
             eos_token: token("eos_token"),
         })
+    }
+
+    /// Lets chat content hold special tokens as text, which the template then
+    /// turns into real control tokens (Hugging Face's default, and vLLM's).
+    /// Off by default: content holding `<|eot_id|><|start_header_id|>system`
+    /// would forge a turn of another role, so it is refused with a message.
+    pub fn allow_special_tokens_in_chat(mut self, allow: bool) -> Self {
+        self.special_in_chat = allow;
+        self
     }
 
     pub fn token_id(&self, token: &str) -> Option<u32> {
@@ -127,6 +151,17 @@ impl TextCodec {
     /// The chat template with a generation prompt, then tokenized without
     /// adding special tokens again (the template already has them).
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Vec<u32>> {
+        if !self.special_in_chat {
+            for (index, m) in messages.iter().enumerate() {
+                if let Some(token) = self.special_texts.iter().find(|t| m.content.contains(&**t)) {
+                    return Err(ModelError::SpecialTokenInChat {
+                        index,
+                        role: m.role.clone(),
+                        token: token.clone(),
+                    });
+                }
+            }
+        }
         let text = self.render_chat(messages)?;
         self.encode_with(&text, false)
     }
