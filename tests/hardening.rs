@@ -329,7 +329,8 @@ fn silent_and_partial_clients_are_cut_off() {
 }
 
 /// Beyond --max-connections a new connection is refused at once (HTTP: a
-/// 503, gRPC: closed), and served again when a place frees up.
+/// 503, gRPC: an HTTP/2 GOAWAY with ENHANCE_YOUR_CALM, then closed), and
+/// served again when a place frees up.
 #[test]
 fn connections_beyond_the_limit_are_refused() {
     let (server, grpc, http) = serve(
@@ -353,6 +354,17 @@ fn connections_beyond_the_limit_are_refused() {
             );
         } else {
             let mut fourth = TcpStream::connect(grpc).unwrap();
+            fourth
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let mut frames = [0u8; 18];
+            fourth.read_exact(&mut frames).unwrap();
+            assert_eq!(frames[3], 0x4, "a SETTINGS frame first: {frames:?}");
+            assert_eq!(frames[12], 0x7, "then a GOAWAY: {frames:?}");
+            let mut payload = vec![0u8; usize::from(frames[11])];
+            fourth.read_exact(&mut payload).unwrap();
+            assert_eq!(payload[7], 0xb, "ENHANCE_YOUR_CALM: {payload:?}");
+            assert!(String::from_utf8_lossy(&payload[8..]).contains("too many open connections"));
             assert!(
                 closed_within(&mut fourth, Duration::from_secs(2)),
                 "a 4th gRPC connection was not closed"

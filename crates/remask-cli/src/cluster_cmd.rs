@@ -143,7 +143,7 @@ pub struct ConnArgs {
     #[arg(long, env = "REMASK_HEADER_TIMEOUT_S", default_value_t = 10.0)]
     pub header_timeout_s: f64,
     /// Open connections per listening port at most; beyond, new ones are
-    /// closed at once (with a 503 on a plain HTTP port).
+    /// closed at once (after a 503 on a plain HTTP port, an HTTP/2 GOAWAY on a plain gRPC port).
     #[arg(long, env = "REMASK_MAX_CONNECTIONS", default_value_t = remask_cluster::listen::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
 }

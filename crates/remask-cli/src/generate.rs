@@ -186,7 +186,8 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
     args.device.gpus(args.tensor_parallel)?;
     let dir = default_model::resolve(args.model.clone(), globals)?;
     let ckpt = Checkpoint::open(&dir)?;
-    let codec = TextCodec::load(&dir)?.allow_special_tokens_in_chat(args.allow_special_tokens_in_chat);
+    let codec =
+        TextCodec::load(&dir)?.allow_special_tokens_in_chat(args.allow_special_tokens_in_chat);
     let special = codec.special_tokens(&ckpt.config)?;
     let random = is_random(&ckpt.config);
 

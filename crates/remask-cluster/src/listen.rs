@@ -8,7 +8,8 @@
 //!   HTTP port, the first byte of an HTTP/1 request, after which hyper's own
 //!   header read timeout runs for every request head);
 //! - at most `max_connections` are open per listener; beyond, new ones are
-//!   closed at once (a plain HTTP port answers 503 first);
+//!   closed at once (a plain HTTP port answers 503 first, a plain gRPC port
+//!   an HTTP/2 GOAWAY; over TLS there is no handshake to spend on them);
 //! - accept errors back off (10 ms, doubling to 100 ms) instead of retrying
 //!   at once: at the descriptor limit (EMFILE) the connection stays queued
 //!   and an immediate retry fails again, which spins a core.
@@ -34,6 +35,30 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// HTTP/2 keep-alive pings: a peer that stops answering for
 /// `header_timeout` after one is disconnected (half-open connections).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// What a plain gRPC connection beyond the limit reads before the close: the
+/// server's HTTP/2 preface (an empty SETTINGS frame) and a GOAWAY with no
+/// stream processed, ENHANCE_YOUR_CALM and a reason, so that an HTTP/2
+/// client reports why instead of a reset.
+const GOAWAY: &[u8] = &{
+    const REASON: &[u8] = b"too many open connections";
+    const PAYLOAD: usize = 8 + REASON.len();
+    let mut f = [0u8; 9 + 9 + PAYLOAD];
+    // SETTINGS: length 0, type 0x4, flags 0, stream 0.
+    f[3] = 0x4;
+    // GOAWAY: length, type 0x7, flags 0, stream 0; last stream 0, error 0xb.
+    f[9] = (PAYLOAD >> 16) as u8;
+    f[10] = (PAYLOAD >> 8) as u8;
+    f[11] = PAYLOAD as u8;
+    f[12] = 0x7;
+    f[9 + 9 + 7] = 0xb;
+    let mut i = 0;
+    while i < REASON.len() {
+        f[9 + 9 + 8 + i] = REASON[i];
+        i += 1;
+    }
+    f
+};
+
 /// Connections refused at the limit that get their 503 at the same time, at
 /// most; beyond, they are closed without one.
 const MAX_REFUSING: usize = 64;
@@ -299,6 +324,7 @@ pub fn grpc_incoming(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tls.map(TlsAcceptor::from);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     tokio::spawn(async move {
         loop {
             let (stream, remote) = tokio::select! {
@@ -307,6 +333,9 @@ pub fn grpc_incoming(
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 tracing::warn!(%remote, limit = limits.max_connections, "gRPC connection refused: too many open connections");
+                if acceptor.is_none() {
+                    refuse(stream, GOAWAY, &refusing);
+                }
                 continue;
             };
             // A step is a chain of small request/response exchanges: delayed
@@ -353,7 +382,7 @@ pub async fn serve_http(
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%remote, limit = limits.max_connections, "HTTP connection refused: too many open connections");
             if acceptor.is_none() {
-                refuse(stream, &refusing);
+                refuse(stream, BUSY, &refusing);
             }
             continue;
         };
@@ -395,17 +424,17 @@ pub async fn serve_http(
     graceful.shutdown().await;
 }
 
-/// A 503 on a connection beyond the limit, in its own task (a second or
-/// less): written, then the request is drained until the client closes, so
-/// the client reads the answer instead of a reset.
-fn refuse(mut stream: TcpStream, refusing: &Arc<Semaphore>) {
+/// The refusal of a connection beyond the limit (a 503, a GOAWAY), in its
+/// own task (a second or less): written, then the request is drained until
+/// the client closes, so the client reads the answer instead of a reset.
+fn refuse(mut stream: TcpStream, answer: &'static [u8], refusing: &Arc<Semaphore>) {
     let Ok(permit) = refusing.clone().try_acquire_owned() else {
         return;
     };
     tokio::spawn(async move {
         let _permit = permit;
         let answer = async {
-            stream.write_all(BUSY).await?;
+            stream.write_all(answer).await?;
             stream.shutdown().await?;
             let mut sink = [0u8; 1024];
             while stream.read(&mut sink).await? > 0 {}
@@ -418,6 +447,16 @@ fn refuse(mut stream: TcpStream, refusing: &Arc<Semaphore>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn goaway_is_two_frames() {
+        // SETTINGS: 9 bytes, empty.
+        assert_eq!(&GOAWAY[..9], &[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        let len = u32::from_be_bytes([0, GOAWAY[9], GOAWAY[10], GOAWAY[11]]) as usize;
+        assert_eq!((GOAWAY[12], len), (7, GOAWAY.len() - 18));
+        assert_eq!(&GOAWAY[18..26], &[0, 0, 0, 0, 0, 0, 0, 0xb]);
+        assert_eq!(&GOAWAY[26..], b"too many open connections");
+    }
 
     #[test]
     fn busy_answer_has_its_length() {
