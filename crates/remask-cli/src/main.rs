@@ -99,7 +99,17 @@ pub struct Globals {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _telemetry = match telemetry::init(cli.log_format == "json", cli.otlp_endpoint.as_deref()) {
+    let server = matches!(
+        cli.command,
+        Command::Serve(_) | Command::Coordinator(_) | Command::Worker(_)
+    );
+    let default_level = if server {
+        "warn,remask_cluster=info,remask_cli=info"
+    } else {
+        "warn"
+    };
+    let json = cli.log_format == "json";
+    let _telemetry = match telemetry::init(json, cli.otlp_endpoint.as_deref(), default_level) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");

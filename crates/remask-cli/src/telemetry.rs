@@ -22,9 +22,12 @@ impl Drop for Telemetry {
     }
 }
 
-pub fn init(json: bool, otlp_endpoint: Option<&str>) -> Result<Telemetry, String> {
+/// The log level: `REMASK_LOG`, else `RUST_LOG`, else `default` (servers:
+/// one line per request at info; other commands: warnings only).
+pub fn init(json: bool, otlp_endpoint: Option<&str>, default: &str) -> Result<Telemetry, String> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("REMASK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let logs = if json {
         tracing_subscriber::fmt::layer()
             .json()
@@ -32,7 +35,11 @@ pub fn init(json: bool, otlp_endpoint: Option<&str>) -> Result<Telemetry, String
             .with_writer(std::io::stderr)
             .boxed()
     } else {
+        // Colours only on a terminal: escape codes in a log file or a
+        // collector's input are noise.
+        use std::io::IsTerminal;
         tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .boxed()
     };

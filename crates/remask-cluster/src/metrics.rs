@@ -22,6 +22,13 @@ pub struct Finished {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Failed {
+    pub model_name: String,
+    /// The gRPC status code name (`cancelled`, `deadline_exceeded`, ...).
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabel {
     pub model_name: String,
     pub stage: String,
@@ -38,8 +45,12 @@ pub struct Metrics {
     pub prompt_tokens: Family<Model, Counter>,
     pub generation_tokens: Family<Model, Counter>,
     pub request_success: Family<Finished, Counter>,
+    pub request_failure: Family<Failed, Counter>,
     pub e2e_latency: Family<Model, Histogram>,
     pub queue_time: Family<Model, Histogram>,
+    pub first_token_time: Family<Model, Histogram>,
+    pub prompt_length: Family<Model, Histogram>,
+    pub answer_length: Family<Model, Histogram>,
     pub step_time: Family<Model, Histogram>,
     pub tokens_per_forward: Family<Model, Histogram>,
     pub forwards_per_request: Family<Model, Histogram>,
@@ -56,6 +67,17 @@ fn seconds() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
+/// Request latencies: 10 ms .. ~1.5 h (a long canvas on a slow CPU takes
+/// minutes).
+fn request_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 20))
+}
+
+/// Token counts: 1 .. 32768.
+fn tokens() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 16))
+}
+
 impl Metrics {
     pub fn new(model_name: &str) -> Self {
         let mut registry = Registry::default();
@@ -68,8 +90,12 @@ impl Metrics {
             prompt_tokens: Family::default(),
             generation_tokens: Family::default(),
             request_success: Family::default(),
-            e2e_latency: Family::new_with_constructor(seconds),
-            queue_time: Family::new_with_constructor(seconds),
+            request_failure: Family::default(),
+            e2e_latency: Family::new_with_constructor(request_seconds),
+            queue_time: Family::new_with_constructor(request_seconds),
+            first_token_time: Family::new_with_constructor(request_seconds),
+            prompt_length: Family::new_with_constructor(tokens),
+            answer_length: Family::new_with_constructor(tokens),
             step_time: Family::new_with_constructor(seconds),
             tokens_per_forward: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(1.0, 2.0, 12))
@@ -113,6 +139,26 @@ impl Metrics {
             "remask:request_success",
             "Finished requests by finish reason",
             m.request_success.clone(),
+        );
+        r.register(
+            "remask:request_failure",
+            "Requests that did not finish, by gRPC status code",
+            m.request_failure.clone(),
+        );
+        r.register(
+            "remask:time_to_first_token_seconds",
+            "Time from arrival until the answer's first token is final (a diffusion model's analogue of time to first token)",
+            m.first_token_time.clone(),
+        );
+        r.register(
+            "remask:request_prompt_tokens",
+            "Prompt tokens per finished request",
+            m.prompt_length.clone(),
+        );
+        r.register(
+            "remask:request_generation_tokens",
+            "Answer tokens per finished request",
+            m.answer_length.clone(),
         );
         r.register(
             "remask:e2e_request_latency_seconds",
@@ -169,7 +215,24 @@ impl Metrics {
             "Fraction of the stages with a loaded worker",
             m.shard_coverage.clone(),
         );
+        r.register(
+            "remask:build_info",
+            "The running build (always 1)",
+            build_info(),
+        );
+        r.register_collector(Box::new(Process {
+            start: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        }));
         Metrics { registry, ..m }
+    }
+
+    pub fn failed(&self, code: tonic::Code) -> Failed {
+        Failed {
+            model_name: self.model.model_name.clone(),
+            code: code_name(code),
+        }
     }
 
     pub fn model(&self) -> &Model {
@@ -197,5 +260,151 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
         out
+    }
+}
+
+/// `Code::DeadlineExceeded` as `deadline_exceeded`.
+fn code_name(code: tonic::Code) -> String {
+    let camel = format!("{code:?}");
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Build {
+    version: String,
+}
+
+fn build_info() -> Family<Build, Gauge> {
+    let f = Family::<Build, Gauge>::default();
+    f.get_or_create(&Build {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
+    .set(1);
+    f
+}
+
+/// The process metrics Prometheus' client libraries export (read from
+/// /proc on each scrape; absent elsewhere).
+#[derive(Debug)]
+struct Process {
+    /// Unix time of the start, in seconds.
+    start: f64,
+}
+
+impl prometheus_client::collector::Collector for Process {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let gauge = |encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+                     name: &str,
+                     help: &str,
+                     value: f64| {
+            let g = ConstGauge::new(value);
+            let m = encoder.encode_descriptor(name, help, None, g.metric_type())?;
+            g.encode(m)
+        };
+        gauge(
+            &mut encoder,
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch",
+            self.start,
+        )?;
+        let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+            return Ok(());
+        };
+        // Fields after the command name (which may hold spaces): state is
+        // field 3; utime 14, stime 15, vsize 23, rss 24 (pages).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+        // USER_HZ is 100 on every Linux platform remask targets.
+        if let (Some(u), Some(s)) = (field(14), field(15)) {
+            let c = ConstCounter::new((u + s) / 100.0);
+            let m = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent, in seconds",
+                None,
+                c.metric_type(),
+            )?;
+            c.encode(m)?;
+        }
+        if let Some(v) = field(23) {
+            gauge(
+                &mut encoder,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                v,
+            )?;
+        }
+        if let Some(pages) = field(24) {
+            gauge(
+                &mut encoder,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                pages * 4096.0,
+            )?;
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Open file descriptors",
+                fds.count() as f64,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_has_process_and_build_metrics() {
+        let m = Metrics::new("m");
+        m.first_token_time.get_or_create(m.model()).observe(1.0);
+        m.request_failure
+            .get_or_create(&m.failed(tonic::Code::Cancelled))
+            .inc();
+        let text = m.render();
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+            "remask:build_info{version=",
+            "remask:time_to_first_token_seconds_count",
+            "remask:request_failure_total{model_name=\"m\",code=\"cancelled\"} 1",
+        ] {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+        assert_eq!(
+            code_name(tonic::Code::DeadlineExceeded),
+            "deadline_exceeded"
+        );
+        // Request latencies have buckets past an hour.
+        let top = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("remask:time_to_first_token_seconds_bucket{le=\""))
+            .filter_map(|l| l.split('"').next()?.parse::<f64>().ok())
+            .fold(0.0, f64::max);
+        assert!(top >= 3600.0, "{top}");
     }
 }

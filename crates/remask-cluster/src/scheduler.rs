@@ -92,6 +92,17 @@ pub enum InferError {
 }
 
 impl InferError {
+    /// The gRPC status code of the error (the HTTP layer maps that).
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            InferError::Cancelled => tonic::Code::Cancelled,
+            InferError::DeadlineExceeded { .. } => tonic::Code::DeadlineExceeded,
+            InferError::Unavailable(_) => tonic::Code::Unavailable,
+            InferError::QueueFull(_) | InferError::TooLarge(_) => tonic::Code::ResourceExhausted,
+            InferError::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
     pub fn no_pipeline() -> Self {
         InferError::Unavailable(
             "the cluster has no complete set of shards: waiting for workers".into(),
@@ -116,6 +127,8 @@ pub struct Job {
     compute_ms: f64,
     /// Steps of this request that failed on a worker.
     failures: u32,
+    /// When the answer's first token became final (or the answer ended).
+    first_final: Option<Instant>,
 }
 
 /// A request whose steps failed this often on workers is given up (a request
@@ -140,6 +153,7 @@ impl Job {
             forward_ms: 0.0,
             compute_ms: 0.0,
             failures: 0,
+            first_final: None,
         }
     }
 }
@@ -224,10 +238,20 @@ impl Job {
 
 impl Context {
     fn abort(&self, job: Job, error: InferError) {
-        self.metrics
-            .request_success
-            .get_or_create(&self.metrics.finished("abort"))
+        let m = &self.metrics;
+        m.request_success.get_or_create(&m.finished("abort")).inc();
+        m.request_failure
+            .get_or_create(&m.failed(error.code()))
             .inc();
+        tracing::info!(
+            request = job.id,
+            prompt_tokens = job.canvas.prompt_len(),
+            forwards = job.canvas.forwards(),
+            duration_ms = job.queued_at.elapsed().as_secs_f64() * 1e3,
+            status = ?error.code(),
+            error = %error,
+            "request failed"
+        );
         self.release(&job);
         let _ = job.events.send(Err(error));
     }
@@ -488,7 +512,15 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) -> boo
         }
     }
     let commits = step.commit(running.iter_mut().map(|j| &mut j.canvas), predictions);
-    for ((job, plan), committed) in running.iter().zip(step.plans()).zip(commits) {
+    for ((job, plan), committed) in running.iter_mut().zip(step.plans()).zip(commits) {
+        if job.first_final.is_none()
+            && (!job.canvas.final_prefix().is_empty() || job.canvas.is_done())
+        {
+            job.first_final = Some(Instant::now());
+            m.first_token_time
+                .get_or_create(m.model())
+                .observe(job.queued_at.elapsed().as_secs_f64());
+        }
         if plan.needs_forward() {
             m.tokens_per_forward
                 .get_or_create(m.model())
@@ -530,10 +562,28 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) -> boo
                 m.queue_time
                     .get_or_create(m.model())
                     .observe(done.queue_ms / 1e3);
+                m.prompt_length
+                    .get_or_create(m.model())
+                    .observe(done.prompt_length as f64);
+                m.answer_length
+                    .get_or_create(m.model())
+                    .observe(done.answer_tokens as f64);
+                tracing::info!(
+                    request = job.id,
+                    prompt_tokens = done.prompt_length,
+                    answer_tokens = done.answer_tokens,
+                    forwards = done.forwards,
+                    duration_ms = job.queued_at.elapsed().as_secs_f64() * 1e3,
+                    status = done.finish_reason.as_str(),
+                    cache = job.canvas.config().cache.as_str(),
+                    "request finished"
+                );
             }
-            _ => {
+            Err(e) => {
                 m.request_success.get_or_create(&m.finished("abort")).inc();
+                m.request_failure.get_or_create(&m.failed(e.code())).inc();
             }
+            Ok(Event::Step(_)) => {}
         }
         ctx.release(job);
         let _ = job.events.send(event);
