@@ -1167,7 +1167,11 @@ fn cancelled_requests_release_their_caches() {
     use remask_proto::v1 as pb;
     use remask_proto::worker as wpb;
     let logs = Logs::new("cancelled_requests_release_their_caches");
-    let w = worker(&logs, "kv", None);
+    let args = argv(
+        "worker --listen 127.0.0.1:0 --id kv --metrics-listen 127.0.0.1:0",
+        &[],
+    );
+    let w = Server::start(&logs, "kv", "remask worker kv:", &args, &[]);
     let coord = coordinator(&logs, tiny(), 1, &["--workers", &w.addr]);
     wait_serving(&logs, &coord.addr, READY_TIMEOUT);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -1244,6 +1248,34 @@ fn cancelled_requests_release_their_caches() {
         last = status();
     }
     assert!(last.kv_budget_bytes > 0, "the worker has a default budget");
+    // The worker's own /metrics say the same.
+    let log = w.log();
+    let metrics_addr = log
+        .split("metrics on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no metrics address in the banner:\n{log}"));
+    let mut conn = std::net::TcpStream::connect(metrics_addr).unwrap();
+    std::io::Write::write_all(
+        &mut conn,
+        b"GET /metrics HTTP/1.1\r\nhost: w\r\nconnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut conn, &mut text).unwrap();
+    assert!(
+        text.contains("remask:worker_kv_caches{worker=\"kv\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("remask:worker_kv_cache_bytes{worker=\"kv\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("remask:worker_forward_time_seconds_count{worker=\"kv\"}"),
+        "{text}"
+    );
+    assert!(text.contains("process_resident_memory_bytes"), "{text}");
     // And the cluster still serves, with a cache.
     let request = argv(
         "--prompt-ids 7,8,9 --gen-length 16 --block-length 8 --factor 4 --cache dual",

@@ -305,6 +305,10 @@ pub struct WorkerArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub conn: ConnArgs,
+    /// Address of an HTTP server for this worker's own `/metrics`
+    /// (Prometheus: its forward passes, K/V caches, the process); off when unset.
+    #[arg(long, env = "REMASK_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub kv: KvArgs,
 }
@@ -627,14 +631,27 @@ pub fn worker(args: WorkerArgs) -> CliResult {
                 }
             })
         });
-        eprintln!("remask worker {id}: listening on {bound}");
         let service = WorkerService::new(
-            id,
+            id.clone(),
             args.model.clone(),
             args.tensor_parallel,
             devices,
             args.kv.budget(),
         );
+        let mut metrics_note = String::new();
+        if let Some(addr) = args.metrics_listen {
+            let http = server::bind(addr).await?;
+            metrics_note = format!(
+                "\nremask worker {id}: metrics on {}",
+                http.local_addr().map_err(anyhow::Error::from)?
+            );
+            tokio::spawn(server::serve_worker_metrics(
+                http,
+                limits,
+                service.metrics(),
+            ));
+        }
+        eprintln!("remask worker {id}: listening on {bound}{metrics_note}");
         let result = server::serve_worker(listener, tls, limits, service, shutdown_signal()).await;
         if let Some(task) = registration {
             if task.is_finished() {

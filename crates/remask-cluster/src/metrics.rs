@@ -263,6 +263,91 @@ impl Metrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    pub worker: String,
+}
+
+/// A worker's own metrics (`remask worker --metrics-listen`): its forward
+/// passes, its K/V caches against its budget, and the process.
+pub struct WorkerMetrics {
+    label: WorkerLabel,
+    registry: Registry,
+    pub forward_time: Family<WorkerLabel, Histogram>,
+    pub kv_cache_bytes: Family<WorkerLabel, Gauge>,
+    pub kv_caches: Family<WorkerLabel, Gauge>,
+    pub kv_budget_bytes: Family<WorkerLabel, Gauge>,
+}
+
+impl WorkerMetrics {
+    pub fn new(worker: &str) -> Self {
+        let label = WorkerLabel {
+            worker: worker.to_string(),
+        };
+        let m = WorkerMetrics {
+            label,
+            registry: Registry::default(),
+            forward_time: Family::new_with_constructor(seconds),
+            kv_cache_bytes: Family::default(),
+            kv_caches: Family::default(),
+            kv_budget_bytes: Family::default(),
+        };
+        let mut r = Registry::default();
+        r.register(
+            "remask:worker_forward_time_seconds",
+            "Compute time of one Forward on this worker",
+            m.forward_time.clone(),
+        );
+        r.register(
+            "remask:worker_kv_cache_bytes",
+            "Bytes of the K/V caches this worker holds",
+            m.kv_cache_bytes.clone(),
+        );
+        r.register(
+            "remask:worker_kv_caches",
+            "K/V caches (request sequences) this worker holds",
+            m.kv_caches.clone(),
+        );
+        r.register(
+            "remask:worker_kv_budget_bytes",
+            "Bytes the K/V caches may take on this worker (0: unbounded)",
+            m.kv_budget_bytes.clone(),
+        );
+        r.register(
+            "remask:build_info",
+            "The running build (always 1)",
+            build_info(),
+        );
+        r.register_collector(Box::new(Process {
+            start: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        }));
+        WorkerMetrics { registry: r, ..m }
+    }
+
+    pub fn label(&self) -> &WorkerLabel {
+        &self.label
+    }
+
+    /// The caches held now (after a step or a release).
+    pub fn caches(&self, usage: remask_engine::CacheUsage, budget: Option<usize>) {
+        let l = &self.label;
+        self.kv_cache_bytes.get_or_create(l).set(usage.bytes as i64);
+        self.kv_caches.get_or_create(l).set(usage.caches as i64);
+        self.kv_budget_bytes
+            .get_or_create(l)
+            .set(budget.unwrap_or(0) as i64);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
 /// `Code::DeadlineExceeded` as `deadline_exceeded`.
 fn code_name(code: tonic::Code) -> String {
     let camel = format!("{code:?}");

@@ -107,6 +107,31 @@ pub async fn serve_coordinator(
     Ok(())
 }
 
+/// Serves a worker's `/metrics` over plain HTTP (Prometheus scrapes it
+/// inside the cluster) for as long as the process runs.
+pub async fn serve_worker_metrics(
+    listener: tokio::net::TcpListener,
+    limits: Limits,
+    metrics: Arc<crate::metrics::WorkerMetrics>,
+) {
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    listen::serve_http(listener, None, limits, router, std::future::pending()).await;
+}
+
 /// Serves the Worker API until `shutdown` resolves.
 pub async fn serve_worker(
     listener: tokio::net::TcpListener,

@@ -68,6 +68,7 @@ pub struct WorkerService {
     /// Bytes the K/V stores of a loaded shard may take.
     kv_budget: Option<usize>,
     loaded: RwLock<Option<Loaded>>,
+    metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 impl WorkerService {
@@ -79,6 +80,7 @@ impl WorkerService {
         kv_budget: Option<usize>,
     ) -> Self {
         WorkerService {
+            metrics: Arc::new(crate::metrics::WorkerMetrics::new(&id)),
             id,
             model_override,
             tensor_parallel: tensor_parallel.max(1),
@@ -86,6 +88,11 @@ impl WorkerService {
             kv_budget,
             loaded: RwLock::new(None),
         }
+    }
+
+    /// The worker's own metrics (served on `--metrics-listen`).
+    pub fn metrics(&self) -> Arc<crate::metrics::WorkerMetrics> {
+        self.metrics.clone()
     }
 
     /// The loaded runner, if it serves assignment `generation`.
@@ -269,18 +276,25 @@ impl Worker for WorkerService {
         };
         let queries: Vec<_> = req.queries.iter().map(query_from_pb).collect();
         let start = Instant::now();
+        let metrics = self.metrics.clone();
         let output = tokio::task::spawn_blocking(move || {
             let input = if runner.shard().embedding {
                 StageInput::Ids(&req.token_ids)
             } else {
                 StageInput::Hidden(&hidden)
             };
-            runner.run(&seqs, input, &queries)
+            let out = runner.run(&seqs, input, &queries);
+            metrics.caches(runner.cache_usage(), runner.kv_budget());
+            out
         })
         .await
         .map_err(|e| Status::internal(format!("compute task failed: {e}")))?
         .map_err(forward_status)?;
         let compute_ms = start.elapsed().as_secs_f64() * 1e3;
+        self.metrics
+            .forward_time
+            .get_or_create(self.metrics.label())
+            .observe(compute_ms / 1e3);
         let response = match output {
             StageOutput::Hidden(h) => pb::ForwardResponse {
                 hidden: f32_to_bytes(&h),
@@ -328,9 +342,14 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::ReleaseCachesResponse>, Status> {
         let req = request.into_inner();
         let runner = self.runner(req.generation).await?;
-        let released = tokio::task::spawn_blocking(move || runner.release(&req.caches))
-            .await
-            .map_err(|e| Status::internal(format!("release task failed: {e}")))?;
+        let metrics = self.metrics.clone();
+        let released = tokio::task::spawn_blocking(move || {
+            let released = runner.release(&req.caches);
+            metrics.caches(runner.cache_usage(), runner.kv_budget());
+            released
+        })
+        .await
+        .map_err(|e| Status::internal(format!("release task failed: {e}")))?;
         Ok(Response::new(pb::ReleaseCachesResponse {
             released: released as u32,
         }))
