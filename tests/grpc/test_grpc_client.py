@@ -125,6 +125,28 @@ def test_generate_defaults_match_cli(stubs, gen_stub, cli):
     assert len(resp.generated_ids) == 128 and resp.steps == 128
 
 
+@pytest.mark.parametrize("extra", [dict(temperature=0.9), dict(remasking=2)], ids=["temperature", "random"])
+def test_unseeded_request_reports_its_seed(extra, stubs, gen_stub, cli):
+    """`seed` is optional: unset, the server draws a fresh one and reports it in
+    GenerateResponse.seed; sending it back reproduces the answer (the CLI's with that seed)."""
+    s = dict(gen_length=16, steps=16, block_length=16, **extra)
+    first = gen_stub.Generate(make_request(stubs.pb, prompt_ids=PROMPT_IDS, **s), timeout=60)
+    second = gen_stub.Generate(make_request(stubs.pb, prompt_ids=PROMPT_IDS, **s), timeout=60)
+    assert first.seed != second.seed, "two unseeded requests ran with the same seed"
+    assert 0 <= first.seed < 2**53
+    again = gen_stub.Generate(make_request(stubs.pb, prompt_ids=PROMPT_IDS, seed=first.seed, **s), timeout=60)
+    assert again.seed == first.seed and list(again.token_ids) == list(first.token_ids)
+    assert_same_result(first, cli.generate(prompt_ids=PROMPT_IDS, seed=first.seed, **cli_kwargs(s)), "unseeded")
+    # an explicit 0 is seed 0 (the field's presence counts, not its value), also when streamed
+    req = make_request(stubs.pb, prompt_ids=PROMPT_IDS, seed=0, **s)
+    assert req.HasField("seed")
+    zero = gen_stub.Generate(req, timeout=60)
+    assert zero.seed == 0
+    assert_same_result(zero, cli.generate(prompt_ids=PROMPT_IDS, seed=0, **cli_kwargs(s)), "seed 0")
+    done = list(gen_stub.GenerateStream(req, timeout=60))[-1].done
+    assert done.seed == 0 and list(done.token_ids) == list(zero.token_ids)
+
+
 def test_generate_chat_prompt_matches_cli(stubs, gen_stub, cli):
     s = dict(gen_length=16, steps=8, block_length=8)
     text = "What is a diffusion language model?"

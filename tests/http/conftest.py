@@ -5,6 +5,7 @@ started once per session and only when a test asks for it):
 
   server         `remask serve --api-key test-key-1 --api-key test-key-2` (tiny model)
   open_server    `remask serve` without keys (tiny model)
+  info_server    the same, logging at info (REMASK_LOG=info: the log names ignored fields)
   queue_server   `remask serve --max-queue 1 --max-batch 1` (small model, for 429)
   unready        `remask coordinator --workers 127.0.0.1:1 --stages 1`: a worker
                  nothing listens on, so the cluster never becomes ready (503)
@@ -166,7 +167,8 @@ def _http_status(url: str) -> int | None:
         return None
 
 
-def start_server(args: list, *, bin_path: Path, cache_dir: Path, log_dir: Path, ready_status) -> Server:
+def start_server(args: list, *, bin_path: Path, cache_dir: Path, log_dir: Path, ready_status,
+                 env: dict | None = None) -> Server:
     """Starts `remask ARGS --listen .. --http-listen ..` and waits until GET /health
     answers with a status in `ready_status`."""
     gport, hport = free_port(), free_port()
@@ -176,7 +178,7 @@ def start_server(args: list, *, bin_path: Path, cache_dir: Path, log_dir: Path, 
     log_path = log_dir / "server.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=child_env(cache_dir))
+                            env={**child_env(cache_dir), **(env or {})})
     log.close()  # the child holds its own descriptor
     srv = Server(proc, gport, hport, log_path, cmd)
     deadline = time.monotonic() + SERVER_START_TIMEOUT_S
@@ -204,9 +206,9 @@ def stop_server(srv: Server) -> None:
             srv.proc.wait(timeout=10)
 
 
-def _server_fixture(args, request, tmp_path_factory, bin_path, cache_dir, ready_status=(200,)):
+def _server_fixture(args, request, tmp_path_factory, bin_path, cache_dir, ready_status=(200,), env=None):
     srv = start_server(args, bin_path=bin_path, cache_dir=cache_dir,
-                       log_dir=tmp_path_factory.mktemp(request.fixturename), ready_status=ready_status)
+                       log_dir=tmp_path_factory.mktemp(request.fixturename), ready_status=ready_status, env=env)
     try:
         yield srv
     finally:
@@ -225,6 +227,13 @@ def server(request, tmp_path_factory, bin_path, cache_dir, model_dir):
 def open_server(request, tmp_path_factory, bin_path, cache_dir, model_dir):
     yield from _server_fixture(["serve", "--model", str(model_dir)], request, tmp_path_factory,
                                bin_path, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def info_server(request, tmp_path_factory, bin_path, cache_dir, model_dir):
+    """`remask serve` without keys, logging at info (REMASK_LOG=info)."""
+    yield from _server_fixture(["serve", "--model", str(model_dir)], request, tmp_path_factory,
+                               bin_path, cache_dir, env={"REMASK_LOG": "info"})
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,9 @@ def test_generate_stream_and_model_info_need_a_key(stubs, gen_stub):
     assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-@pytest.mark.parametrize("metadata", [GOOD, GOOD2], ids=["key-1", "key-2"])
+@pytest.mark.parametrize("metadata", [GOOD, GOOD2, [("authorization", "bearer test-key-1")],
+                                      [("authorization", "BEARER test-key-2")]],
+                         ids=["key-1", "key-2", "lower-case-scheme", "upper-case-scheme"])
 def test_generate_with_key_matches_cli(metadata, stubs, gen_stub, cli):
     want = cli.generate(prompt_ids=[5, 17, 42], gen_length=8, steps=8, block_length=8)
     resp = gen_stub.Generate(small_request(stubs.pb), metadata=metadata, timeout=30)

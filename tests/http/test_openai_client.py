@@ -190,8 +190,9 @@ def test_chat_temperature_and_seed_match_cli(client, cli, model_id):
 
 @pytest.mark.parametrize("extra,cli_extra", [
     ({"cfg_scale": 1.5}, {"cfg_scale": 1.5}),
-    ({"remasking": "random"}, {"remasking": "random", "seed": 0}),
-    ({"remasking": "random", "cfg_scale": 0.5}, {"remasking": "random", "cfg_scale": 0.5, "seed": 0}),
+    # unseeded requests draw a fresh seed: random remasking names the CLI's default, 0
+    ({"remasking": "random", "seed": 0}, {"remasking": "random", "seed": 0}),
+    ({"remasking": "random", "cfg_scale": 0.5, "seed": 0}, {"remasking": "random", "cfg_scale": 0.5, "seed": 0}),
     ({"remasking": "low_confidence"}, {"remasking": "low_confidence"}),
 ], ids=["cfg_scale", "random", "random+cfg", "low_confidence"])
 def test_extra_fields_match_cli(extra, cli_extra, client, cli, model_id):
@@ -497,6 +498,8 @@ def test_queue_full_rate_limit(queue_server, make_client, small_model_dir):
     assert len(done) >= 2, "the waiting request did not succeed"
     for e in limited:
         assert_openai_error(e, 429, "rate_limit_error")
+        # when to try again, in seconds
+        assert int(e.response.headers["retry-after"]) >= 1, e.response.headers
     for d in done:
         assert d.usage.completion_tokens == 256
         assert d.choices[0].finish_reason in ("length", "stop")

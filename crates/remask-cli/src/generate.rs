@@ -93,7 +93,9 @@ pub struct GenerateArgs {
         allow_negative_numbers = true
     )]
     pub cfg_scale: f64,
-    /// Seed of temperature sampling and random remasking.
+    /// Seed of temperature sampling and random remasking (default 0, also
+    /// with --endpoint; a server draws a fresh one only for requests that
+    /// name none, as HTTP and gRPC clients may).
     #[arg(long, env = "REMASK_SEED", default_value_t = 0)]
     pub seed: u64,
     /// Never predict EOS (its logit is set to -inf).

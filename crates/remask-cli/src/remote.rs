@@ -53,7 +53,7 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
         } as i32,
         temperature: args.temperature,
         cfg_scale: args.cfg_scale,
-        seed: args.seed,
+        seed: Some(args.seed),
         logits_eos_inf: args.logits_eos_inf,
         confidence_eos_eot_inf: args.confidence_eos_eot_inf,
         suffix: args.suffix.clone().unwrap_or_default(),

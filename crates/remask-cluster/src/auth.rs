@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use subtle::{Choice, ConstantTimeEq};
 
 #[derive(Clone, Debug, Default)]
 pub struct ApiKeys {
@@ -32,24 +33,31 @@ impl ApiKeys {
         self.keys.is_empty()
     }
 
-    /// Whether an `Authorization` header value carries a valid key.
+    /// Whether an `Authorization` header value carries a valid key. The
+    /// scheme is case-insensitive (`Bearer`, `bearer`, ...; RFC 9110, 11.1).
     pub fn allows(&self, authorization: Option<&str>) -> bool {
         if self.is_open() {
             return true;
         }
-        let Some(key) = authorization.and_then(|h| h.strip_prefix("Bearer ")) else {
+        let Some(key) = authorization.and_then(bearer_token) else {
             return false;
         };
-        // Compare against every key in constant time per key, so the
-        // response time does not tell how much of a key was right.
-        self.keys.iter().fold(false, |ok, k| {
-            ok | constant_time_eq(k.as_bytes(), key.trim().as_bytes())
-        })
+        // Compare against every key in constant time per key (`subtle`), so
+        // the response time does not tell how much of a key was right.
+        let ok = self.keys.iter().fold(Choice::from(0), |ok, k| {
+            ok | k.as_bytes().ct_eq(key.as_bytes())
+        });
+        ok.into()
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The token of a `Bearer` credential, the scheme in any case.
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -64,5 +72,12 @@ mod tests {
         assert!(!keys.allows(Some("secret-1")));
         assert!(!keys.allows(None));
         assert!(ApiKeys::default().allows(None));
+        // The scheme in any case, as gRPC metadata sends it too.
+        assert!(keys.allows(Some("bearer secret-1")));
+        assert!(keys.allows(Some("BEARER secret-1")));
+        assert!(!keys.allows(Some("Bearer")));
+        assert!(!keys.allows(Some("Bearer ")));
+        assert!(!keys.allows(Some("Bearersecret-1")));
+        assert!(!keys.allows(Some("Basic secret-1")));
     }
 }

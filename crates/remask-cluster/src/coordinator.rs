@@ -82,9 +82,23 @@ fn step_to_pb(codec: &TextCodec, s: StepEvent) -> pb::StepUpdate {
     }
 }
 
+/// A fresh seed for a request that names none: below 2^53, so that it
+/// survives JSON clients that read numbers as doubles.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() >> 11
+}
+
 /// The gRPC result of a finished request.
 pub fn response_to_pb(d: Finished) -> pb::GenerateResponse {
     pb::GenerateResponse {
+        seed: d.seed,
         token_ids: d.token_ids,
         generated_ids: d.generated_ids,
         text: d.text,
@@ -191,7 +205,7 @@ impl Coordinator {
             early_stop: !req.full_canvas,
             temperature: req.temperature,
             cfg_scale: req.cfg_scale,
-            seed: req.seed,
+            seed: req.seed.unwrap_or_else(random_seed),
             logits_eos_inf: req.logits_eos_inf,
             confidence_eos_eot_inf: req.confidence_eos_eot_inf,
             cache,

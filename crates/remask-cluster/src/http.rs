@@ -1,6 +1,15 @@
 //! The OpenAI-compatible HTTP API, next to gRPC on the coordinator:
 //! `POST /v1/completions`, `POST /v1/chat/completions` (with `stream: true` as
-//! server-sent events), `GET /v1/models`, `GET /health`, `GET /metrics`.
+//! server-sent events), `GET /v1/models`, `GET /v1/models/{id}`,
+//! `POST /tokenize`, `POST /detokenize` (vLLM's shapes), `GET /health`,
+//! `GET /metrics`. Every error, an unknown route (404), a wrong method (405)
+//! and a body over the limit (413) included, is a JSON body in OpenAI's shape.
+//!
+//! A request parameter is honoured or refused, never silently ignored:
+//! OpenAI's and vLLM's parameters that remask does not implement (penalties,
+//! `logprobs`, `stop`, tools, ...) are refused with 400 naming them when they
+//! ask for anything but the default; fields nobody knows are accepted and
+//! logged, as vLLM does.
 //!
 //! A diffusion model does not write left to right, so a stream cannot send
 //! each token as it is produced. Each denoising step is one event: its
@@ -12,8 +21,9 @@
 //! under an adaptive commit rule). Results carry a `remask` object too, with
 //! the forward passes the request took.
 
-use crate::coordinator::{Coordinator, final_text};
+use crate::coordinator::{Coordinator, final_text, random_seed};
 use crate::scheduler::{Event, Finished, InferError};
+use axum::extract::Path;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -24,7 +34,7 @@ use axum::{Json, Router};
 use remask_model::Message;
 use remask_proto::v1 as pb;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -36,6 +46,9 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model_card))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route_layer(middleware::from_fn_with_state(
             coordinator.clone(),
             require_key,
@@ -44,7 +57,59 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
         .merge(v1)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .layer(middleware::from_fn(json_errors))
         .with_state(coordinator)
+}
+
+/// Errors axum makes itself (no route: 404, wrong method: 405, a body over
+/// the limit: 413, ...) in OpenAI's JSON shape; the headers (`Allow`) stay.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (message, code) = match status {
+        StatusCode::NOT_FOUND => (format!("Invalid URL ({method} {path})"), "not_found"),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            format!("method {method} is not allowed on {path}"),
+            "method_not_allowed",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            format!("the request body is larger than the server accepts ({method} {path})"),
+            "request_too_large",
+        ),
+        _ => (
+            status
+                .canonical_reason()
+                .unwrap_or("request failed")
+                .to_string(),
+            "",
+        ),
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let error = ApiError {
+        status,
+        message,
+        kind: if status.is_client_error() {
+            "invalid_request_error"
+        } else {
+            "server_error"
+        },
+        code: (!code.is_empty()).then_some(code),
+        param: None,
+    };
+    let body = Json(error.body()).into_response();
+    let (body_parts, body) = body.into_parts();
+    parts.headers.extend(body_parts.headers);
+    Response::from_parts(parts, body)
 }
 
 /// An error in OpenAI's shape.
@@ -53,6 +118,8 @@ struct ApiError {
     message: String,
     kind: &'static str,
     code: Option<&'static str>,
+    /// The request field at fault.
+    param: Option<String>,
 }
 
 impl ApiError {
@@ -62,11 +129,37 @@ impl ApiError {
             message: message.into(),
             kind: "invalid_request_error",
             code: None,
+            param: None,
+        }
+    }
+
+    /// A parameter remask does not implement, given a value other than its
+    /// default.
+    fn unsupported(param: &str, accepted: &str) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("'{param}' is not supported by this server (remask); {accepted}"),
+            kind: "invalid_request_error",
+            code: Some("unsupported_parameter"),
+            param: Some(param.to_string()),
+        }
+    }
+
+    fn model_not_found(c: &Coordinator, m: &str) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "model '{m}' is not served here; GET /v1/models lists '{}'",
+                c.model_name()
+            ),
+            kind: "invalid_request_error",
+            code: Some("model_not_found"),
+            param: Some("model".into()),
         }
     }
 
     fn body(&self) -> Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}})
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }
 }
 
@@ -99,6 +192,7 @@ impl From<Status> for ApiError {
             message: s.message().to_string(),
             kind,
             code,
+            param: None,
         }
     }
 }
@@ -112,6 +206,7 @@ impl From<InferError> for ApiError {
                 message,
                 kind: "invalid_request_error",
                 code: Some("kv_cache_too_large"),
+                param: None,
             },
             e => ApiError::from(Status::from(e)),
         }
@@ -120,8 +215,176 @@ impl From<InferError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            // The queue is full now; a place frees at the next finished request.
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from_static(RETRY_AFTER_S),
+            );
+        }
+        response
     }
+}
+
+/// `Retry-After` of a 429, in seconds.
+const RETRY_AFTER_S: &str = "1";
+
+/// The parameters of OpenAI's and vLLM's APIs that remask does not
+/// implement, with whether a value asks for nothing but the default (then it
+/// is accepted): anything else is refused, never silently ignored.
+/// (parameter, whether a value is accepted, what is accepted).
+type Unsupported = (&'static str, fn(&Value) -> bool, &'static str);
+
+const UNSUPPORTED: &[Unsupported] = &[
+    (
+        "presence_penalty",
+        |v| v.as_f64() == Some(0.0),
+        "only 0 is accepted",
+    ),
+    (
+        "frequency_penalty",
+        |v| v.as_f64() == Some(0.0),
+        "only 0 is accepted",
+    ),
+    (
+        "repetition_penalty",
+        |v| v.as_f64() == Some(1.0),
+        "only 1 is accepted",
+    ),
+    (
+        "logit_bias",
+        |v| v.as_object().is_some_and(Map::is_empty),
+        "only an empty map is accepted",
+    ),
+    ("best_of", |v| v.as_u64() == Some(1), "only 1 is accepted"),
+    (
+        "logprobs",
+        |v| v == &Value::Bool(false),
+        "log probabilities are not implemented yet",
+    ),
+    (
+        "top_logprobs",
+        |v| v.as_u64() == Some(0),
+        "log probabilities are not implemented yet",
+    ),
+    (
+        "top_k",
+        |v| matches!(v.as_i64(), Some(-1 | 0)),
+        "only -1 or 0 (off) is accepted",
+    ),
+    ("top_p", |v| v.as_f64() == Some(1.0), "only 1 is accepted"),
+    ("min_p", |v| v.as_f64() == Some(0.0), "only 0 is accepted"),
+    (
+        "min_tokens",
+        |v| v.as_u64() == Some(0),
+        "only 0 is accepted",
+    ),
+    (
+        "echo",
+        |v| v == &Value::Bool(false),
+        "only false is accepted",
+    ),
+    ("stop", is_empty, "stop sequences are not implemented yet"),
+    (
+        "stop_token_ids",
+        is_empty,
+        "stop token ids are not implemented yet",
+    ),
+    (
+        "response_format",
+        |v| v == &json!({"type": "text"}),
+        "only {\"type\": \"text\"} is accepted",
+    ),
+    ("tools", is_empty, "tool calls are not implemented"),
+    ("functions", is_empty, "function calls are not implemented"),
+    (
+        "tool_choice",
+        |v| v == "none",
+        "tool calls are not implemented (only \"none\")",
+    ),
+    (
+        "function_call",
+        |v| v == "none",
+        "function calls are not implemented (only \"none\")",
+    ),
+];
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+/// Fields both endpoints know (OpenAI's, vLLM's and remask's own), besides
+/// the unsupported ones.
+const KNOWN: &[&str] = &[
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "seed",
+    "n",
+    "stream",
+    "stream_options",
+    "user",
+    "parallel_tool_calls",
+    "steps",
+    "block_length",
+    "remasking",
+    "cfg_scale",
+    "logits_eos_inf",
+    "confidence_eos_eot_inf",
+    "threshold",
+    "factor",
+    "entropy",
+    "full_canvas",
+    "cache",
+];
+
+/// The body as a JSON object, after refusing the parameters remask does not
+/// implement and logging the fields it does not know.
+fn checked_body(body: &[u8], kind: Kind) -> Result<Value, ApiError> {
+    let value: Value = parse(body)?;
+    let Value::Object(fields) = &value else {
+        return Err(ApiError::bad_request(
+            "invalid JSON body: expected an object",
+        ));
+    };
+    for (param, accepted, why) in UNSUPPORTED {
+        if let Some(v) = fields.get(*param)
+            && !v.is_null()
+            && !accepted(v)
+        {
+            return Err(ApiError::unsupported(param, why));
+        }
+    }
+    if kind == Kind::Chat && fields.get("suffix").is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::unsupported(
+            "suffix",
+            "infilling is a completions parameter (POST /v1/completions)",
+        ));
+    }
+    let own: &[&str] = match kind {
+        Kind::Completion => &["prompt", "suffix"],
+        Kind::Chat => &["messages"],
+    };
+    let unknown: Vec<&str> = fields
+        .keys()
+        .map(String::as_str)
+        .filter(|k| {
+            !KNOWN.contains(k) && !own.contains(k) && !UNSUPPORTED.iter().any(|(p, ..)| p == k)
+        })
+        .collect();
+    if !unknown.is_empty() {
+        tracing::info!(
+            fields = ?unknown,
+            "the request has fields remask does not know; they are ignored"
+        );
+    }
+    Ok(value)
 }
 
 async fn require_key(
@@ -171,11 +434,108 @@ async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
         .into_response()
 }
 
+fn check_model(c: &Coordinator, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != c.model_name() => Err(ApiError::model_not_found(c, m)),
+        _ => Ok(()),
+    }
+}
+
+fn card(c: &Coordinator) -> Value {
+    json!({
+        "id": c.model_name(), "object": "model", "created": 0, "owned_by": "remask",
+        "max_model_len": c.meta.config.max_sequence_length,
+    })
+}
+
 async fn models(State(c): State<Arc<Coordinator>>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{"id": c.model_name(), "object": "model", "created": 0, "owned_by": "remask"}],
-    }))
+    Json(json!({"object": "list", "data": [card(&c)]}))
+}
+
+async fn model_card(State(c): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+    match check_model(&c, Some(&id)) {
+        Ok(()) => Json(card(&c)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /tokenize`: `{"prompt"}` (with `add_special_tokens`, default true)
+/// or `{"messages"}` (the chat template with the generation prompt, as the
+/// chat endpoint tokenizes them).
+#[derive(Deserialize)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<Value>,
+    messages: Option<Vec<ChatMessage>>,
+    add_special_tokens: Option<bool>,
+    add_generation_prompt: Option<bool>,
+}
+
+async fn tokenize(State(c): State<Arc<Coordinator>>, body: axum::body::Bytes) -> Response {
+    let result = (|| {
+        let req: TokenizeRequest = parse(&body)?;
+        check_model(&c, req.model.as_deref())?;
+        let tokens = match (&req.prompt, &req.messages) {
+            (Some(prompt), None) => {
+                let text = text_of(prompt, "prompt")?;
+                c.check_text_len("prompt", text.len())?;
+                let special = req.add_special_tokens.unwrap_or(true);
+                tokio::task::block_in_place(|| {
+                    if special {
+                        c.meta.codec.encode(&text)
+                    } else {
+                        c.meta.codec.encode_continuation(&text)
+                    }
+                })
+                .map_err(|e| ApiError::bad_request(format!("cannot tokenize the prompt: {e}")))?
+            }
+            (None, Some(messages)) => {
+                if req.add_generation_prompt == Some(false) {
+                    return Err(ApiError::unsupported(
+                        "add_generation_prompt",
+                        "messages are tokenized as the chat endpoint does, with the generation prompt",
+                    ));
+                }
+                if req.add_special_tokens == Some(true) {
+                    return Err(ApiError::unsupported(
+                        "add_special_tokens",
+                        "the chat template has its special tokens already",
+                    ));
+                }
+                chat_ids(&c, messages)?
+            }
+            _ => return Err(ApiError::bad_request("give either prompt or messages")),
+        };
+        Ok(Json(json!({
+            "count": tokens.len(), "max_model_len": c.meta.config.max_sequence_length,
+            "tokens": tokens, "token_strs": null,
+        })))
+    })();
+    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
+}
+
+/// `POST /detokenize`: `{"tokens"}` -> `{"prompt"}`, special tokens included.
+#[derive(Deserialize)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+async fn detokenize(State(c): State<Arc<Coordinator>>, body: axum::body::Bytes) -> Response {
+    let result = (|| {
+        let req: DetokenizeRequest = parse(&body)?;
+        check_model(&c, req.model.as_deref())?;
+        let vocab = c.meta.config.vocab_size;
+        if let Some(t) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ApiError::bad_request(format!(
+                "token {t} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let prompt = tokio::task::block_in_place(|| c.meta.codec.decode(&req.tokens, false))
+            .map_err(|e| ApiError::bad_request(format!("cannot detokenize: {e}")))?;
+        Ok(Json(json!({"prompt": prompt})))
+    })();
+    result.map_or_else(IntoResponse::into_response, IntoResponse::into_response)
 }
 
 /// Sampler fields of both endpoints: OpenAI's, plus remask's own as extra
@@ -241,21 +601,9 @@ impl Sampling {
         c: &Coordinator,
         prompt_ids: Vec<u32>,
     ) -> Result<pb::GenerateRequest, ApiError> {
-        if let Some(m) = &self.model
-            && *m != c.model_name()
-        {
-            return Err(ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: format!(
-                    "model '{m}' is not served here; GET /v1/models lists '{}'",
-                    c.model_name()
-                ),
-                kind: "invalid_request_error",
-                code: Some("model_not_found"),
-            });
-        }
+        check_model(c, self.model.as_deref())?;
         if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad_request("only n = 1 is supported"));
+            return Err(ApiError::unsupported("n", "only n = 1 is accepted"));
         }
         let gen_length = self
             .max_completion_tokens
@@ -301,7 +649,8 @@ impl Sampling {
             remasking: remasking as i32,
             temperature: self.temperature.unwrap_or(0.0),
             cfg_scale: self.cfg_scale.unwrap_or(0.0),
-            seed: self.seed.unwrap_or(0),
+            // Unset: a fresh seed, reported in the result's `remask.seed`.
+            seed: Some(self.seed.unwrap_or_else(random_seed)),
             logits_eos_inf: self.logits_eos_inf,
             confidence_eos_eot_inf: self.confidence_eos_eot_inf,
             threshold: self.threshold,
@@ -338,7 +687,7 @@ fn text_of(v: &Value, what: &str) -> Result<String, ApiError> {
 
 async fn completions(State(c): State<Arc<Coordinator>>, body: axum::body::Bytes) -> Response {
     let result = async {
-        let req: CompletionRequest = parse(&body)?;
+        let req: CompletionRequest = from_value(checked_body(&body, Kind::Completion)?)?;
         let prompt_ids = match &req.prompt {
             Value::Array(items) if items.iter().all(Value::is_u64) => items
                 .iter()
@@ -362,24 +711,8 @@ async fn completions(State(c): State<Arc<Coordinator>>, body: axum::body::Bytes)
 
 async fn chat_completions(State(c): State<Arc<Coordinator>>, body: axum::body::Bytes) -> Response {
     let result = async {
-        let req: ChatRequest = parse(&body)?;
-        if req.messages.is_empty() {
-            return Err(ApiError::bad_request("messages is empty"));
-        }
-        let messages = req
-            .messages
-            .iter()
-            .map(|m| {
-                Ok(Message {
-                    role: m.role.clone(),
-                    content: text_of(&m.content, "content")?,
-                })
-            })
-            .collect::<Result<Vec<_>, ApiError>>()?;
-        let bytes = messages.iter().map(|m| m.content.len()).sum();
-        c.check_text_len("conversation", bytes)?;
-        let prompt_ids = tokio::task::block_in_place(|| c.meta.codec.encode_chat(&messages))
-            .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))?;
+        let req: ChatRequest = from_value(checked_body(&body, Kind::Chat)?)?;
+        let prompt_ids = chat_ids(&c, &req.messages)?;
         let grpc = req.sampling.request(&c, prompt_ids)?;
         run(c.clone(), grpc, req.sampling.stream, Kind::Chat).await
     }
@@ -387,8 +720,33 @@ async fn chat_completions(State(c): State<Arc<Coordinator>>, body: axum::body::B
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// A conversation in the chat template, tokenized off the async runtime.
+fn chat_ids(c: &Coordinator, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad_request("messages is empty"));
+    }
+    let messages = messages
+        .iter()
+        .map(|m| {
+            Ok(Message {
+                role: m.role.clone(),
+                content: text_of(&m.content, "content")?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let bytes = messages.iter().map(|m| m.content.len()).sum();
+    c.check_text_len("conversation", bytes)?;
+    tokio::task::block_in_place(|| c.meta.codec.encode_chat(&messages))
+        .map_err(|e| ApiError::bad_request(format!("cannot apply the chat template: {e}")))
+}
+
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+    serde_json::from_value(value)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
@@ -422,7 +780,10 @@ fn usage(done: &Finished) -> Value {
 
 /// remask's own fields of a result.
 fn remask_fields(done: &Finished) -> Value {
-    json!({"forwards": done.forwards, "steps": done.steps, "generated_ids": done.generated_ids})
+    json!({
+        "forwards": done.forwards, "steps": done.steps, "generated_ids": done.generated_ids,
+        "seed": done.seed,
+    })
 }
 
 async fn run(

@@ -64,6 +64,8 @@ pub struct Finished {
     pub queue_ms: f64,
     pub forward_ms: f64,
     pub compute_ms: f64,
+    /// The seed the request ran with (its own or the one drawn for it).
+    pub seed: u64,
 }
 
 /// What a request's caller receives: steps (when streaming), then `Done`.
@@ -631,5 +633,6 @@ fn finish(job: &Job, codec: &TextCodec) -> Result<Event, InferError> {
         queue_ms: (admitted - job.queued_at).as_secs_f64() * 1e3,
         forward_ms: job.forward_ms,
         compute_ms: job.compute_ms,
+        seed: c.config().seed,
     }))
 }
