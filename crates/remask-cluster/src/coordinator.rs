@@ -44,16 +44,7 @@ pub type Events = mpsc::UnboundedReceiver<Result<Event, InferError>>;
 
 impl From<InferError> for Status {
     fn from(e: InferError) -> Self {
-        let message = e.to_string();
-        match e {
-            InferError::Cancelled => Status::cancelled(message),
-            InferError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
-            InferError::Unavailable(_) => Status::unavailable(message),
-            InferError::QueueFull(_) | InferError::TooLarge(_) => {
-                Status::resource_exhausted(message)
-            }
-            InferError::Internal(_) => Status::internal(message),
-        }
+        Status::new(e.code(), e.to_string())
     }
 }
 
