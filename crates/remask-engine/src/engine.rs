@@ -279,9 +279,24 @@ impl<B: Backend> Engine<B> {
         })
     }
 
-    /// The stores `seqs` read are held with their length, and what they
-    /// store fits the budget.
+    /// No store is read twice, the stores `seqs` read are held with their
+    /// length, and what they store fits the budget.
     fn check_stores(&self, store: &KvStore<B>, seqs: &[Seq]) -> std::result::Result<(), KvError> {
+        // A store is taken out for the pass that reads it: a second reader
+        // would find it gone (a panic a fuzzed Forward found). Every
+        // sequence of a request names a store of its own.
+        let mut read = std::collections::HashSet::new();
+        for (index, s) in seqs.iter().enumerate() {
+            if s.kv == KvUse::Read && !read.insert(s.cache) {
+                return Err(KvError::BadSeq {
+                    index,
+                    reason: format!(
+                        "reads K/V cache {}, which an earlier sequence of the pass reads",
+                        s.cache
+                    ),
+                });
+            }
+        }
         let missing: Vec<u64> = seqs
             .iter()
             .filter(|s| s.kv == KvUse::Read && store.holds(s.cache).is_none())

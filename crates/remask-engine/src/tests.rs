@@ -505,6 +505,16 @@ fn missing_stores_and_a_full_budget_are_refused() {
     engine.predict(&[(0, &canvas, &canvas.plan())]).unwrap();
     let full = engine.predict(&[(1, &canvas, &canvas.plan())]).unwrap_err();
     assert!(matches!(full, crate::KvError::Full { .. }), "{full}");
+    // One pass reading the same store twice (only a rogue caller sends it).
+    let read = remask_sampler::StepPlan {
+        kv: KvUse::Read,
+        fed: 3..11,
+        ..canvas.plan()
+    };
+    let twice = engine
+        .predict(&[(0, &canvas, &read), (0, &canvas, &read)])
+        .unwrap_err();
+    assert!(twice.to_string().contains("an earlier sequence"), "{twice}");
     assert_eq!(engine.cache_usage().caches, 1);
     assert_eq!(engine.cache_usage().bytes, 11 * per_position);
 }
