@@ -447,8 +447,15 @@ fn weight_files(dir: &Path) -> Result<Vec<(PathBuf, Option<Vec<String>>)>> {
             let file = file
                 .as_str()
                 .ok_or_else(|| bad(format!("the file of '{tensor}' is not a string")))?;
-            if file.contains('/') || file.contains("..") {
-                return Err(bad(format!("file name '{file}' must be a plain name")));
+            // A shard is a file of this directory: an empty name (the
+            // directory itself, found by fuzzing), `.`/`..` or anything with
+            // a separator would name something else.
+            let plain = !file.is_empty()
+                && file != "."
+                && !file.contains("..")
+                && !file.contains(['/', '\\', ':', '\0']);
+            if !plain {
+                return Err(bad(format!("file name {file:?} must be a plain file name")));
             }
             by_file
                 .entry(file.to_string())
@@ -670,6 +677,21 @@ mod tests {
             .err()
             .expect("refused")
             .to_string()
+    }
+
+    /// An index may name only plain files of the checkpoint's directory.
+    #[test]
+    fn index_shard_names_are_plain_file_names() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["", ".", "..", "../x", "a/b", "a\\b", "c:x", "a\u{0}b"] {
+            let index = serde_json::json!({"weight_map": {"w": name}});
+            std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).unwrap();
+            let err = weight_files(dir.path()).err().expect(name).to_string();
+            assert!(err.contains("plain file name"), "{name:?}: {err}");
+        }
+        let index = serde_json::json!({"weight_map": {"w": "model-00001-of-00002.safetensors"}});
+        std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).unwrap();
+        assert_eq!(weight_files(dir.path()).unwrap().len(), 1);
     }
 
     /// The library's errors (TensorInvalidInfo, InvalidOffset(...)) become
