@@ -686,7 +686,7 @@ mod tests {
         for name in ["", ".", "..", "../x", "a/b", "a\\b", "c:x", "a\u{0}b"] {
             let index = serde_json::json!({"weight_map": {"w": name}});
             std::fs::write(dir.path().join(INDEX_FILE), index.to_string()).unwrap();
-            let err = weight_files(dir.path()).err().expect(name).to_string();
+            let err = weight_files(dir.path()).expect_err(name).to_string();
             assert!(err.contains("plain file name"), "{name:?}: {err}");
         }
         let index = serde_json::json!({"weight_map": {"w": "model-00001-of-00002.safetensors"}});
