@@ -215,16 +215,7 @@ impl Metrics {
             "Fraction of the stages with a loaded worker",
             m.shard_coverage.clone(),
         );
-        r.register(
-            "remask:build_info",
-            "The running build (always 1)",
-            build_info(),
-        );
-        r.register_collector(Box::new(Process {
-            start: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
-        }));
+        register_process(r);
         Metrics { registry, ..m }
     }
 
@@ -313,16 +304,7 @@ impl WorkerMetrics {
             "Bytes the K/V caches may take on this worker (0: unbounded)",
             m.kv_budget_bytes.clone(),
         );
-        r.register(
-            "remask:build_info",
-            "The running build (always 1)",
-            build_info(),
-        );
-        r.register_collector(Box::new(Process {
-            start: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
-        }));
+        register_process(&mut r);
         WorkerMetrics { registry: r, ..m }
     }
 
@@ -363,6 +345,20 @@ fn code_name(code: tonic::Code) -> String {
         }
     }
     out
+}
+
+/// The build and process metrics every remask server exports.
+fn register_process(r: &mut Registry) {
+    r.register(
+        "remask:build_info",
+        "The running build (always 1)",
+        build_info(),
+    );
+    r.register_collector(Box::new(Process {
+        start: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+    }));
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
