@@ -503,6 +503,7 @@ fn start_coordinator(
         api_keys,
         default_rule: batch.rule,
         default_cache: batch.cache,
+        http: Default::default(),
     }))
 }
 

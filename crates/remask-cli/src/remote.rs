@@ -67,6 +67,7 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
             Some(CacheMode::Prefix) => pb::CacheMode::Prefix,
             Some(CacheMode::Dual) => pb::CacheMode::Dual,
         } as i32,
+        stop: Vec::new(),
     };
     let url = if endpoint.contains("://") {
         endpoint.to_string()

@@ -6,6 +6,7 @@ use crate::auth::ApiKeys;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::scheduler::{Event, Finished, InferError, Job, Scheduler, StepEvent};
+use crate::stop::StopStrings;
 use remask_model::{LladaConfig, Message, SpecialTokens, TextCodec};
 use remask_proto::v1 as pb;
 use remask_proto::v1::generation_server::Generation;
@@ -37,6 +38,28 @@ pub struct Coordinator {
     pub default_rule: CommitRule,
     /// The K/V cache mode of requests that name none (`--cache`).
     pub default_cache: CacheMode,
+    pub http: HttpOptions,
+}
+
+/// How the OpenAI-compatible HTTP API treats its clients.
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    /// A comment on an event stream this often while no event comes (a
+    /// request waiting in the queue, or a long step), so that proxies do
+    /// not cut it off as idle.
+    pub sse_keep_alive: Duration,
+    /// Origins whose browser pages may call the API (CORS); `*` for any.
+    /// Empty: no CORS headers, so browsers keep other sites' pages out.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            sse_keep_alive: Duration::from_secs(15),
+            allowed_origins: Vec::new(),
+        }
+    }
 }
 
 /// The channel a request's events arrive on.
@@ -63,13 +86,45 @@ pub fn final_text(codec: &TextCodec, final_prefix: &[u32]) -> String {
 }
 
 /// A step of a stream on the wire: the commits and the final text.
-fn step_to_pb(codec: &TextCodec, s: StepEvent) -> pb::StepUpdate {
+fn step_to_pb(s: StepEvent) -> pb::StepUpdate {
     pb::StepUpdate {
         step: s.step as u32,
         positions: s.committed.iter().map(|c| c.position as u32).collect(),
         tokens: s.committed.iter().map(|c| c.token).collect(),
         confidences: s.committed.iter().map(|c| c.confidence).collect(),
-        final_text: final_text(codec, &s.final_prefix),
+        final_text: s.text,
+    }
+}
+
+/// How a checked request runs besides its canvas.
+#[derive(Clone, Debug, Default)]
+pub struct RequestOptions {
+    /// Send every step's commits, not only the result.
+    pub stream: bool,
+    pub deadline: Option<Instant>,
+    pub stop: StopStrings,
+    /// Names the request in logs and its result.
+    pub request_id: String,
+}
+
+/// The longest request id accepted from a client.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// The client's request id (`x-request-id`), checked: visible ASCII, at most
+/// `MAX_REQUEST_ID_BYTES`; none: a fresh one.
+pub fn request_id(given: Option<&[u8]>) -> Result<String, String> {
+    match given {
+        None => Ok(format!("{:016x}", random_seed() ^ (random_seed() << 11))),
+        Some(id)
+            if !id.is_empty()
+                && id.len() <= MAX_REQUEST_ID_BYTES
+                && id.iter().all(u8::is_ascii_graphic) =>
+        {
+            Ok(String::from_utf8_lossy(id).into_owned())
+        }
+        Some(_) => Err(format!(
+            "the request id (x-request-id) must be 1 to {MAX_REQUEST_ID_BYTES} visible ASCII characters"
+        )),
     }
 }
 
@@ -102,6 +157,8 @@ pub fn response_to_pb(d: Finished) -> pb::GenerateResponse {
         forwards: d.forwards as u32,
         finish_reason: finish_reason_to_pb(d.finish_reason) as i32,
         completion_tokens: d.answer_tokens as u32,
+        matched_stop: d.matched_stop,
+        request_id: d.request_id,
     }
 }
 
@@ -205,10 +262,24 @@ impl Coordinator {
         Canvas::infill(&prompt, &suffix, config, space).map_err(|e| invalid(e.to_string()))
     }
 
-    /// `canvas` on a thread of its own (the runtime's other tasks move to
-    /// another worker while it tokenizes).
-    pub fn canvas_blocking(&self, req: &pb::GenerateRequest) -> Result<Canvas, Status> {
-        tokio::task::block_in_place(|| self.canvas(req))
+    /// The request's stop strings, checked.
+    pub fn stop_strings(&self, req: &pb::GenerateRequest) -> Result<StopStrings, Status> {
+        if !req.stop.is_empty() && req.full_canvas {
+            return Err(Status::invalid_argument(
+                "stop strings end the request early; full_canvas runs every step: give one of them",
+            ));
+        }
+        StopStrings::new(req.stop.clone()).map_err(Status::invalid_argument)
+    }
+
+    /// `canvas` and `stop_strings` on a thread of its own (the runtime's
+    /// other tasks move to another worker while it tokenizes).
+    pub fn prepare_blocking(
+        &self,
+        req: &pb::GenerateRequest,
+    ) -> Result<(Canvas, StopStrings), Status> {
+        let stop = self.stop_strings(req)?;
+        Ok((tokio::task::block_in_place(|| self.canvas(req))?, stop))
     }
 
     /// Refuses text that is certainly longer than the model's
@@ -244,32 +315,46 @@ impl Coordinator {
         model_name(&self.meta.dir)
     }
 
-    /// Queues a canvas; its events (steps if `stream`, then the result or an
-    /// error) arrive on the returned channel.
-    pub fn start(
-        &self,
-        canvas: Canvas,
-        stream: bool,
-        deadline: Option<Instant>,
-    ) -> Result<Events, InferError> {
+    /// Queues a canvas; its events (steps if `opts.stream`, then the result
+    /// or an error) arrive on the returned channel.
+    pub fn start(&self, canvas: Canvas, opts: RequestOptions) -> Result<Events, InferError> {
         if !self.is_ready() {
             return Err(InferError::no_pipeline());
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        self.scheduler
-            .submit(Job::new(canvas, tx, stream, deadline))?;
+        let job = Job::new(canvas, tx, opts.stream, opts.deadline)
+            .with_stop(opts.stop)
+            .with_request_id(opts.request_id);
+        self.scheduler.submit(job)?;
         Ok(rx)
     }
 
-    fn submit<T>(
+    /// Checks a gRPC request and queues it: its events, deadline and id.
+    fn submit(
         &self,
-        request: &Request<T>,
-        canvas: Canvas,
+        request: &Request<pb::GenerateRequest>,
         stream: bool,
-    ) -> Result<(Events, Option<Instant>), Status> {
+    ) -> Result<(Events, Option<Instant>, String), Status> {
+        let request_id = request_id(request.metadata().get("x-request-id").map(|v| v.as_bytes()))
+            .map_err(Status::invalid_argument)?;
+        let (canvas, stop) = self.prepare_blocking(request.get_ref())?;
         let deadline = grpc_timeout(request.metadata()).map(|t| Instant::now() + t);
-        Ok((self.start(canvas, stream, deadline)?, deadline))
+        let opts = RequestOptions {
+            stream,
+            deadline,
+            stop,
+            request_id: request_id.clone(),
+        };
+        Ok((self.start(canvas, opts)?, deadline, request_id))
     }
+}
+
+/// `x-request-id` metadata of a response.
+fn with_request_id<T>(mut response: Response<T>, id: &str) -> Response<T> {
+    if let Ok(v) = id.parse() {
+        response.metadata_mut().insert("x-request-id", v);
+    }
+    response
 }
 
 /// The last component of a checkpoint path.
@@ -308,12 +393,11 @@ impl Generation for Coordinator {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let canvas = self.canvas_blocking(request.get_ref())?;
-        let (mut events, deadline) = self.submit(&request, canvas, false)?;
+        let (mut events, deadline, id) = self.submit(&request, false)?;
         let result = async {
             while let Some(event) = events.recv().await {
                 if let Event::Done(done) = event? {
-                    return Ok(Response::new(response_to_pb(done)));
+                    return Ok(with_request_id(Response::new(response_to_pb(done)), &id));
                 }
             }
             Err(Status::internal("the request ended without a result"))
@@ -339,21 +423,51 @@ impl Generation for Coordinator {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         use pb::generate_stream_response::Event as E;
-        let canvas = self.canvas_blocking(request.get_ref())?;
-        let (events, _) = self.submit(&request, canvas, true)?;
-        let codec = self.meta.codec.clone();
+        let (events, _, id) = self.submit(&request, true)?;
         let stream =
             tokio_stream::wrappers::UnboundedReceiverStream::new(events).map(move |event| {
                 event
                     .map_err(Status::from)
                     .map(|e| pb::GenerateStreamResponse {
                         event: Some(match e {
-                            Event::Step(s) => E::Step(step_to_pb(&codec, s)),
+                            Event::Step(s) => E::Step(step_to_pb(s)),
                             Event::Done(d) => E::Done(response_to_pb(d)),
                         }),
                     })
             });
-        Ok(Response::new(Box::pin(stream)))
+        let stream: EventStream = Box::pin(stream);
+        Ok(with_request_id(Response::new(stream), &id))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let req = request.get_ref();
+        self.check_text_len("text", req.text.len())?;
+        let codec = &self.meta.codec;
+        let ids = tokio::task::block_in_place(|| match (req.chat, req.add_special_tokens) {
+            (true, Some(_)) => Err(Status::invalid_argument(
+                "add_special_tokens is for text without the chat template: leave it unset with chat",
+            )),
+            (true, None) => codec
+                .encode_chat(&[Message {
+                    role: "user".into(),
+                    content: req.text.clone(),
+                }])
+                .map_err(|e| Status::invalid_argument(format!("cannot tokenize the text: {e}"))),
+            (false, special) => if special.unwrap_or(true) {
+                codec.encode(&req.text)
+            } else {
+                codec.encode_continuation(&req.text)
+            }
+            .map_err(|e| Status::invalid_argument(format!("cannot tokenize the text: {e}"))),
+        })?;
+        Ok(Response::new(pb::TokenizeResponse {
+            count: ids.len() as u32,
+            token_ids: ids,
+            max_model_len: self.meta.config.max_sequence_length as u32,
+        }))
     }
 
     async fn model_info(

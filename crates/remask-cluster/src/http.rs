@@ -21,13 +21,13 @@
 //! under an adaptive commit rule). Results carry a `remask` object too, with
 //! the forward passes the request took.
 
-use crate::coordinator::{Coordinator, final_text, random_seed};
+use crate::coordinator::{Coordinator, RequestOptions, random_seed};
 use crate::scheduler::{Event, Finished, InferError};
 use axum::extract::Path;
-use axum::extract::{Request, State};
+use axum::extract::{Extension, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -53,12 +53,44 @@ pub fn router(coordinator: Arc<Coordinator>) -> Router {
             coordinator.clone(),
             require_key,
         ));
-    Router::new()
+    let router = Router::new()
         .merge(v1)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn(json_errors))
-        .with_state(coordinator)
+        .layer(middleware::from_fn(request_id_layer));
+    let router = if coordinator.http.allowed_origins.is_empty() {
+        router
+    } else {
+        router.layer(cors(&coordinator.http.allowed_origins))
+    };
+    router.with_state(coordinator)
+}
+
+/// CORS for `--allowed-origins`: none (no headers), a list, or `*`. A
+/// browser page of an allowed origin may send the API key and read
+/// `X-Request-Id`.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| header::HeaderValue::from_str(o).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([header::HeaderName::from_static("x-request-id")])
+        .max_age(std::time::Duration::from_secs(600))
 }
 
 /// Errors axum makes itself (no route: 404, wrong method: 405, a body over
@@ -143,6 +175,12 @@ impl ApiError {
             code: Some("unsupported_parameter"),
             param: Some(param.to_string()),
         }
+    }
+
+    /// Names the request field at fault.
+    fn param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
     }
 
     fn model_not_found(c: &Coordinator, m: &str) -> Self {
@@ -281,12 +319,6 @@ const UNSUPPORTED: &[Unsupported] = &[
         "only 0 is accepted",
     ),
     (
-        "echo",
-        |v| v == &Value::Bool(false),
-        "only false is accepted",
-    ),
-    ("stop", is_empty, "stop sequences are not implemented yet"),
-    (
         "stop_token_ids",
         is_empty,
         "stop token ids are not implemented yet",
@@ -329,6 +361,7 @@ const KNOWN: &[&str] = &[
     "n",
     "stream",
     "stream_options",
+    "stop",
     "user",
     "parallel_tool_calls",
     "steps",
@@ -367,8 +400,18 @@ fn checked_body(body: &[u8], kind: Kind) -> Result<Value, ApiError> {
             "infilling is a completions parameter (POST /v1/completions)",
         ));
     }
+    if kind == Kind::Chat
+        && fields
+            .get("echo")
+            .is_some_and(|v| v != &Value::Bool(false) && !v.is_null())
+    {
+        return Err(ApiError::unsupported(
+            "echo",
+            "echo is a completions parameter (POST /v1/completions)",
+        ));
+    }
     let own: &[&str] = match kind {
-        Kind::Completion => &["prompt", "suffix"],
+        Kind::Completion => &["prompt", "suffix", "echo"],
         Kind::Chat => &["messages"],
     };
     let unknown: Vec<&str> = fields
@@ -549,9 +592,13 @@ struct Sampling {
     max_completion_tokens: Option<u32>,
     temperature: Option<f64>,
     seed: Option<u64>,
+    /// Choices per prompt: canvases of their own in the running batch.
     n: Option<u32>,
     #[serde(default)]
     stream: bool,
+    stream_options: Option<StreamOptions>,
+    /// A string or up to 4 strings.
+    stop: Option<Value>,
     steps: Option<u32>,
     block_length: Option<u32>,
     remasking: Option<String>,
@@ -570,11 +617,22 @@ struct Sampling {
     cache: Option<String>,
 }
 
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
 #[derive(Deserialize)]
 struct CompletionRequest {
+    /// A string, a list of strings, a list of token ids, or a list of lists
+    /// of token ids: one canvas per prompt (times `n`).
     prompt: Value,
     /// OpenAI's infill field: text after the completion, which fills the gap.
     suffix: Option<String>,
+    /// The prompt's text before each choice's.
+    #[serde(default)]
+    echo: bool,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -592,6 +650,9 @@ struct ChatMessage {
     content: Value,
 }
 
+/// Canvases one request may ask for (prompts times `n`).
+const MAX_CHOICES: usize = 64;
+
 impl Sampling {
     /// A gRPC request for `prompt_ids`; defaults: 128 tokens, one step per
     /// token (the fixed schedule), blocks of 32 when that divides the length,
@@ -600,11 +661,8 @@ impl Sampling {
         &self,
         c: &Coordinator,
         prompt_ids: Vec<u32>,
+        seed: u64,
     ) -> Result<pb::GenerateRequest, ApiError> {
-        check_model(c, self.model.as_deref())?;
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::unsupported("n", "only n = 1 is accepted"));
-        }
         let gen_length = self
             .max_completion_tokens
             .or(self.max_tokens)
@@ -649,8 +707,7 @@ impl Sampling {
             remasking: remasking as i32,
             temperature: self.temperature.unwrap_or(0.0),
             cfg_scale: self.cfg_scale.unwrap_or(0.0),
-            // Unset: a fresh seed, reported in the result's `remask.seed`.
-            seed: Some(self.seed.unwrap_or_else(random_seed)),
+            seed: Some(seed),
             logits_eos_inf: self.logits_eos_inf,
             confidence_eos_eot_inf: self.confidence_eos_eot_inf,
             threshold: self.threshold,
@@ -658,9 +715,84 @@ impl Sampling {
             entropy: self.entropy,
             full_canvas: self.full_canvas,
             cache: cache as i32,
+            stop: self.stop_strings()?,
             ..Default::default()
         })
     }
+
+    fn stop_strings(&self) -> Result<Vec<String>, ApiError> {
+        let bad =
+            || ApiError::bad_request("stop must be a string or a list of strings").param("stop");
+        match &self.stop {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::String(s)) => Ok(vec![s.clone()]),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+                .collect(),
+            Some(_) => Err(bad()),
+        }
+    }
+
+    /// The choices of `prompts`: `n` per prompt, in OpenAI's order (every
+    /// choice of the first prompt, then the second's...), checked and laid
+    /// out before any of them is queued. Choice `i` of a prompt runs with
+    /// the seed plus `i`, so several samples differ and each can be
+    /// reproduced.
+    fn choices(
+        &self,
+        c: &Coordinator,
+        prompts: Vec<Prompt>,
+        suffix: &str,
+    ) -> Result<Vec<Choice>, ApiError> {
+        check_model(c, self.model.as_deref())?;
+        let n = self.n.unwrap_or(1) as usize;
+        if n == 0 {
+            return Err(ApiError::bad_request("n must be at least 1").param("n"));
+        }
+        if prompts.len().saturating_mul(n) > MAX_CHOICES {
+            return Err(ApiError::bad_request(format!(
+                "{} prompts times n = {n} is more than the {MAX_CHOICES} choices a request may ask for",
+                prompts.len()
+            ))
+            .param("n"));
+        }
+        let seed = self.seed.unwrap_or_else(random_seed);
+        let mut choices = Vec::with_capacity(prompts.len() * n);
+        for prompt in prompts {
+            for i in 0..n {
+                let mut grpc = self.request(c, prompt.ids.clone(), seed.wrapping_add(i as u64))?;
+                grpc.suffix = suffix.to_string();
+                let (canvas, stop) = c.prepare_blocking(&grpc).map_err(|e| {
+                    let error = ApiError::from(e);
+                    if error.message.starts_with("stop") {
+                        error.param("stop")
+                    } else {
+                        error
+                    }
+                })?;
+                choices.push(Choice {
+                    canvas,
+                    stop,
+                    echo: prompt.echo.clone(),
+                });
+            }
+        }
+        Ok(choices)
+    }
+}
+
+/// One prompt of a request: its tokens, and its text for `echo`.
+struct Prompt {
+    ids: Vec<u32>,
+    echo: String,
+}
+
+/// One choice, checked and laid out.
+struct Choice {
+    canvas: remask_sampler::Canvas,
+    stop: crate::stop::StopStrings,
+    echo: String,
 }
 
 fn text_of(v: &Value, what: &str) -> Result<String, ApiError> {
@@ -685,36 +817,103 @@ fn text_of(v: &Value, what: &str) -> Result<String, ApiError> {
     }
 }
 
-async fn completions(State(c): State<Arc<Coordinator>>, body: axum::body::Bytes) -> Response {
+/// Token ids of a prompt given as ids.
+fn ids_of(items: &[Value]) -> Option<Vec<u32>> {
+    items
+        .iter()
+        .map(|v| v.as_u64().map(|t| t.min(u32::MAX as u64) as u32))
+        .collect()
+}
+
+/// The prompts of a completion request, tokenized (off the async runtime).
+fn prompts_of(c: &Coordinator, prompt: &Value, echo: bool) -> Result<Vec<Prompt>, ApiError> {
+    let from_ids = |ids: Vec<u32>| -> Result<Prompt, ApiError> {
+        let echo = if echo {
+            let vocab = c.meta.config.vocab_size;
+            if let Some(t) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ApiError::bad_request(format!(
+                    "token {t} is outside the vocabulary of {vocab}"
+                )));
+            }
+            tokio::task::block_in_place(|| c.meta.codec.decode(&ids, true))
+                .map_err(|e| ApiError::bad_request(format!("cannot detokenize the prompt: {e}")))?
+        } else {
+            String::new()
+        };
+        Ok(Prompt { ids, echo })
+    };
+    let from_text = |text: &str| -> Result<Prompt, ApiError> {
+        Ok(Prompt {
+            ids: encode(c, text)?,
+            echo: if echo {
+                text.to_string()
+            } else {
+                String::new()
+            },
+        })
+    };
+    let bad = || {
+        ApiError::bad_request(
+            "prompt must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+        )
+        .param("prompt")
+    };
+    match prompt {
+        Value::String(s) => Ok(vec![from_text(s)?]),
+        Value::Array(items) if items.is_empty() => {
+            Err(ApiError::bad_request("prompt is empty").param("prompt"))
+        }
+        Value::Array(items) if items[0].is_u64() => {
+            Ok(vec![from_ids(ids_of(items).ok_or_else(bad)?)?])
+        }
+        Value::Array(items) if items.len() > MAX_CHOICES => Err(ApiError::bad_request(format!(
+            "{} prompts are more than the {MAX_CHOICES} a request may give",
+            items.len()
+        ))
+        .param("prompt")),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => from_text(s),
+                Value::Array(ids) if !ids.is_empty() => from_ids(ids_of(ids).ok_or_else(bad)?),
+                _ => Err(bad()),
+            })
+            .collect(),
+        _ => Err(bad()),
+    }
+}
+
+async fn completions(
+    State(c): State<Arc<Coordinator>>,
+    Extension(id): Extension<RequestId>,
+    body: axum::body::Bytes,
+) -> Response {
     let result = async {
         let req: CompletionRequest = from_value(checked_body(&body, Kind::Completion)?)?;
-        let prompt_ids = match &req.prompt {
-            Value::Array(items) if items.iter().all(Value::is_u64) => items
-                .iter()
-                .map(|v| v.as_u64().unwrap_or(u64::MAX).min(u32::MAX as u64) as u32)
-                .collect(),
-            Value::Array(items) if items.len() == 1 => encode(&c, &text_of(&items[0], "prompt")?)?,
-            Value::Array(_) => {
-                return Err(ApiError::bad_request(
-                    "prompt must be one string (batches are not supported)",
-                ));
-            }
-            other => encode(&c, &text_of(other, "prompt")?)?,
-        };
-        let mut grpc = req.sampling.request(&c, prompt_ids)?;
-        grpc.suffix = req.suffix.unwrap_or_default();
-        run(c.clone(), grpc, req.sampling.stream, Kind::Completion).await
+        check_model(&c, req.sampling.model.as_deref())?;
+        let prompts = prompts_of(&c, &req.prompt, req.echo)?;
+        let suffix = req.suffix.as_deref().unwrap_or_default();
+        let choices = req.sampling.choices(&c, prompts, suffix)?;
+        run(c.clone(), choices, &req.sampling, Kind::Completion, id).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn chat_completions(State(c): State<Arc<Coordinator>>, body: axum::body::Bytes) -> Response {
+async fn chat_completions(
+    State(c): State<Arc<Coordinator>>,
+    Extension(id): Extension<RequestId>,
+    body: axum::body::Bytes,
+) -> Response {
     let result = async {
         let req: ChatRequest = from_value(checked_body(&body, Kind::Chat)?)?;
-        let prompt_ids = chat_ids(&c, &req.messages)?;
-        let grpc = req.sampling.request(&c, prompt_ids)?;
-        run(c.clone(), grpc, req.sampling.stream, Kind::Chat).await
+        check_model(&c, req.sampling.model.as_deref())?;
+        let prompt = Prompt {
+            ids: chat_ids(&c, &req.messages)?,
+            echo: String::new(),
+        };
+        let choices = req.sampling.choices(&c, vec![prompt], "")?;
+        run(c.clone(), choices, &req.sampling, Kind::Chat, id).await
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
@@ -767,14 +966,54 @@ enum Kind {
     Chat,
 }
 
+impl Kind {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Completion => "cmpl",
+            Kind::Chat => "chatcmpl",
+        }
+    }
+
+    fn object(self, stream: bool) -> &'static str {
+        match (self, stream) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        }
+    }
+
+    /// A choice: `text` is the whole text (a result) or a delta (a chunk).
+    fn choice(self, index: usize, text: &str, finish: Option<&str>, stream: bool) -> Value {
+        match (self, stream) {
+            (Kind::Completion, _) => {
+                json!({"index": index, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+            (Kind::Chat, false) => {
+                json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
+            }
+            (Kind::Chat, true) => {
+                json!({"index": index, "delta": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
+            }
+        }
+    }
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-fn usage(done: &Finished) -> Value {
-    let (p, g) = (done.prompt_length, done.answer_tokens);
+/// Usage of finished choices: each prompt counted once, as OpenAI does.
+fn usage<'a>(done: impl IntoIterator<Item = &'a Finished>, n: usize) -> Value {
+    let (mut p, mut g, mut count) = (0, 0, 0);
+    for d in done {
+        if count % n.max(1) == 0 {
+            p += d.prompt_length;
+        }
+        g += d.answer_tokens;
+        count += 1;
+    }
     json!({"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g})
 }
 
@@ -786,96 +1025,180 @@ fn remask_fields(done: &Finished) -> Value {
     })
 }
 
+/// The finished choice's entry: OpenAI's fields, SGLang's `matched_stop`,
+/// and remask's own.
+fn finished_choice(kind: Kind, index: usize, text: &str, done: &Finished, stream: bool) -> Value {
+    let mut choice = kind.choice(index, text, Some(done.finish_reason.as_str()), stream);
+    choice["matched_stop"] = json!(done.matched_stop);
+    choice["remask"] = remask_fields(done);
+    choice
+}
+
+/// The request's id: `X-Request-Id` when the client sends one (checked),
+/// else made up; returned in the response's `X-Request-Id` and in logs.
+#[derive(Clone)]
+struct RequestId(String);
+
+async fn request_id_layer(mut request: Request, next: Next) -> Response {
+    let given = request.headers().get("x-request-id").map(|v| v.as_bytes());
+    let id = match crate::coordinator::request_id(given) {
+        Ok(id) => id,
+        Err(message) => return ApiError::bad_request(message).into_response(),
+    };
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(v) = header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
 async fn run(
     c: Arc<Coordinator>,
-    grpc: pb::GenerateRequest,
-    stream: bool,
+    choices: Vec<Choice>,
+    sampling: &Sampling,
     kind: Kind,
+    RequestId(request_id): RequestId,
 ) -> Result<Response, ApiError> {
-    let canvas = c.canvas_blocking(&grpc)?;
-    let mut events = c.start(canvas, stream, None)?;
-    let id = format!(
-        "{}-{:x}",
-        if kind == Kind::Chat {
-            "chatcmpl"
-        } else {
-            "cmpl"
-        },
-        rand_id()
-    );
+    let stream = sampling.stream;
+    let n = sampling.n.unwrap_or(1) as usize;
+    let several = choices.len() > 1;
+    let mut started = Vec::with_capacity(choices.len());
+    for (i, choice) in choices.into_iter().enumerate() {
+        let opts = RequestOptions {
+            stream,
+            deadline: None,
+            stop: choice.stop,
+            request_id: if several {
+                format!("{request_id}-{i}")
+            } else {
+                request_id.clone()
+            },
+        };
+        // A refusal drops the choices queued so far: they are cancelled at
+        // the next step boundary.
+        started.push((c.start(choice.canvas, opts)?, choice.echo));
+    }
+    let id = format!("{}-{request_id}", kind.id_prefix());
     let (created, model) = (now(), c.model_name());
     if !stream {
-        while let Some(event) = events.recv().await {
-            if let Event::Done(done) = event? {
-                let reason = done.finish_reason.as_str();
-                let choice = match kind {
-                    Kind::Completion => {
-                        json!({"index": 0, "text": done.text, "logprobs": null, "finish_reason": reason})
+        let mut entries = Vec::with_capacity(started.len());
+        let mut results = Vec::with_capacity(started.len());
+        for (index, (mut events, echo)) in started.into_iter().enumerate() {
+            let done = loop {
+                match events.recv().await {
+                    Some(event) => {
+                        if let Event::Done(done) = event? {
+                            break done;
+                        }
                     }
-                    Kind::Chat => {
-                        json!({"index": 0, "message": {"role": "assistant", "content": done.text}, "finish_reason": reason})
+                    None => {
+                        return Err(InferError::Internal(
+                            "the request ended without a result".into(),
+                        )
+                        .into());
                     }
-                };
-                let object = if kind == Kind::Chat {
-                    "chat.completion"
-                } else {
-                    "text_completion"
-                };
-                return Ok(Json(json!({
-                    "id": id, "object": object, "created": created, "model": model,
-                    "choices": [choice], "usage": usage(&done), "remask": remask_fields(&done),
-                }))
-                .into_response());
-            }
+                }
+            };
+            let text = format!("{echo}{}", done.text);
+            entries.push(finished_choice(kind, index, &text, &done, false));
+            results.push(done);
         }
-        return Err(InferError::Internal("the request ended without a result".into()).into());
+        return Ok(Json(json!({
+            "id": id, "object": kind.object(false), "created": created, "model": model,
+            "choices": entries, "usage": usage(&results, n), "remask": remask_fields(&results[0]),
+        }))
+        .into_response());
     }
 
-    let object = if kind == Kind::Chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
-    };
-    let chunk = move |delta: &str, finish: Option<&str>, extra: Value| {
-        let choice = match kind {
-            Kind::Completion => {
-                json!({"index": 0, "text": delta, "logprobs": null, "finish_reason": finish})
-            }
-            Kind::Chat => {
-                json!({"index": 0, "delta": {"role": "assistant", "content": delta}, "finish_reason": finish})
-            }
-        };
-        let mut v = json!({"id": id, "object": object, "created": created, "model": model, "choices": [choice]});
+    let include_usage = sampling
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let object = kind.object(true);
+    let chunk = move |choices: Vec<Value>, extra: Value| {
+        let mut v = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
         if let (Value::Object(o), Value::Object(e)) = (&mut v, extra) {
             o.extend(e);
         }
         SseEvent::default().data(v.to_string())
     };
-    let codec = c.meta.codec.clone();
-    let stream = async_stream_events(move |tx| async move {
-        let mut sent = String::new();
-        while let Some(event) = events.recv().await {
+    // Every choice's events on one channel, tagged with the choice; a
+    // forwarder ends (dropping its choice, which cancels it) once the
+    // client has gone.
+    let (merged_tx, mut merged) = tokio::sync::mpsc::unbounded_channel();
+    let mut echoes = Vec::with_capacity(started.len());
+    for (index, (mut events, echo)) in started.into_iter().enumerate() {
+        echoes.push(echo);
+        let tx = merged_tx.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if tx.send((index, event)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(merged_tx);
+    let count = echoes.len();
+    let events = async_stream_events(move |tx| async move {
+        let mut sent = vec![String::new(); count];
+        for (index, echo) in echoes.iter().enumerate() {
+            if !echo.is_empty()
+                && tx
+                    .send(chunk(vec![kind.choice(index, echo, None, true)], json!({})))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+        let mut results: Vec<Option<Finished>> = vec![None; count];
+        while let Some((index, event)) = merged.recv().await {
             match event {
                 Ok(Event::Step(s)) => {
-                    let text = final_text(&codec, &s.final_prefix);
-                    let delta = text.strip_prefix(sent.as_str()).unwrap_or("").to_string();
+                    let delta = s
+                        .text
+                        .strip_prefix(sent[index].as_str())
+                        .unwrap_or("")
+                        .to_string();
                     if !delta.is_empty() {
-                        sent = text;
+                        sent[index] = s.text;
                     }
                     let positions: Vec<usize> = s.committed.iter().map(|c| c.position).collect();
                     let tokens: Vec<u32> = s.committed.iter().map(|c| c.token).collect();
-                    let extra = json!({"remask": {"step": s.step, "positions": positions, "tokens": tokens}});
-                    if tx.send(chunk(&delta, None, extra)).await.is_err() {
+                    let mut remask =
+                        json!({"step": s.step, "positions": positions, "tokens": tokens});
+                    if several {
+                        remask["index"] = json!(index);
+                    }
+                    let event = chunk(
+                        vec![kind.choice(index, &delta, None, true)],
+                        json!({"remask": remask}),
+                    );
+                    if tx.send(event).await.is_err() {
                         return;
                     }
                 }
                 Ok(Event::Done(done)) => {
-                    let rest = done.text.strip_prefix(sent.as_str()).unwrap_or("");
-                    let extra = json!({"usage": usage(&done), "remask": remask_fields(&done)});
-                    let reason = done.finish_reason.as_str();
-                    let _ = tx.send(chunk(rest, Some(reason), extra)).await;
-                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
-                    return;
+                    let rest = done.text.strip_prefix(sent[index].as_str()).unwrap_or("");
+                    let mut extra = json!({"remask": remask_fields(&done)});
+                    if !several {
+                        extra["usage"] = usage([&done], n);
+                    }
+                    let event = chunk(vec![finished_choice(kind, index, rest, &done, true)], extra);
+                    results[index] = Some(done);
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                    if results.iter().all(Option::is_some) {
+                        if several && include_usage {
+                            let usage = usage(results.iter().flatten(), n);
+                            let _ = tx.send(chunk(Vec::new(), json!({"usage": usage}))).await;
+                        }
+                        let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+                        return;
+                    }
                 }
                 Err(error) => {
                     let _ = tx
@@ -887,7 +1210,9 @@ async fn run(
             }
         }
     });
-    Ok(Sse::new(stream).into_response())
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(c.http.sse_keep_alive))
+        .into_response())
 }
 
 /// A stream fed by a task; the task ends (and the request is cancelled at
@@ -900,15 +1225,4 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(f(tx));
     tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok)
-}
-
-fn rand_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
 }

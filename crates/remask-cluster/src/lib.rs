@@ -2,6 +2,7 @@
 //!
 //! - `coordinator`: the public gRPC API; owns every request's canvas.
 //! - `scheduler`: step-level continuous batching over the current pipeline.
+//! - `stop`: stop strings, checked in the final prefix after every step.
 //! - `pipeline`: one forward pass through the stages; the layer plan.
 //! - `manager`: live workers to an assigned, loaded pipeline.
 //! - `membership`: workers register in etcd with a lease; the coordinator watches.
@@ -21,6 +22,7 @@ pub mod pipeline;
 pub mod scheduler;
 pub mod server;
 pub mod shard;
+pub mod stop;
 pub mod tls;
 pub mod worker;
 

@@ -26,6 +26,7 @@
 
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, StageFailure, StepError};
+use crate::stop::{StopMatch, StopStrings};
 use remask_engine::{StepBatch, StepRequest, cache_ids};
 use remask_model::TextCodec;
 use remask_sampler::{BatchStep, CacheMode, Canvas, Committed, FinishReason, KvUse};
@@ -40,9 +41,12 @@ pub struct StepEvent {
     pub step: usize,
     /// What the step committed (several tokens under an adaptive rule).
     pub committed: Vec<Committed>,
-    /// The answer's final prefix after the step (`Canvas::final_prefix`):
-    /// what a text stream may send.
+    /// The answer's final prefix after the step (`Canvas::final_prefix`).
     pub final_prefix: Vec<u32>,
+    /// What a text stream may send after the step: the final prefix's text,
+    /// without a character still incomplete, and before a stop string
+    /// (holding back what could be the start of one).
+    pub text: String,
 }
 
 /// A finished request.
@@ -51,10 +55,15 @@ pub struct Finished {
     /// The whole sequence: prompt, generation, suffix.
     pub token_ids: Vec<u32>,
     pub generated_ids: Vec<u32>,
-    /// Tokens of the answer (generated ids before the first stop token).
+    /// Tokens of the answer (generated ids before the first stop token; with
+    /// a stop string, the tokens up to and including it).
     pub answer_tokens: usize,
-    /// The answer decoded.
+    /// The answer decoded (before the stop string that ended it, if any).
     pub text: String,
+    /// The stop string that ended the answer.
+    pub matched_stop: Option<String>,
+    /// The caller's name for the request (`X-Request-Id`, or made up).
+    pub request_id: String,
     pub prompt_length: usize,
     pub steps: usize,
     /// Forward passes the request took part in.
@@ -131,6 +140,13 @@ pub struct Job {
     failures: u32,
     /// When the answer's first token became final (or the answer ended).
     first_final: Option<Instant>,
+    /// The caller's name for the request, in its log lines and result.
+    request_id: String,
+    stop: StopStrings,
+    /// The stop string found in the final prefix, which ended the answer.
+    matched: Option<StopMatch>,
+    /// Length of the final prefix the stop strings were last looked for in.
+    stop_checked: usize,
 }
 
 /// A request whose steps failed this often on workers is given up (a request
@@ -156,6 +172,46 @@ impl Job {
             compute_ms: 0.0,
             failures: 0,
             first_final: None,
+            request_id: String::new(),
+            stop: StopStrings::default(),
+            matched: None,
+            stop_checked: 0,
+        }
+    }
+
+    /// The answer ends before the first of these strings.
+    pub fn with_stop(mut self, stop: StopStrings) -> Self {
+        self.stop = stop;
+        self
+    }
+
+    pub fn with_request_id(mut self, id: String) -> Self {
+        self.request_id = id;
+        self
+    }
+
+    /// Looks for the stop strings in what the final prefix gained, and ends
+    /// the answer at the first one.
+    fn check_stop(&mut self, codec: &TextCodec) {
+        let prefix = self.canvas.final_prefix();
+        if self.stop.is_empty() || self.matched.is_some() || prefix.len() == self.stop_checked {
+            return;
+        }
+        self.stop_checked = prefix.len();
+        if let Some(m) = self.stop.find(codec, prefix) {
+            self.canvas.end_answer(m.tokens);
+            self.matched = Some(m);
+        }
+    }
+
+    /// What a stream may send now (`StepEvent::text`).
+    fn sendable_text(&self, codec: &TextCodec) -> String {
+        match &self.matched {
+            Some(m) => m.text.clone(),
+            None => {
+                let text = crate::coordinator::final_text(codec, self.canvas.final_prefix());
+                self.stop.sendable(&text).to_string()
+            }
         }
     }
 }
@@ -246,7 +302,7 @@ impl Context {
             .get_or_create(&m.failed(error.code()))
             .inc();
         tracing::info!(
-            request = job.id,
+            request_id = job.request_id,
             prompt_tokens = job.canvas.prompt_len(),
             forwards = job.canvas.forwards(),
             duration_ms = job.queued_at.elapsed().as_secs_f64() * 1e3,
@@ -515,6 +571,7 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) -> boo
     }
     let commits = step.commit(running.iter_mut().map(|j| &mut j.canvas), predictions);
     for ((job, plan), committed) in running.iter_mut().zip(step.plans()).zip(commits) {
+        job.check_stop(&ctx.codec);
         if job.first_final.is_none()
             && (!job.canvas.final_prefix().is_empty() || job.canvas.is_done())
         {
@@ -533,6 +590,7 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) -> boo
                 step: plan.step,
                 committed,
                 final_prefix: job.canvas.final_prefix().to_vec(),
+                text: job.sendable_text(&ctx.codec),
             })));
         }
     }
@@ -571,7 +629,7 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) -> boo
                     .get_or_create(m.model())
                     .observe(done.answer_tokens as f64);
                 tracing::info!(
-                    request = job.id,
+                    request_id = job.request_id,
                     prompt_tokens = done.prompt_length,
                     answer_tokens = done.answer_tokens,
                     forwards = done.forwards,
@@ -616,19 +674,28 @@ fn fail_step(running: &mut Vec<Job>, failure: StageFailure, ctx: &Context) -> bo
 
 fn finish(job: &Job, codec: &TextCodec) -> Result<Event, InferError> {
     let c = &job.canvas;
-    let text = codec
-        .decode(c.answer(), true)
-        .map_err(|e| InferError::Internal(format!("cannot decode the generation: {e}")))?;
+    let (text, answer_tokens, finish_reason) = match &job.matched {
+        Some(m) => (m.text.clone(), m.tokens, FinishReason::Stop),
+        None => (
+            codec
+                .decode(c.answer(), true)
+                .map_err(|e| InferError::Internal(format!("cannot decode the generation: {e}")))?,
+            c.answer().len(),
+            c.finish_reason(),
+        ),
+    };
     let admitted = job.admitted_at.unwrap_or(job.queued_at);
     Ok(Event::Done(Finished {
         token_ids: c.tokens().to_vec(),
         generated_ids: c.generated().to_vec(),
-        answer_tokens: c.answer().len(),
+        answer_tokens,
         text,
+        matched_stop: job.matched.as_ref().map(|m| m.matched.clone()),
+        request_id: job.request_id.clone(),
         prompt_length: c.prompt_len(),
         steps: c.step(),
         forwards: c.forwards(),
-        finish_reason: c.finish_reason(),
+        finish_reason,
         elapsed_ms: admitted.elapsed().as_secs_f64() * 1e3,
         queue_ms: (admitted - job.queued_at).as_secs_f64() * 1e3,
         forward_ms: job.forward_ms,

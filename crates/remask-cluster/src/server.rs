@@ -11,32 +11,43 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 const GENERATION_SERVICE: &str = "remask.v1.Generation";
 const WORKER_SERVICE: &str = "remask.worker.v1.Worker";
 
-fn reflection_v1() -> anyhow::Result<
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Reflection listing what this process serves: `service` and health (a
+/// coordinator does not offer the worker API, nor a worker the public one).
+fn reflection(service: &'static str) -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(remask_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(service)
+        .with_service_name(HEALTH_SERVICE)
+}
+
+fn reflection_v1(
+    service: &'static str,
+) -> anyhow::Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
 > {
-    Ok(tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(remask_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?)
+    Ok(reflection(service).build_v1()?)
 }
 
-fn reflection_v1alpha() -> anyhow::Result<
+fn reflection_v1alpha(
+    service: &'static str,
+) -> anyhow::Result<
     tonic_reflection::server::v1alpha::ServerReflectionServer<
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
 > {
-    Ok(tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(remask_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?)
+    Ok(reflection(service).build_v1alpha()?)
 }
 
 /// Serves the Generation API (and, with `http`, the OpenAI-compatible HTTP
@@ -84,10 +95,14 @@ pub async fn serve_coordinator(
     });
     builder(limits)
         .add_service(health)
-        .add_service(reflection_v1()?)
-        .add_service(reflection_v1alpha()?)
+        .add_service(reflection_v1(GENERATION_SERVICE)?)
+        .add_service(reflection_v1alpha(GENERATION_SERVICE)?)
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            GenerationServer::from_arc(coordinator.clone()),
+            // gzip: accepted from clients, and used for answers to clients
+            // that accept it.
+            GenerationServer::from_arc(coordinator.clone())
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip),
             move |request: tonic::Request<()>| {
                 let auth = request
                     .metadata()
@@ -149,10 +164,11 @@ pub async fn serve_worker(
         .await;
     builder(limits)
         .add_service(health)
-        .add_service(reflection_v1()?)
-        .add_service(reflection_v1alpha()?)
+        .add_service(reflection_v1(WORKER_SERVICE)?)
+        .add_service(reflection_v1alpha(WORKER_SERVICE)?)
         .add_service(
             WorkerServer::new(worker)
+                .accept_compressed(CompressionEncoding::Gzip)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )

@@ -734,6 +734,19 @@ impl Canvas {
         committed
     }
 
+    /// Ends the answer after its first `len` tokens, which must be final
+    /// (within `final_prefix`): a stop string matched there, so the rest of
+    /// the span becomes EOS and the request is done, as with a stop token.
+    pub fn end_answer(&mut self, len: usize) {
+        assert!(
+            len <= self.final_prefix().len(),
+            "only a final prefix can end the answer"
+        );
+        let (start, end) = (self.prompt_len, self.x.len() - self.suffix_len);
+        self.x[start + len..end].fill(self.space.eos);
+        self.stopped = true;
+    }
+
     /// Exact early stop: once a stop token is committed with every position
     /// before it committed, the answer cannot change any more; the rest of
     /// the span becomes EOS and the request is done.
