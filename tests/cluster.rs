@@ -1907,7 +1907,7 @@ fn serve_listens_on_the_ports_of_its_environment() {
     );
     let warning = log.lines().find(|l| l.starts_with("warning:")).unwrap();
     assert!(
-        warning.contains("without API keys") && warning.contains(&format!("0.0.0.0:{grpc}")),
+        warning.contains("no API key is set") && warning.contains(&format!("0.0.0.0:{grpc}")),
         "{warning}"
     );
     wait_serving(&logs, &format!("127.0.0.1:{grpc}"), READY_TIMEOUT);

@@ -52,6 +52,22 @@ pub fn parse_host(s: &str) -> Result<String, String> {
     Ok(h.to_string())
 }
 
+/// A port as `--port` and `--grpc-port` take it. A `tcp://IP:PORT` value is
+/// what Kubernetes puts in `REMASK_PORT` for a Service named `remask` (and
+/// in `REMASK_GRPC_PORT` for one named `remask-grpc`): said so.
+pub fn parse_port(s: &str) -> Result<u16, String> {
+    s.trim().parse::<u16>().map_err(|_| {
+        if s.starts_with("tcp://") || s.starts_with("udp://") {
+            format!(
+                "'{s}' is not a port: it looks like a Kubernetes service link (a Service \
+                 named after the variable); set `enableServiceLinks: false` in the pod spec"
+            )
+        } else {
+            format!("'{s}' is not a port (0 to 65535)")
+        }
+    })
+}
+
 impl FromStr for HostPort {
     type Err = String;
 
@@ -179,6 +195,13 @@ mod tests {
         assert!(hp(":8000").unwrap_err().contains("empty"));
         assert!(hp("a b:80").unwrap_err().contains("host name"));
         assert!(hp("[::1:80").is_err());
+        assert_eq!(parse_port("8000").unwrap(), 8000);
+        assert!(parse_port("70000").unwrap_err().contains("not a port"));
+        assert!(
+            parse_port("tcp://10.0.0.1:50051")
+                .unwrap_err()
+                .contains("enableServiceLinks")
+        );
         assert_eq!(parse_host("[::]").unwrap(), "::");
         assert_eq!(parse_host("0.0.0.0").unwrap(), "0.0.0.0");
         assert!(parse_host("").is_err());

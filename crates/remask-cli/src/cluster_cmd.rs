@@ -118,10 +118,10 @@ pub struct ListenArgs {
     #[arg(long, env = "REMASK_HOST", default_value = "0.0.0.0", value_parser = addr::parse_host)]
     pub host: String,
     /// Port of the OpenAI-compatible HTTP API (also /health and /metrics); 0: a free port.
-    #[arg(long, env = "REMASK_PORT", default_value_t = 8000)]
+    #[arg(long, env = "REMASK_PORT", default_value_t = 8000, value_parser = addr::parse_port)]
     pub port: u16,
     /// Port of the gRPC API; 0: a free port.
-    #[arg(long, env = "REMASK_GRPC_PORT", default_value_t = 50051)]
+    #[arg(long, env = "REMASK_GRPC_PORT", default_value_t = 50051, value_parser = addr::parse_port)]
     pub grpc_port: u16,
     /// Serve no HTTP API (gRPC only).
     #[arg(long, env = "REMASK_NO_HTTP", conflicts_with = "http_listen")]
@@ -234,10 +234,11 @@ impl Bound {
             .collect();
         if !open.is_empty() {
             eprintln!(
-                "warning: remask {role}: {} reachable beyond this machine without API keys: \
+                "warning: remask {role}: {} {} reachable beyond this machine and no API key is set: \
                  anyone who can connect can run requests (set --api-key or --api-key-file, \
                  or --host 127.0.0.1 to stay local)",
-                open.join(" and ")
+                open.join(" and "),
+                if open.len() == 1 { "is" } else { "are" }
             );
         }
     }
