@@ -26,12 +26,12 @@ etcd --name b --data-dir "$TMP/etcd" --listen-client-urls "http://127.0.0.1:$EP"
   --heartbeat-interval 10 --election-timeout 100 --log-level error >"$TMP/etcd.log" 2>&1 &
 PIDS+=($!)
 SERVE=$(free_port); COORD=$(free_port)
-"$R" serve --model "$MODEL" --listen "127.0.0.1:$SERVE" 2>"$TMP/serve.log" & PIDS+=($!)
+"$R" serve --model "$MODEL" --listen "127.0.0.1:$SERVE" --no-http 2>"$TMP/serve.log" & PIDS+=($!)
 sleep 1
 for i in 1 2; do
   "$R" worker --listen "127.0.0.1:$(free_port)" --etcd "http://127.0.0.1:$EP" 2>"$TMP/w$i.log" & PIDS+=($!)
 done
-"$R" coordinator --model "$MODEL" --listen "127.0.0.1:$COORD" --etcd "http://127.0.0.1:$EP" --stages 2 \
+"$R" coordinator --model "$MODEL" --listen "127.0.0.1:$COORD" --no-http --etcd "http://127.0.0.1:$EP" --stages 2 \
   2>"$TMP/coord.log" & PIDS+=($!)
 
 REQ=(--prompt-ids "$(seq -s, 1 288)" --gen-length 32 --steps 32 --block-length 32 --json)

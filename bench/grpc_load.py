@@ -5,7 +5,7 @@ Runs C client threads, each with its own channel and stub, that together send N
 requests (Generate, or GenerateStream with --stream), then prints throughput and
 latency:
 
-    target/release/remask serve --model DIR --listen 127.0.0.1:50051 &
+    target/release/remask serve --model DIR --host 127.0.0.1 --no-http &
     python3 bench/grpc_load.py --endpoint 127.0.0.1:50051 --concurrency 8 --requests 64 \\
         --prompt-len 32 --gen-length 64 --steps 64 --block-length 32 [--stream] [--json]
 

@@ -310,6 +310,10 @@ def check_render(path, externals):
         err(f"coordinator: --http-listen={http} is not its http port {cports.get('http')}")
     if not http and "http" in cports:
         err("coordinator: exposes an http port without --http-listen")
+    if not http and "--no-http" not in cargs:
+        err("coordinator: neither --http-listen nor --no-http (HTTP would listen on the default 0.0.0.0:8000)")
+    if http and "--no-http" in cargs:
+        err("coordinator: both --http-listen and --no-http")
     model = flag(cargs, "--model")
     if not model or not any((model.rstrip("/") + "/").startswith(m) for m in cmounts):
         err(f"coordinator: --model={model} is not under a mounted volume")
@@ -414,7 +418,8 @@ def check_compose(path, schema_path):
         if v and str(port_of(v)) not in published:
             err(f"{cname}: {f}={v} is not published")
     model = flag(cargs, "--model") or ""
-    init_cmds = " ".join(" ".join(cmd(s)) for s in services.values() if "model init" in " ".join(cmd(s)))
+    init_cmds = " ".join(" ".join(cmd(s)) for s in services.values()
+                         if re.search(r"remask model (init|default)", " ".join(cmd(s))))
     if model not in init_cmds:
         err(f"{cname}: --model={model} is not what model-init writes")
     ids = set()

@@ -1451,3 +1451,127 @@ fn eval_rejects_a_zero_window() {
     ));
     assert_user_error(&out, &["--window"]);
 }
+
+// ---------------------------------------------------------------------------
+// serve, coordinator, worker: where they listen
+// ---------------------------------------------------------------------------
+
+/// `serve` and `coordinator` listen as vLLM does without flags: every
+/// interface, HTTP on 8000, gRPC on 50051; each flag has its variable.
+#[test]
+fn listening_defaults_are_in_the_help() {
+    for role in ["serve", "coordinator"] {
+        let help = assert_ok(&remask(&[role, "--help"]));
+        for (flag, env, default) in [
+            ("--host", "REMASK_HOST", Some("0.0.0.0")),
+            ("--port", "REMASK_PORT", Some("8000")),
+            ("--grpc-port", "REMASK_GRPC_PORT", Some("50051")),
+            ("--no-http", "REMASK_NO_HTTP", None),
+            ("--listen", "REMASK_LISTEN", None),
+            ("--http-listen", "REMASK_HTTP_LISTEN", None),
+        ] {
+            // The flag's line and its description, up to the next flag.
+            let lines: Vec<&str> = help.lines().collect();
+            let start = lines
+                .iter()
+                .position(|l| {
+                    let l = l.trim_start();
+                    l == flag || l.starts_with(&format!("{flag} "))
+                })
+                .unwrap_or_else(|| panic!("`remask {role} --help` has no {flag}:\n{help}"));
+            let entry: String = lines[start..]
+                .iter()
+                .enumerate()
+                .take_while(|(i, l)| *i == 0 || !l.trim_start().starts_with('-'))
+                .map(|(_, l)| *l)
+                .collect::<Vec<_>>()
+                .join("\n");
+            assert!(
+                entry.contains(&format!("[env: {env}=")),
+                "{role} {flag}: no {env}:\n{entry}"
+            );
+            if let Some(d) = default {
+                assert!(
+                    entry.contains(&format!("[default: {d}]")),
+                    "{role} {flag}: default is not {d}:\n{entry}"
+                );
+            }
+        }
+    }
+    let help = assert_ok(&remask(&["worker", "--help"]));
+    assert!(help.contains("[default: 127.0.0.1:50061]"), "{help}");
+}
+
+/// A host name that does not resolve is a usage error naming the flag and
+/// the name, reported before the model is read; so are addresses that are
+/// not HOST:PORT, and flags that contradict each other.
+#[test]
+fn bad_listening_addresses_are_usage_errors() {
+    let model = tiny();
+    let coordinator = |flags: &'static str| {
+        let mut a = argv("coordinator --workers 127.0.0.1:1 --model", &[model]);
+        a.extend(flags.split_whitespace());
+        a
+    };
+    let serve = |flags: &'static str| {
+        let mut a = argv("serve --model", &[model]);
+        a.extend(flags.split_whitespace());
+        a
+    };
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            serve("--host nosuch.invalid"),
+            vec![
+                "--host nosuch.invalid",
+                "cannot resolve host name 'nosuch.invalid'",
+            ],
+        ),
+        (
+            serve("--listen nosuch.invalid:0 --no-http"),
+            vec!["--listen nosuch.invalid:0", "cannot resolve"],
+        ),
+        (
+            coordinator("--host 127.0.0.1 --port 0 --grpc-port 0 --http-listen nosuch.invalid:0"),
+            vec!["--http-listen nosuch.invalid:0", "cannot resolve"],
+        ),
+        (
+            argv("worker --listen nosuch.invalid:0", &[]),
+            vec!["--listen nosuch.invalid:0", "cannot resolve"],
+        ),
+        (
+            argv(
+                "worker --listen 127.0.0.1:0 --metrics-listen nosuch.invalid:0",
+                &[],
+            ),
+            vec!["--metrics-listen", "cannot resolve"],
+        ),
+        (serve("--listen ::1:0"), vec!["--listen", "brackets"]),
+        (
+            serve("--http-listen 127.0.0.1"),
+            vec!["--http-listen", "HOST:PORT"],
+        ),
+        (serve("--port 70000"), vec!["--port", "70000"]),
+        (serve("--host a..b"), vec!["--host", "a..b"]),
+        (
+            serve("--no-http --http-listen 127.0.0.1:0"),
+            vec!["--no-http", "--http-listen"],
+        ),
+        (
+            serve("--host 127.0.0.1 --port 9123 --grpc-port 9123"),
+            vec!["127.0.0.1:9123", "different ports"],
+        ),
+    ];
+    for (args, mentions) in cases {
+        let out = remask(&args);
+        assert_user_error(&out, &mentions);
+        assert!(
+            !stderr(&out).lines().any(|l| l.starts_with("remask ")),
+            "`{}` printed a listening line:\n{}",
+            args.join(" "),
+            describe(&out)
+        );
+    }
+    // The variables are checked alike.
+    let out = remask_env(&serve(""), &[("REMASK_HOST", "nosuch.invalid")]);
+    assert_user_error(&out, &["nosuch.invalid", "cannot resolve"]);
+}

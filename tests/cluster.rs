@@ -396,7 +396,7 @@ fn worker(logs: &Logs, id: &str, etcd: Option<&Etcd>) -> Server {
 /// assignments can be read.
 fn coordinator(logs: &Logs, model: &Path, stages: usize, discovery: &[&str]) -> Server {
     let mut args = argv(
-        &format!("coordinator --listen 127.0.0.1:0 --stages {stages} --model"),
+        &format!("coordinator --listen 127.0.0.1:0 --no-http --stages {stages} --model"),
         &[path_str(model)],
     );
     args.extend(discovery.iter().map(|s| s.to_string()));
@@ -411,7 +411,10 @@ fn coordinator(logs: &Logs, model: &Path, stages: usize, discovery: &[&str]) -> 
 
 /// `remask serve`: a coordinator with an in-process worker.
 fn serve(logs: &Logs, model: &Path) -> Server {
-    let args = argv("serve --listen 127.0.0.1:0 --model", &[path_str(model)]);
+    let args = argv(
+        "serve --listen 127.0.0.1:0 --no-http --model",
+        &[path_str(model)],
+    );
     Server::start(logs, "serve", "remask serve:", &args, &[])
 }
 
@@ -1558,7 +1561,8 @@ fn mutual_tls_between_coordinator_and_workers() {
 
     let start_coordinator = |name: &str, extra: Vec<String>| {
         let mut args = argv(
-            "coordinator --listen 127.0.0.1:0 --stages 1 --model",
+            // HTTP on a free loopback port, unless `extra` names one
+            "coordinator --host 127.0.0.1 --port 0 --listen 127.0.0.1:0 --stages 1 --model",
             &[path_str(tiny())],
         );
         args.extend(argv("--workers", &[&worker.addr]));
@@ -1721,7 +1725,10 @@ fn spans_reach_an_otlp_collector() {
             .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let mut args = argv("serve --listen 127.0.0.1:0 --model", &[path_str(tiny())]);
+    let mut args = argv(
+        "serve --listen 127.0.0.1:0 --no-http --model",
+        &[path_str(tiny())],
+    );
     args.extend(argv("--otlp-endpoint", &[&format!("http://{addr}")]));
     let mut server = Server::start(&logs, "serve-otlp", "remask serve:", &args, &[]);
     let request = argv(
@@ -1756,7 +1763,7 @@ fn spans_reach_an_otlp_collector() {
 fn json_logs() {
     let logs = Logs::new("json_logs");
     let mut args = argv(
-        "coordinator --listen 127.0.0.1:0 --stages 1 --log-format json --model",
+        "coordinator --listen 127.0.0.1:0 --no-http --stages 1 --log-format json --model",
         &[path_str(tiny())],
     );
     args.extend(argv("--workers 127.0.0.1:1", &[]));
@@ -1825,5 +1832,177 @@ fn tensor_parallel_workers_match_in_process() {
             &got,
             &local(small(), &request),
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Where servers listen: defaults, variables, host names
+// ---------------------------------------------------------------------------
+
+/// A TCP port free on every interface just now (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The HTTP status of GET `url` (curl), or "000" when nothing answers.
+fn http_status(url: &str) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg(url)
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The log of `server` once it holds `needle`; panics after a few seconds.
+fn log_with(server: &Server, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = server.log();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: no {needle:?} in the log:\n{log}",
+            server.name
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Without address flags, `serve` listens on every interface: HTTP on
+/// REMASK_PORT, gRPC on REMASK_GRPC_PORT (the defaults, 8000 and 50051, are
+/// in the next test), and warns that no API key guards them.
+#[test]
+fn serve_listens_on_the_ports_of_its_environment() {
+    let logs = Logs::new("serve_listens_on_the_ports_of_its_environment");
+    let (http, grpc) = (free_port(), free_port());
+    assert_ne!(http, grpc);
+    let server = Server::start(
+        &logs,
+        "serve-env",
+        "remask serve:",
+        &argv("serve --model", &[path_str(tiny())]),
+        &[
+            ("REMASK_PORT", &http.to_string()),
+            ("REMASK_GRPC_PORT", &grpc.to_string()),
+        ],
+    );
+    let log = log_with(&server, "warning:");
+    assert!(
+        log.contains(&format!("HTTP on 0.0.0.0:{http}; gRPC on 0.0.0.0:{grpc}")),
+        "{log}"
+    );
+    let warning = log.lines().find(|l| l.starts_with("warning:")).unwrap();
+    assert!(
+        warning.contains("no API key is set") && warning.contains(&format!("0.0.0.0:{grpc}")),
+        "{warning}"
+    );
+    wait_serving(&logs, &format!("127.0.0.1:{grpc}"), READY_TIMEOUT);
+    assert_eq!(
+        http_status(&format!("http://127.0.0.1:{http}/health")),
+        "200"
+    );
+}
+
+/// `remask serve` with no address flag at all: HTTP on 0.0.0.0:8000, gRPC on
+/// 0.0.0.0:50051. The only test that uses those ports; skipped (with a note)
+/// when another process holds one of them.
+#[test]
+fn serve_without_address_flags_listens_on_8000_and_50051() {
+    for port in [8000, 50051] {
+        if let Err(e) = std::net::TcpListener::bind(("0.0.0.0", port)) {
+            eprintln!("skipped: port {port} is taken on this machine ({e})");
+            return;
+        }
+    }
+    let logs = Logs::new("serve_without_address_flags_listens_on_8000_and_50051");
+    let server = Server::start(
+        &logs,
+        "serve-defaults",
+        "remask serve:",
+        &argv("serve --model", &[path_str(tiny())]),
+        &[],
+    );
+    let log = server.log();
+    assert!(
+        log.contains("HTTP on 0.0.0.0:8000; gRPC on 0.0.0.0:50051"),
+        "{log}"
+    );
+    assert_eq!(server.addr, "0.0.0.0:50051");
+    wait_serving(&logs, "localhost:50051", READY_TIMEOUT);
+    assert_eq!(http_status("http://localhost:8000/health"), "200");
+}
+
+/// Address flags take host names (`localhost:PORT`), resolved at start-up
+/// (IPv4 first): serve, a worker with its metrics port, and a coordinator
+/// with `--host`. Loopback only, so no warning.
+#[test]
+fn host_names_are_resolved() {
+    let logs = Logs::new("host_names_are_resolved");
+    let serve = Server::start(
+        &logs,
+        "serve-localhost",
+        "remask serve:",
+        &argv(
+            "serve --listen localhost:0 --http-listen localhost:0 --model",
+            &[path_str(tiny())],
+        ),
+        &[],
+    );
+    let log = serve.log();
+    assert!(log.contains("HTTP on 127.0.0.1:"), "{log}");
+    assert!(serve.addr.starts_with("127.0.0.1:"), "{log}");
+    let port = serve.addr.rsplit(':').next().unwrap();
+    wait_serving(&logs, &format!("localhost:{port}"), READY_TIMEOUT);
+
+    let worker = Server::start(
+        &logs,
+        "named",
+        "remask worker named:",
+        &argv(
+            "worker --listen localhost:0 --metrics-listen localhost:0 --id named",
+            &[],
+        ),
+        &[],
+    );
+    let wlog = log_with(&worker, "metrics on ");
+    assert!(worker.addr.starts_with("127.0.0.1:"), "{wlog}");
+    let metrics = wlog
+        .split("metrics on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap();
+    assert!(metrics.starts_with("127.0.0.1:"), "{wlog}");
+    assert_eq!(http_status(&format!("http://{metrics}/metrics")), "200");
+
+    let workers = format!("localhost:{}", worker.addr.rsplit(':').next().unwrap());
+    let coord = Server::start(
+        &logs,
+        "coordinator-localhost",
+        "remask coordinator:",
+        &argv(
+            "coordinator --host localhost --port 0 --grpc-port 0 --stages 1 --model",
+            &[path_str(tiny()), "--workers", &workers],
+        ),
+        &[],
+    );
+    let clog = coord.log();
+    assert!(clog.contains("HTTP on 127.0.0.1:"), "{clog}");
+    wait_serving(&logs, &coord.addr, READY_TIMEOUT);
+    for s in [&serve, &worker, &coord] {
+        assert!(!s.log().contains("warning:"), "{}:\n{}", s.name, s.log());
     }
 }

@@ -847,6 +847,7 @@ fn corrupt_tls_files_are_refused_before_listening() {
                 "serve",
                 "--listen",
                 "127.0.0.1:0",
+                "--no-http",
                 "--tls-cert",
                 cert.to_str().unwrap(),
                 "--tls-key",

@@ -107,7 +107,9 @@ def server(bin_path, model_dir, cache_dir, stubs, tmp_path_factory):
     address = f"127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     log = open(log_path, "wb")
-    cmd = [str(bin_path), "serve", "--model", str(model_dir), "--listen", address]
+    # gRPC only, on a free loopback port (HTTP is on by default: port 8000)
+    cmd = [str(bin_path), "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+           "--grpc-port", str(port), "--no-http"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=child_env(cache_dir))
     srv = Server(proc, address, log_path)

@@ -10,7 +10,9 @@ started once per session and only when a test asks for it):
   unready        `remask coordinator --workers 127.0.0.1:1 --stages 1`: a worker
                  nothing listens on, so the cluster never becomes ready (503)
 
-Each has a gRPC port and an HTTP port (`--listen`, `--http-listen`). The models
+Each has a gRPC port and an HTTP port, free loopback ports chosen here
+(`--host 127.0.0.1 --port P --grpc-port Q`: never the defaults 8000 and 50051,
+which parallel runs would share). The models
 are fresh `remask model init --preset tiny|small --dtype f32` checkpoints in
 temporary directories; the model id the API reports is the directory name.
 Children get an environment with every `REMASK_*` variable removed and
@@ -169,12 +171,12 @@ def _http_status(url: str) -> int | None:
 
 def start_server(args: list, *, bin_path: Path, cache_dir: Path, log_dir: Path, ready_status,
                  env: dict | None = None) -> Server:
-    """Starts `remask ARGS --listen .. --http-listen ..` and waits until GET /health
-    answers with a status in `ready_status`."""
+    """Starts `remask ARGS --host 127.0.0.1 --port .. --grpc-port ..` and waits until
+    GET /health answers with a status in `ready_status`."""
     gport, hport = free_port(), free_port()
     while hport == gport:
         hport = free_port()
-    cmd = [str(bin_path), *args, "--listen", f"127.0.0.1:{gport}", "--http-listen", f"127.0.0.1:{hport}"]
+    cmd = [str(bin_path), *args, "--host", "127.0.0.1", "--port", str(hport), "--grpc-port", str(gport)]
     log_path = log_dir / "server.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -1,5 +1,6 @@
 //! `remask serve`, `remask coordinator`, `remask worker`: the server roles.
 
+use crate::addr::{self, HostPort};
 use crate::{CliError, CliResult, Globals, default_model};
 use remask_cluster::auth::ApiKeys;
 use remask_cluster::coordinator::model_name;
@@ -106,12 +107,146 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// Where `serve` and `coordinator` listen: the HTTP API and gRPC, on by
+/// default on every interface (vLLM's `--host` and `--port`).
+#[derive(clap::Args)]
+pub struct ListenArgs {
+    /// Host the HTTP and gRPC servers bind: an address (0.0.0.0 = every IPv4
+    /// interface, `::` = every interface, IPv4 too on a dual-stack system,
+    /// 127.0.0.1 = this machine only) or a host name (the first of its
+    /// addresses that can be bound, IPv4 first).
+    #[arg(long, env = "REMASK_HOST", default_value = "0.0.0.0", value_parser = addr::parse_host)]
+    pub host: String,
+    /// Port of the OpenAI-compatible HTTP API (also /health and /metrics); 0: a free port.
+    #[arg(long, env = "REMASK_PORT", default_value_t = 8000, value_parser = addr::parse_port)]
+    pub port: u16,
+    /// Port of the gRPC API; 0: a free port.
+    #[arg(long, env = "REMASK_GRPC_PORT", default_value_t = 50051, value_parser = addr::parse_port)]
+    pub grpc_port: u16,
+    /// Serve no HTTP API (gRPC only).
+    #[arg(long, env = "REMASK_NO_HTTP", conflicts_with = "http_listen")]
+    pub no_http: bool,
+    /// HOST:PORT of the gRPC API, instead of --host and --grpc-port
+    /// (e.g. 127.0.0.1:50051, [::1]:50051, localhost:50051).
+    #[arg(long, env = "REMASK_LISTEN")]
+    pub listen: Option<HostPort>,
+    /// HOST:PORT of the HTTP API, instead of --host and --port.
+    #[arg(long, env = "REMASK_HTTP_LISTEN")]
+    pub http_listen: Option<HostPort>,
+}
+
+/// The addresses of [`ListenArgs`], resolved.
+struct Resolved {
+    grpc: Vec<SocketAddr>,
+    http: Option<Vec<SocketAddr>>,
+}
+
+/// The listeners of a coordinator, bound.
+struct Bound {
+    grpc: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
+}
+
+impl ListenArgs {
+    fn grpc(&self) -> HostPort {
+        self.listen
+            .clone()
+            .unwrap_or_else(|| HostPort::new(&self.host, self.grpc_port))
+    }
+
+    fn http(&self) -> Option<HostPort> {
+        if self.no_http {
+            return None;
+        }
+        Some(
+            self.http_listen
+                .clone()
+                .unwrap_or_else(|| HostPort::new(&self.host, self.port)),
+        )
+    }
+
+    /// Resolves both addresses (before the model is read: a bad host name
+    /// is a usage error, exit code 2).
+    fn resolve(&self, rt: &tokio::runtime::Runtime) -> CliResult<Resolved> {
+        let grpc = self.grpc();
+        let http = self.http();
+        if let Some(h) = &http
+            && *h == grpc
+            && h.port != 0
+        {
+            return Err(CliError::Usage(format!(
+                "HTTP and gRPC would both listen on {h}: give them different ports (--port, --grpc-port)"
+            )));
+        }
+        let grpc_what = match &self.listen {
+            Some(l) => format!("--listen {l}"),
+            None => format!("--host {}", self.host),
+        };
+        let http_what = match &self.http_listen {
+            Some(l) => format!("--http-listen {l}"),
+            None => format!("--host {}", self.host),
+        };
+        rt.block_on(async {
+            Ok(Resolved {
+                grpc: grpc.resolve(&grpc_what).await?,
+                http: match &http {
+                    Some(h) => Some(h.resolve(&http_what).await?),
+                    None => None,
+                },
+            })
+        })
+    }
+}
+
+impl Resolved {
+    async fn bind(&self) -> CliResult<Bound> {
+        let grpc = addr::bind(&self.grpc).await?;
+        let http = match &self.http {
+            Some(addrs) => Some(addr::bind(addrs).await?),
+            None => None,
+        };
+        Ok(Bound { grpc, http })
+    }
+}
+
+impl Bound {
+    /// `, HTTP on A; gRPC on B` for the listening line.
+    fn note(&self) -> CliResult<String> {
+        Ok(format!(
+            "{}; gRPC on {}",
+            http_note(&self.http),
+            self.grpc.local_addr().map_err(anyhow::Error::from)?
+        ))
+    }
+
+    /// One line on stderr when a port is open beyond loopback and no API key
+    /// guards it: anyone who reaches the port can run requests.
+    fn warn_if_open(&self, role: &str, coordinator: &Coordinator) {
+        if !coordinator.api_keys.is_open() {
+            return;
+        }
+        let open: Vec<String> = [("HTTP", self.http.as_ref()), ("gRPC", Some(&self.grpc))]
+            .into_iter()
+            .filter_map(|(what, l)| {
+                let a = l?.local_addr().ok()?;
+                (!addr::is_loopback(&a)).then(|| format!("{what} on {a}"))
+            })
+            .collect();
+        if !open.is_empty() {
+            eprintln!(
+                "warning: remask {role}: {} {} reachable beyond this machine and no API key is set: \
+                 anyone who can connect can run requests (set --api-key or --api-key-file, \
+                 or --host 127.0.0.1 to stay local)",
+                open.join(" and "),
+                if open.len() == 1 { "is" } else { "are" }
+            );
+        }
+    }
+}
+
 /// What clients see: the HTTP API and API keys.
 #[derive(clap::Args)]
 pub struct FrontArgs {
-    /// Address of the OpenAI-compatible HTTP API (also /health and /metrics); off when unset.
-    #[arg(long, env = "REMASK_HTTP_LISTEN")]
-    pub http_listen: Option<SocketAddr>,
     /// A client API key (repeat the flag, or comma-separate in REMASK_API_KEY);
     /// with any key set, requests need `Authorization: Bearer <key>`.
     #[arg(
@@ -214,9 +349,8 @@ pub struct ServeArgs {
     /// Checkpoint directory (default: the embedded default model).
     #[arg(long, env = "REMASK_MODEL")]
     pub model: Option<PathBuf>,
-    /// Address of the gRPC API.
-    #[arg(long, env = "REMASK_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub addr: ListenArgs,
     /// Split the model over this many tensor-parallel ranks (threads on the
     /// CPU). With --backend cuda the ranks are GPUs: 0 to N-1, or those of --devices
     /// (then 1 or their number).
@@ -243,9 +377,8 @@ pub struct CoordinatorArgs {
     /// and workers load their shards from the same path unless they have their own --model.
     #[arg(long, env = "REMASK_MODEL")]
     pub model: PathBuf,
-    /// Address of the gRPC API.
-    #[arg(long, env = "REMASK_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub addr: ListenArgs,
     /// etcd endpoints, comma-separated: workers are discovered there.
     #[arg(long, env = "REMASK_ETCD", value_delimiter = ',')]
     pub etcd: Option<Vec<String>>,
@@ -273,9 +406,9 @@ pub struct CoordinatorArgs {
 
 #[derive(clap::Args)]
 pub struct WorkerArgs {
-    /// Address of the worker's gRPC API.
+    /// HOST:PORT of the worker's gRPC API (an address, [IPv6]:PORT, or a host name).
     #[arg(long, env = "REMASK_LISTEN", default_value = "127.0.0.1:50061")]
-    pub listen: SocketAddr,
+    pub listen: HostPort,
     /// etcd endpoints, comma-separated, to register in (omit for static clusters).
     #[arg(long, env = "REMASK_ETCD", value_delimiter = ',')]
     pub etcd: Option<Vec<String>>,
@@ -305,10 +438,10 @@ pub struct WorkerArgs {
     pub tls: TlsArgs,
     #[command(flatten)]
     pub conn: ConnArgs,
-    /// Address of an HTTP server for this worker's own `/metrics`
+    /// HOST:PORT of an HTTP server for this worker's own `/metrics`
     /// (Prometheus: its forward passes, K/V caches, the process); off when unset.
     #[arg(long, env = "REMASK_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
+    pub metrics_listen: Option<HostPort>,
     #[command(flatten)]
     pub kv: KvArgs,
 }
@@ -388,6 +521,8 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     check_public_tls(&tls_files)?;
     // The GPUs (empty on the CPU), checked before the model is read.
     let gpus = args.device.gpus(args.tensor_parallel)?;
+    let rt = runtime()?;
+    let addrs = args.addr.resolve(&rt)?;
     let dir = default_model::resolve(args.model, globals)?;
     let meta = model_meta(&dir, &args.front)?;
     let ckpt = Checkpoint::open(&dir)?;
@@ -407,15 +542,13 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
         #[cfg(not(feature = "cuda"))]
         unreachable!("no GPUs without the cuda feature")
     };
-    let rt = runtime()?;
     rt.block_on(async move {
         let pipeline = Pipeline {
             stages: vec![StageClient::Local(Arc::new(runner))],
         };
         let (_pipeline_tx, pipeline_rx) = watch::channel(Some(Arc::new(pipeline)));
         let (failures_tx, _failures_rx) = mpsc::unbounded_channel();
-        let listener = server::bind(args.listen).await?;
-        let http = bind_http(&args.front).await?;
+        let bound = addrs.bind().await?;
         let metrics = Arc::new(Metrics::new(&model_name(&meta.dir)));
         metrics.workers.get_or_create(metrics.model()).set(1);
         metrics
@@ -432,14 +565,14 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
             metrics,
         )?;
         eprintln!(
-            "remask serve: {} with an in-process worker{}; gRPC on {}",
+            "remask serve: {} with an in-process worker{}",
             dir.display(),
-            http_note(&http),
-            listener.local_addr().map_err(anyhow::Error::from)?,
+            bound.note()?,
         );
+        bound.warn_if_open("serve", &coordinator);
         server::serve_coordinator(
-            listener,
-            http,
+            bound.grpc,
+            bound.http,
             &tls_files,
             limits,
             coordinator,
@@ -448,13 +581,6 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
         .await?;
         Ok(())
     })
-}
-
-async fn bind_http(front: &FrontArgs) -> CliResult<Option<tokio::net::TcpListener>> {
-    match front.http_listen {
-        Some(addr) => Ok(Some(server::bind(addr).await?)),
-        None => Ok(None),
-    }
 }
 
 fn http_note(http: &Option<tokio::net::TcpListener>) -> String {
@@ -511,6 +637,8 @@ fn start_coordinator(
 pub fn coordinator(args: CoordinatorArgs) -> CliResult {
     check_batch(&args.batch)?;
     let limits = args.conn.limits()?;
+    let rt = runtime()?;
+    let addrs = args.addr.resolve(&rt)?;
     let meta = model_meta(&args.model, &args.front)?;
     let n_layers = meta.config.n_layers;
     if args.stages == 0 || args.stages > n_layers {
@@ -531,7 +659,6 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
     let tls_files = args.tls.files();
     check_public_tls(&tls_files)?;
     let worker_tls = tls_files.worker_client().map_err(tls_usage)?;
-    let rt = runtime()?;
     rt.block_on(async move {
         let members = match (&args.etcd, &args.workers) {
             (Some(etcd), _) => watch_members(etcd.clone(), args.cluster_prefix.clone()),
@@ -553,8 +680,7 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
             worker_tls,
         );
         tokio::spawn(manager.run());
-        let listener = server::bind(args.listen).await?;
-        let http = bind_http(&args.front).await?;
+        let bound = addrs.bind().await?;
         let coordinator = start_coordinator(
             meta,
             &args.batch,
@@ -565,14 +691,14 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
             metrics,
         )?;
         eprintln!(
-            "remask coordinator: {} stages{}; gRPC on {}",
+            "remask coordinator: {} stages{}",
             args.stages,
-            http_note(&http),
-            listener.local_addr().map_err(anyhow::Error::from)?,
+            bound.note()?
         );
+        bound.warn_if_open("coordinator", &coordinator);
         server::serve_coordinator(
-            listener,
-            http,
+            bound.grpc,
+            bound.http,
             &tls_files,
             limits,
             coordinator,
@@ -594,8 +720,13 @@ pub fn worker(args: WorkerArgs) -> CliResult {
     let limits = args.conn.limits()?;
     let tls = args.tls.files().worker_server().map_err(tls_usage)?;
     let rt = runtime()?;
+    let listen = rt.block_on(args.listen.resolve(&format!("--listen {}", args.listen)))?;
+    let metrics_listen = match &args.metrics_listen {
+        Some(m) => Some(rt.block_on(m.resolve(&format!("--metrics-listen {m}")))?),
+        None => None,
+    };
     rt.block_on(async move {
-        let listener = server::bind(args.listen).await?;
+        let listener = addr::bind(&listen).await?;
         let bound = listener.local_addr().map_err(anyhow::Error::from)?;
         let advertise = args.advertise.clone().unwrap_or_else(|| bound.to_string());
         let id = args.id.clone().unwrap_or_else(|| advertise.clone());
@@ -640,8 +771,8 @@ pub fn worker(args: WorkerArgs) -> CliResult {
             args.kv.budget(),
         );
         let mut metrics_note = String::new();
-        if let Some(addr) = args.metrics_listen {
-            let http = server::bind(addr).await?;
+        if let Some(addrs) = metrics_listen {
+            let http = addr::bind(&addrs).await?;
             metrics_note = format!(
                 "\nremask worker {id}: metrics on {}",
                 http.local_addr().map_err(anyhow::Error::from)?

@@ -90,6 +90,11 @@ fn ensure_default(globals: &Globals) -> CliResult<PathBuf> {
     result.map(|_| dir)
 }
 
+/// Writes the embedded model's files into `dir` (`remask model default`).
+pub fn write_to(dir: &Path) -> CliResult {
+    unpack(dir)
+}
+
 fn unpack(dir: &Path) -> CliResult {
     let io = |what: &Path, e: std::io::Error| {
         CliError::Usage(format!(

@@ -4,6 +4,7 @@
 //! Every flag can also be set through an environment variable named
 //! `REMASK_<FLAG>` (for example `REMASK_MODEL`, `REMASK_GEN_LENGTH`).
 
+mod addr;
 mod bench;
 mod cluster_cmd;
 mod default_model;

@@ -8,6 +8,20 @@ use std::path::PathBuf;
 pub enum ModelCommand {
     /// Write a random-weight checkpoint in the Hugging Face LLaDA layout.
     Init(InitArgs),
+    /// Write the embedded default model (remask-demo, the trained one that
+    /// `generate` and `serve` use without --model) to a directory, e.g. a
+    /// volume that a coordinator and its workers share.
+    Default(DefaultArgs),
+}
+
+#[derive(clap::Args)]
+pub struct DefaultArgs {
+    /// Output directory (created if missing).
+    #[arg(long, env = "REMASK_OUT")]
+    pub out: PathBuf,
+    /// Overwrite a directory that already holds a checkpoint.
+    #[arg(long, env = "REMASK_FORCE")]
+    pub force: bool,
 }
 
 #[derive(clap::Args)]
@@ -52,6 +66,20 @@ pub struct InitArgs {
 pub fn run(command: ModelCommand) -> CliResult {
     match command {
         ModelCommand::Init(args) => init(args),
+        ModelCommand::Default(args) => {
+            if args.out.join("config.json").exists() && !args.force {
+                return Err(CliError::Usage(format!(
+                    "{} already holds a checkpoint: pass --force to overwrite it",
+                    args.out.display()
+                )));
+            }
+            crate::default_model::write_to(&args.out)?;
+            eprintln!(
+                "remask: wrote {} (the embedded default model, remask-demo)",
+                args.out.display()
+            );
+            Ok(())
+        }
     }
 }
 
