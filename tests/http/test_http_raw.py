@@ -176,8 +176,8 @@ def test_connection_survives_or_is_announced_closed_after_401(server):
     '{"model": "tiny", "max_tokens": 16}',     # no prompt
     '{"prompt": "Hi", "max_tokens": "sixteen"}',
     '{"prompt": {"text": "Hi"}, "max_tokens": 16}',
-    '{"prompt": ["a", "b"], "max_tokens": 16}',  # batches are not supported
-], ids=["truncated", "garbage", "empty", "no-prompt", "max_tokens-string", "prompt-object", "prompt-batch"])
+    '{"prompt": ["a", 5], "max_tokens": 16}',  # a text and a token id: neither shape
+], ids=["truncated", "garbage", "empty", "no-prompt", "max_tokens-string", "prompt-object", "prompt-mixed"])
 def test_invalid_json_400(data, curl, server):
     status, head, body = curl("POST", f"{server.base_url}/completions", headers={**AUTH, **JSON}, data=data)
     assert status == 400, body

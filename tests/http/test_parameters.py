@@ -33,16 +33,12 @@ REFUSED = [
     ("top_p", 0.9),
     ("min_p", 0.1),
     ("min_tokens", 4),
-    ("echo", True),
-    ("stop", ["\n"]),
-    ("stop", "world"),
     ("stop_token_ids", [5]),
     ("response_format", {"type": "json_object"}),
     ("tools", [TOOL]),
     ("tool_choice", "auto"),
     ("functions", [TOOL["function"]]),
     ("function_call", "auto"),
-    ("n", 2),
 ]
 
 # the defaults of the same parameters: accepted, and the answer is the plain one
@@ -97,14 +93,20 @@ def test_chat_suffix_refused(server, model_id):
     assert_refused(post(server, path, body), "suffix")
 
 
+def test_chat_echo_refused(server, model_id):
+    path, body = request_body("chat", model_id, echo=True)
+    assert_refused(post(server, path, body), "echo")
+
+
 def test_refusal_through_the_openai_client(client, model_id):
     with pytest.raises(openai.BadRequestError) as ei:
         client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": CHAT_TEXT}],
                                        max_tokens=16, presence_penalty=1.0, extra_body=SAMPLING)
     assert ei.value.body["param"] == "presence_penalty"
     with pytest.raises(openai.BadRequestError) as ei:
-        client.completions.create(model=model_id, prompt=TEXT, max_tokens=16, stop=["\n"], extra_body=SAMPLING)
-    assert ei.value.body["param"] == "stop"
+        client.completions.create(model=model_id, prompt=TEXT, max_tokens=16, logit_bias={"5": 1},
+                                  extra_body=SAMPLING)
+    assert ei.value.body["param"] == "logit_bias"
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])

@@ -265,6 +265,50 @@ pub struct FrontArgs {
     /// refused with INVALID_ARGUMENT / HTTP 400.
     #[arg(long, env = "REMASK_ALLOW_SPECIAL_TOKENS_IN_CHAT")]
     pub allow_special_tokens_in_chat: bool,
+    /// The model's name in the APIs (`model` of requests and responses,
+    /// `/v1/models`, gRPC ModelInfo). Default: the checkpoint directory's
+    /// name (`remask-demo` for the embedded default model).
+    #[arg(long, env = "REMASK_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Origins whose browser pages may call the HTTP API (CORS),
+    /// comma-separated, or `*` for any. Default: none, so a web page of
+    /// another site cannot use a server it can reach (vLLM allows any).
+    #[arg(long, env = "REMASK_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Seconds between keep-alive comments on an HTTP event stream while no
+    /// event is due (a request waiting for a place, a long step).
+    #[arg(long, env = "REMASK_SSE_KEEP_ALIVE_S", default_value_t = 15.0)]
+    pub sse_keep_alive_s: f64,
+}
+
+impl FrontArgs {
+    fn http_options(&self) -> CliResult<remask_cluster::coordinator::HttpOptions> {
+        if !(self.sse_keep_alive_s.is_finite()
+            && self.sse_keep_alive_s >= 0.1
+            && self.sse_keep_alive_s <= 3600.0)
+        {
+            return Err(CliError::Usage(format!(
+                "--sse-keep-alive-s must be between 0.1 and 3600 seconds, got {}",
+                self.sse_keep_alive_s
+            )));
+        }
+        for origin in &self.allowed_origins {
+            let ok = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && origin.bytes().all(|b| b.is_ascii_graphic())
+                    && !origin.ends_with('/'));
+            if !ok {
+                return Err(CliError::Usage(format!(
+                    "--allowed-origins: '{origin}' is not an origin: give scheme://host[:port] \
+                     (no path, no trailing slash) or *"
+                )));
+            }
+        }
+        Ok(remask_cluster::coordinator::HttpOptions {
+            sse_keep_alive: Duration::from_secs_f64(self.sse_keep_alive_s),
+            allowed_origins: self.allowed_origins.clone(),
+        })
+    }
 }
 
 /// What a listening port tolerates from its clients (the gRPC port, and the
@@ -471,16 +515,25 @@ async fn shutdown_signal() {
     eprintln!("remask: shutting down");
 }
 
-fn model_meta(dir: &Path, front: &FrontArgs) -> CliResult<ModelMeta> {
+/// What the coordinator reads of the checkpoint; `default_name` is the
+/// served name unless --served-model-name gives one.
+fn model_meta(dir: &Path, default_name: String, front: &FrontArgs) -> CliResult<ModelMeta> {
     if !dir.join("config.json").is_file() {
         return Err(remask_model::ModelError::NotADirectory(dir.to_path_buf()).into());
+    }
+    let name = front.served_model_name.clone().unwrap_or(default_name);
+    if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+        return Err(CliError::Usage(
+            "--served-model-name must be 1 to 256 characters, none of them control characters"
+                .into(),
+        ));
     }
     let config = LladaConfig::from_file(&dir.join("config.json"))?;
     let codec =
         TextCodec::load(dir)?.allow_special_tokens_in_chat(front.allow_special_tokens_in_chat);
     let special = codec.special_tokens(&config)?;
     Ok(ModelMeta {
-        dir: dir.display().to_string(),
+        name,
         random_weights: default_model::is_random(&config),
         config,
         codec: Arc::new(codec),
@@ -523,8 +576,12 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     let gpus = args.device.gpus(args.tensor_parallel)?;
     let rt = runtime()?;
     let addrs = args.addr.resolve(&rt)?;
+    let default_name = match &args.model {
+        None => default_model::NAME.to_string(),
+        Some(dir) => model_name(&dir.display().to_string()),
+    };
     let dir = default_model::resolve(args.model, globals)?;
-    let meta = model_meta(&dir, &args.front)?;
+    let meta = model_meta(&dir, default_name, &args.front)?;
     let ckpt = Checkpoint::open(&dir)?;
     let shard = Shard::full(&ckpt.config);
     let runner = if gpus.is_empty() {
@@ -543,13 +600,11 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
         unreachable!("no GPUs without the cuda feature")
     };
     rt.block_on(async move {
-        let pipeline = Pipeline {
-            stages: vec![StageClient::Local(Arc::new(runner))],
-        };
+        let pipeline = Pipeline::new(vec![StageClient::Local(Arc::new(runner))]);
         let (_pipeline_tx, pipeline_rx) = watch::channel(Some(Arc::new(pipeline)));
         let (failures_tx, _failures_rx) = mpsc::unbounded_channel();
         let bound = addrs.bind().await?;
-        let metrics = Arc::new(Metrics::new(&model_name(&meta.dir)));
+        let metrics = Arc::new(Metrics::new(&meta.name));
         metrics.workers.get_or_create(metrics.model()).set(1);
         metrics
             .shard_coverage
@@ -629,7 +684,7 @@ fn start_coordinator(
         api_keys,
         default_rule: batch.rule,
         default_cache: batch.cache,
-        http: Default::default(),
+        http: front.http_options()?,
     }))
 }
 
@@ -639,7 +694,8 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
     let limits = args.conn.limits()?;
     let rt = runtime()?;
     let addrs = args.addr.resolve(&rt)?;
-    let meta = model_meta(&args.model, &args.front)?;
+    let name = model_name(&args.model.display().to_string());
+    let meta = model_meta(&args.model, name, &args.front)?;
     let n_layers = meta.config.n_layers;
     if args.stages == 0 || args.stages > n_layers {
         return Err(CliError::Usage(format!(
@@ -668,7 +724,7 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
         let (pipeline_tx, pipeline_rx) = watch::channel(None);
         let (failures_tx, failures_rx) = mpsc::unbounded_channel();
         let model = args.model.display().to_string();
-        let metrics = Arc::new(Metrics::new(&model_name(&meta.dir)));
+        let metrics = Arc::new(Metrics::new(&meta.name));
         let manager = Manager::new(
             model,
             plan_shards(n_layers, args.stages),

@@ -10,6 +10,9 @@ use crate::{CliError, CliResult, Globals};
 use std::hash::Hasher;
 use std::path::{Path, PathBuf};
 
+/// The name the servers give the embedded model.
+pub const NAME: &str = "remask-demo";
+
 /// The checkpoint's files, as committed under `models/remask-demo`.
 const FILES: [(&str, &[u8]); 4] = [
     (

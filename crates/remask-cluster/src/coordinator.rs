@@ -20,7 +20,8 @@ use tonic::{Request, Response, Status};
 
 /// What the coordinator knows of the model: config and tokenizer, no weights.
 pub struct ModelMeta {
-    pub dir: String,
+    /// The model's name in the APIs (`--served-model-name`): never a path.
+    pub name: String,
     pub config: LladaConfig,
     pub codec: Arc<TextCodec>,
     pub special: SpecialTokens,
@@ -310,9 +311,9 @@ impl Coordinator {
         self.pipeline.borrow().is_some()
     }
 
-    /// The name clients use for the model (the checkpoint directory's name).
+    /// The name clients use for the model.
     pub fn model_name(&self) -> String {
-        model_name(&self.meta.dir)
+        self.meta.name.clone()
     }
 
     /// Queues a canvas; its events (steps if `opts.stream`, then the result
@@ -477,7 +478,7 @@ impl Generation for Coordinator {
         let c = &self.meta.config;
         let pipeline = self.pipeline.borrow().clone();
         Ok(Response::new(pb::ModelInfoResponse {
-            model: self.meta.dir.clone(),
+            model: self.meta.name.clone(),
             model_type: c.model_type.clone().unwrap_or_else(|| "llada".into()),
             d_model: c.d_model as u32,
             n_layers: c.n_layers as u32,

@@ -209,7 +209,7 @@ impl Manager {
                 })
             })
             .collect::<Option<Vec<_>>>()
-            .map(|stages| Arc::new(Pipeline { stages }));
+            .map(|stages| Arc::new(Pipeline::new(stages)));
         let changed = match (&*self.pipeline.borrow(), &pipeline) {
             (None, None) => false,
             (Some(a), Some(b)) => a.workers() != b.workers() || generations(a) != generations(b),

@@ -20,7 +20,7 @@ use remask_proto::worker as pb;
 use remask_proto::worker::worker_client::WorkerClient;
 use remask_sampler::Prediction;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
 /// Largest gRPC message between coordinator and workers: hidden states of a
@@ -105,9 +105,23 @@ pub struct StepTiming {
 
 pub struct Pipeline {
     pub stages: Vec<StageClient>,
+    /// ReleaseCaches calls in flight: the next step waits for them, so a
+    /// worker has freed a finished request's caches before it is asked to
+    /// store a newly admitted one's (admission counted on that room).
+    releasing: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
+/// How long a worker has to answer a ReleaseCaches call.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Pipeline {
+    pub fn new(stages: Vec<StageClient>) -> Self {
+        Pipeline {
+            stages,
+            releasing: Default::default(),
+        }
+    }
+
     pub fn workers(&self) -> Vec<String> {
         self.stages
             .iter()
@@ -121,6 +135,11 @@ impl Pipeline {
         batch: &StepBatch,
         metrics: &Metrics,
     ) -> Result<(Vec<Vec<Prediction>>, StepTiming), StepError> {
+        let releasing =
+            std::mem::take(&mut *self.releasing.lock().unwrap_or_else(|e| e.into_inner()));
+        for call in releasing {
+            let _ = call.await;
+        }
         let start = Instant::now();
         let mut compute_ms = 0.0;
         let seqs: Vec<_> = batch.seqs.iter().map(seq_to_pb).collect();
@@ -269,11 +288,21 @@ impl Pipeline {
                         caches: caches.clone(),
                     };
                     let worker = worker_id.clone();
-                    tokio::spawn(async move {
-                        if let Err(s) = client.release_caches(request).await {
-                            tracing::debug!(%worker, status = %s, "K/V caches not released");
+                    let call = tokio::spawn(async move {
+                        match tokio::time::timeout(RELEASE_TIMEOUT, client.release_caches(request))
+                            .await
+                        {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(s)) => {
+                                tracing::debug!(%worker, status = %s, "K/V caches not released")
+                            }
+                            Err(_) => tracing::debug!(%worker, "ReleaseCaches timed out"),
                         }
                     });
+                    self.releasing
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(call);
                 }
             }
         }
