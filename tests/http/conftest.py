@@ -7,6 +7,8 @@ started once per session and only when a test asks for it):
   open_server    `remask serve` without keys (tiny model)
   info_server    the same, logging at info (REMASK_LOG=info: the log names ignored fields)
   queue_server   `remask serve --max-queue 1 --max-batch 1` (small model, for 429)
+  front_server   `remask serve --max-batch 1` (small model) with --allowed-origins,
+                 --served-model-name and a short --sse-keep-alive-s
   unready        `remask coordinator --workers 127.0.0.1:1 --stages 1`: a worker
                  nothing listens on, so the cluster never becomes ready (503)
 
@@ -242,6 +244,16 @@ def info_server(request, tmp_path_factory, bin_path, cache_dir, model_dir):
 def queue_server(request, tmp_path_factory, bin_path, cache_dir, small_model_dir):
     args = ["serve", "--model", str(small_model_dir), "--max-queue", "1", "--max-batch", "1"]
     yield from _server_fixture(args, request, tmp_path_factory, bin_path, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def front_server(request, tmp_path_factory, bin_path, cache_dir, small_model_dir):
+    """`remask serve` (small model, one request at a time) with CORS for one origin, a served
+    model name, and SSE keep-alive comments every 0.2 s."""
+    args = ["serve", "--model", str(small_model_dir), "--max-batch", "1",
+            "--allowed-origins", "https://app.example", "--served-model-name", "org/served-name",
+            "--sse-keep-alive-s", "0.2"]
+    yield from _server_fixture(args, request, tmp_path_factory, bin_path, cache_dir, env={"REMASK_LOG": "info"})
 
 
 @pytest.fixture(scope="session")

@@ -200,7 +200,7 @@ def test_chat_invalid_json_400(data, curl, server):
 def test_bad_requests_via_curl(curl, server, model_id):
     url = f"{server.base_url}/completions"
     h = {**AUTH, **JSON}
-    for kw in ({"max_tokens": 10, "block_length": 4}, {"steps": 32}, {"remasking": "nope"}, {"n": 2}):
+    for kw in ({"max_tokens": 10, "block_length": 4}, {"steps": 32}, {"remasking": "nope"}, {"n": 0}):
         status, _, body = curl("POST", url, headers=h, data=completion_body(model_id, **kw))
         assert status == 400, (kw, body)
         assert_error_shape(body, kind="invalid_request_error")

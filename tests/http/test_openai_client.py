@@ -329,7 +329,7 @@ def test_stream_invalid_request_is_an_error_before_streaming(client, model_id):
     (16, {"steps": 0}),
     (0, {}),
     (16, {"remasking": "sideways"}),              # unknown remasking
-    (16, {"n": 2}),
+    (16, {"n": 0}),
     (16, {"temperature": -1.0}),
     (1000, {}),                                   # beyond max_sequence_length
     (16, {"threshold": 0}),
@@ -339,7 +339,7 @@ def test_stream_invalid_request_is_an_error_before_streaming(client, model_id):
     (16, {"threshold": 0.9, "entropy": 1.0}),     # two rules
     (16, {"cache": "both"}),                      # unknown cache mode
     (16, {"cache": 1}),
-], ids=["block", "steps>max_tokens", "steps-blocks", "steps0", "max_tokens0", "remasking", "n2",
+], ids=["block", "steps>max_tokens", "steps-blocks", "steps0", "max_tokens0", "remasking", "n0",
         "temperature", "too-long", "threshold0", "threshold1.5", "factor-2", "entropy-0.1",
         "two-rules", "cache-unknown", "cache-not-a-string"])
 def test_completion_bad_request(max_tokens, extra, client, model_id):
@@ -353,8 +353,9 @@ def test_completion_bad_request_messages(client, model_id):
         client.completions.create(model=model_id, prompt=TEXT, max_tokens=10, extra_body={"block_length": 4})
     assert "block_length" in ei.value.body["message"]
     with pytest.raises(openai.BadRequestError) as ei:
-        client.completions.create(model=model_id, prompt=TEXT, max_tokens=16, n=2)
+        client.completions.create(model=model_id, prompt=TEXT, max_tokens=16, n=65)
     assert_openai_error(ei.value, 400, "invalid_request_error")
+    assert ei.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as ei:
         client.completions.create(model=model_id, prompt="", max_tokens=16)
     assert_openai_error(ei.value, 400, "invalid_request_error")
@@ -364,8 +365,8 @@ def test_completion_bad_request_messages(client, model_id):
     {"max_tokens": 10, "extra_body": {"block_length": 4}},
     {"max_tokens": 16, "extra_body": {"steps": 32, "block_length": 16}},
     {"max_tokens": 16, "extra_body": {"remasking": "sideways"}},
-    {"max_tokens": 16, "n": 2},
-], ids=["block", "steps>max_tokens", "remasking", "n2"])
+    {"max_tokens": 16, "n": 0},
+], ids=["block", "steps>max_tokens", "remasking", "n0"])
 def test_chat_bad_request(kw, client, model_id):
     with pytest.raises(openai.BadRequestError) as ei:
         client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": TEXT}], **kw)

@@ -757,20 +757,22 @@ impl Sampling {
             ))
             .param("n"));
         }
+        // The stop strings, checked once with the field named.
+        let stop = self.stop_strings()?;
+        if !stop.is_empty() && self.full_canvas {
+            return Err(ApiError::bad_request(
+                "stop strings end the request early; full_canvas runs every step: give one of them",
+            )
+            .param("stop"));
+        }
+        crate::stop::StopStrings::new(stop).map_err(|m| ApiError::bad_request(m).param("stop"))?;
         let seed = self.seed.unwrap_or_else(random_seed);
         let mut choices = Vec::with_capacity(prompts.len() * n);
         for prompt in prompts {
             for i in 0..n {
                 let mut grpc = self.request(c, prompt.ids.clone(), seed.wrapping_add(i as u64))?;
                 grpc.suffix = suffix.to_string();
-                let (canvas, stop) = c.prepare_blocking(&grpc).map_err(|e| {
-                    let error = ApiError::from(e);
-                    if error.message.starts_with("stop") {
-                        error.param("stop")
-                    } else {
-                        error
-                    }
-                })?;
+                let (canvas, stop) = c.prepare_blocking(&grpc)?;
                 choices.push(Choice {
                     canvas,
                     stop,
