@@ -341,16 +341,32 @@ fn refused_forward(code: Code) -> bool {
     )
 }
 
+static FORWARD: OnceLock<WorkerFixture> = OnceLock::new();
+
+/// What the worker answers a Forward (`data`, protobuf), its stores
+/// released afterwards: for the corpus's own checks.
+pub fn forward_answer(data: &[u8]) -> Result<pb::ForwardResponse, tonic::Status> {
+    let req =
+        pb::ForwardRequest::decode(data).map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let service = fixture(&FORWARD).service();
+    let release = pb::ReleaseCachesRequest {
+        generation: req.generation,
+        caches: req.sequences.iter().map(|s| s.cache).collect(),
+    };
+    let answer = on_runtime(async move { service.forward(Request::new(req)).await });
+    let _ = on_runtime(async move { service.release_caches(Request::new(release)).await });
+    answer.map(tonic::Response::into_inner)
+}
+
 /// A `ForwardRequest`: served, or refused with INVALID_ARGUMENT,
 /// FAILED_PRECONDITION (another assignment, missing K/V stores) or
 /// RESOURCE_EXHAUSTED (the K/V budget); the stores it made are released
 /// afterwards, as the coordinator does. The shard keeps serving.
 pub fn worker_forward(data: &[u8]) {
-    static F: OnceLock<WorkerFixture> = OnceLock::new();
     let Ok(req) = pb::ForwardRequest::decode(data) else {
         return;
     };
-    let f = fixture(&F);
+    let f = fixture(&FORWARD);
     let service = f.service();
     let request = req.clone();
     let answer = on_runtime(async move { service.forward(Request::new(request)).await });
@@ -433,11 +449,9 @@ pub fn worker_release_caches(data: &[u8]) {
     f.check_sometimes(&req);
 }
 
-/// A POST body through the HTTP router: a status among `allowed`, and
-/// every error (400, 404, 413, 503, ...) a JSON body in OpenAI's shape
-/// `{"error": {"message", "type", "param", "code"}}`; never a 5xx but the
-/// 503 of a cluster without a pipeline. Returns the body of a 200.
-fn http(path: &'static str, data: &[u8], allowed: &[u16]) -> Option<serde_json::Value> {
+/// A POST of `body` to `path` through the HTTP router, in process: the
+/// status and the body, which must be JSON.
+pub fn post(path: &'static str, body: &[u8]) -> (u16, serde_json::Value) {
     use tower::ServiceExt;
     static ROUTER: OnceLock<axum::Router> = OnceLock::new();
     let router = ROUTER
@@ -445,27 +459,36 @@ fn http(path: &'static str, data: &[u8], allowed: &[u16]) -> Option<serde_json::
         .clone();
     let request = axum::http::Request::post(path)
         .header("content-type", "application/json")
-        .body(axum::body::Body::from(data.to_vec()))
+        .body(axum::body::Body::from(body.to_vec()))
         .expect("a request");
-    let (status, body) = on_runtime(async move {
+    let (status, bytes) = on_runtime(async move {
         let response = router.oneshot(request).await.expect("infallible");
         let status = response.status();
-        let body = axum::body::to_bytes(response.into_body(), 64 << 20).await;
-        (status, body.expect("the whole body"))
+        let bytes = axum::body::to_bytes(response.into_body(), 64 << 20).await;
+        (status, bytes.expect("the whole body"))
     });
-    let text = String::from_utf8_lossy(data);
-    assert!(
-        allowed.contains(&status.as_u16()),
-        "{path}: {status} {} for {text:?}",
-        String::from_utf8_lossy(&body)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|e| {
+    let json = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
         panic!(
-            "{path}: {status}, not JSON ({e}): {} for {text:?}",
-            String::from_utf8_lossy(&body)
+            "{path}: {status}, not JSON ({e}): {} for {:?}",
+            String::from_utf8_lossy(&bytes),
+            String::from_utf8_lossy(body)
         )
     });
-    if status.is_success() {
+    (status.as_u16(), json)
+}
+
+/// A POST body through the HTTP router: a status among `allowed`, and
+/// every error (400, 404, 413, 503, ...) a JSON body in OpenAI's shape
+/// `{"error": {"message", "type", "param", "code"}}`; never a 5xx but the
+/// 503 of a cluster without a pipeline. Returns the body of a 200.
+fn http(path: &'static str, data: &[u8], allowed: &[u16]) -> Option<serde_json::Value> {
+    let (status, json) = post(path, data);
+    let text = String::from_utf8_lossy(data);
+    assert!(
+        allowed.contains(&status),
+        "{path}: {status} {json} for {text:?}"
+    );
+    if status < 400 {
         return Some(json);
     }
     let error = &json["error"];
