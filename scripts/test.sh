@@ -41,7 +41,10 @@ cargo build --release --locked -p remask-cli
 export REMASK_BIN="$PWD/target/release/remask"
 # The CUDA kernels run under the CPU emulation here: not finding g++ is a failure.
 export REMASK_KERNEL_EMU=required
-cargo test --release --locked --workspace
+# The stable fuzz drivers (crates/remask-model/tests/fuzz.rs, crates/remask-cluster/tests/fuzz.rs)
+# mutate each target's seeds for REMASK_FUZZ_SECONDS_EACH seconds: 13 targets, two test threads,
+# 15 s each add about 1.5 minutes to CI; any failure fails the run.
+REMASK_FUZZ_SECONDS_EACH=${REMASK_FUZZ_SECONDS_EACH:-15} cargo test --release --locked --workspace
 # The CUDA backend builds without a GPU, and NVRTC (PyPI's wheel: a compiler,
 # no GPU needed) compiles every kernel for sm_90.
 nvrtc_dir() {
@@ -52,10 +55,11 @@ if ! nvrtc_dir >/dev/null; then
 fi
 LD_LIBRARY_PATH="$(nvrtc_dir)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   cargo test --release --locked -p remask-engine --features cuda cuda::
-# Fuzzing: the stable driver of the fuzz targets ran in `cargo test` above
-# (crates/remask-model/tests/fuzz.rs, seconds). REMASK_FUZZ_SECONDS=N also runs the libFuzzer
-# targets N seconds each (cargo-fuzz on a nightly toolchain, installed on first use); their
-# first build takes minutes on two cores, so it is off unless asked for.
+# Fuzzing: the stable drivers of the fuzz targets ran in `cargo test` above, time-bounded.
+# REMASK_FUZZ_SECONDS=N also runs the libFuzzer targets N seconds each (cargo-fuzz, on a
+# nightly toolchain or stable with RUSTC_BOOTSTRAP=1, installed on first use); their first
+# build (every dependency under ASan) takes many minutes on two cores, so it is off unless
+# asked for.
 if ((${REMASK_FUZZ_SECONDS:-0} > 0)); then
   scripts/fuzz.sh "$REMASK_FUZZ_SECONDS"
 fi

@@ -9,10 +9,13 @@
 //! - `worker`, `shard`: the worker process and what a stage computes.
 //! - `server`: serving either role with gRPC health and reflection.
 //! - `listen`: accepting connections: deadlines, limits, accept backoff.
+//! - `fuzzing`: the properties of the fuzz targets over what clients and
+//!   coordinators send (gRPC messages, HTTP bodies), run on the real handlers.
 
 pub mod auth;
 pub mod convert;
 pub mod coordinator;
+pub mod fuzzing;
 pub mod http;
 pub mod listen;
 pub mod manager;

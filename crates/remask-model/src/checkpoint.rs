@@ -432,40 +432,7 @@ fn weight_files(dir: &Path) -> Result<Vec<(PathBuf, Option<Vec<String>>)>> {
     let index_path = dir.join(INDEX_FILE);
     if index_path.is_file() {
         let text = std::fs::read_to_string(&index_path).map_err(ModelError::io(&index_path))?;
-        let index: serde_json::Value =
-            serde_json::from_str(&text).map_err(ModelError::json(&index_path))?;
-        let bad = |reason: String| ModelError::BadIndex {
-            path: index_path.clone(),
-            reason,
-        };
-        let map = index
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
-        let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (tensor, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| bad(format!("the file of '{tensor}' is not a string")))?;
-            // A shard is a file of this directory: an empty name (the
-            // directory itself, found by fuzzing), `.`/`..` or anything with
-            // a separator would name something else.
-            let plain = !file.is_empty()
-                && file != "."
-                && !file.contains("..")
-                && !file.contains(['/', '\\', ':', '\0']);
-            if !plain {
-                return Err(bad(format!("file name {file:?} must be a plain file name")));
-            }
-            by_file
-                .entry(file.to_string())
-                .or_default()
-                .push(tensor.clone());
-        }
-        if by_file.is_empty() {
-            return Err(bad("\"weight_map\" is empty".into()));
-        }
-        Ok(by_file
+        Ok(parse_index(&index_path, &text)?
             .into_iter()
             .map(|(file, tensors)| (dir.join(file), Some(tensors)))
             .collect())
@@ -480,6 +447,46 @@ fn weight_files(dir: &Path) -> Result<Vec<(PathBuf, Option<Vec<String>>)>> {
             ),
         })
     }
+}
+
+/// The shards `model.safetensors.index.json` (the text of `index_path`)
+/// names, each with the tensors it must hold, by file name (what the fuzz
+/// target `index` exercises).
+pub fn parse_index(index_path: &Path, text: &str) -> Result<Vec<(String, Vec<String>)>> {
+    let index: serde_json::Value =
+        serde_json::from_str(text).map_err(ModelError::json(index_path))?;
+    let bad = |reason: String| ModelError::BadIndex {
+        path: index_path.to_path_buf(),
+        reason,
+    };
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+    let mut by_file: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("the file of '{tensor}' is not a string")))?;
+        // A shard is a file of this directory: an empty name (the
+        // directory itself, found by fuzzing), `.`/`..` or anything with
+        // a separator would name something else.
+        let plain = !file.is_empty()
+            && file != "."
+            && !file.contains("..")
+            && !file.contains(['/', '\\', ':', '\0']);
+        if !plain {
+            return Err(bad(format!("file name {file:?} must be a plain file name")));
+        }
+        by_file
+            .entry(file.to_string())
+            .or_default()
+            .push(tensor.clone());
+    }
+    if by_file.is_empty() {
+        return Err(bad("\"weight_map\" is empty".into()));
+    }
+    Ok(by_file.into_iter().collect())
 }
 
 fn map_file(path: &Path) -> Result<Mmap> {

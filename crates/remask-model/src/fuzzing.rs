@@ -4,7 +4,7 @@
 //! Each function takes arbitrary bytes and panics only when a property is
 //! broken; errors for bad input are the expected outcome.
 
-use crate::checkpoint::{DType, parse_header};
+use crate::checkpoint::{DType, parse_header, parse_index};
 use crate::config::LladaConfig;
 use crate::tokenizer::{Message, render_chat_template};
 
@@ -35,6 +35,40 @@ pub fn safetensors(data: &[u8]) {
             t.shape
         );
     }
+}
+
+/// model.safetensors.index.json: refused with an error, or every shard it
+/// names is a plain file name, so joined to the checkpoint's directory it
+/// names a file of that directory (never the directory itself, a parent or
+/// another tree), and every tensor of its `weight_map` is in exactly one
+/// shard.
+pub fn index(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(shards) = parse_index(std::path::Path::new("fuzz.index.json"), text) else {
+        return;
+    };
+    assert!(!shards.is_empty(), "an index without shards accepted");
+    let dir = std::path::Path::new("/checkpoint");
+    let mut tensors = 0;
+    for (file, names) in &shards {
+        let path = dir.join(file);
+        let mut parts = std::path::Path::new(file).components();
+        assert!(
+            matches!(parts.next(), Some(std::path::Component::Normal(n)) if n == file.as_str())
+                && parts.next().is_none()
+                && path.parent() == Some(dir),
+            "shard {file:?} is not a plain file name ({})",
+            path.display()
+        );
+        assert!(!names.is_empty(), "shard {file:?} holds no tensor");
+        tensors += names.len();
+    }
+    let map = serde_json::from_str::<serde_json::Value>(text).unwrap()["weight_map"]
+        .as_object()
+        .map_or(0, |m| m.len());
+    assert_eq!(tensors, map, "tensors lost or doubled between shards");
 }
 
 /// config.json: refused with an error, or every size the engine derives
