@@ -119,7 +119,7 @@ pub fn coordinator() -> &'static Arc<Coordinator> {
         );
         let coordinator = Coordinator {
             meta: ModelMeta {
-                name: "fuzz".into(),
+                name: crate::coordinator::model_name(&dir.display().to_string()),
                 config,
                 codec,
                 special,
