@@ -28,18 +28,19 @@ pub struct BatchArgs {
     #[arg(long, env = "REMASK_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
     /// Commit rule of requests that name none: fixed (LLaDA's schedule),
-    /// threshold=T, factor=F or entropy=G.
-    #[arg(long, env = "REMASK_RULE", default_value = "fixed")]
-    pub rule: remask_sampler::CommitRule,
+    /// threshold=T, factor=F or entropy=G. Default: the checkpoint's
+    /// generation_config.json `threshold` if it has one, else fixed.
+    #[arg(long, env = "REMASK_RULE")]
+    pub rule: Option<remask_sampler::CommitRule>,
     /// Seconds running requests wait for a stage to get a worker again after
     /// theirs failed or left (a spare, a restarted worker), then UNAVAILABLE;
     /// never past a request's deadline. 0: fail them at once.
     #[arg(long, env = "REMASK_FAILOVER_TIMEOUT", default_value_t = 30.0)]
     pub failover_timeout: f64,
     /// K/V cache mode of requests that name none: none (every step a full
-    /// forward, as the reference), prefix or dual (Fast-dLLM's caches).
-    #[arg(long, env = "REMASK_CACHE", default_value = "none")]
-    pub cache: remask_sampler::CacheMode,
+    /// forward, as the reference; the default), prefix or dual (Fast-dLLM's caches).
+    #[arg(long, env = "REMASK_CACHE")]
+    pub cache: Option<remask_sampler::CacheMode>,
 }
 
 /// Where the K/V caches of the layers a process holds are bounded.
@@ -517,7 +518,12 @@ async fn shutdown_signal() {
 
 /// What the coordinator reads of the checkpoint; `default_name` is the
 /// served name unless --served-model-name gives one.
-fn model_meta(dir: &Path, default_name: String, front: &FrontArgs) -> CliResult<ModelMeta> {
+fn model_meta(
+    dir: &Path,
+    default_name: String,
+    front: &FrontArgs,
+    batch: &BatchArgs,
+) -> CliResult<ModelMeta> {
     if !dir.join("config.json").is_file() {
         return Err(remask_model::ModelError::NotADirectory(dir.to_path_buf()).into());
     }
@@ -534,6 +540,7 @@ fn model_meta(dir: &Path, default_name: String, front: &FrontArgs) -> CliResult<
     let special = codec.special_tokens(&config)?;
     Ok(ModelMeta {
         name,
+        defaults: crate::defaults::load(dir, batch.rule, batch.cache)?,
         random_weights: default_model::is_random(&config),
         config,
         codec: Arc::new(codec),
@@ -581,7 +588,7 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
         Some(dir) => model_name(&dir.display().to_string()),
     };
     let dir = default_model::resolve(args.model, globals)?;
-    let meta = model_meta(&dir, default_name, &args.front)?;
+    let meta = model_meta(&dir, default_name, &args.front, &args.batch)?;
     let ckpt = Checkpoint::open(&dir)?;
     let shard = Shard::full(&ckpt.config);
     let runner = if gpus.is_empty() {
@@ -682,8 +689,6 @@ fn start_coordinator(
         stages,
         metrics,
         api_keys,
-        default_rule: batch.rule,
-        default_cache: batch.cache,
         http: front.http_options()?,
     }))
 }
@@ -695,7 +700,7 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
     let rt = runtime()?;
     let addrs = args.addr.resolve(&rt)?;
     let name = model_name(&args.model.display().to_string());
-    let meta = model_meta(&args.model, name, &args.front)?;
+    let meta = model_meta(&args.model, name, &args.front, &args.batch)?;
     let n_layers = meta.config.n_layers;
     if args.stages == 0 || args.stages > n_layers {
         return Err(CliError::Usage(format!(

@@ -6,7 +6,7 @@ use crate::{CliError, CliResult, Globals};
 use remask_engine::Engine;
 use remask_model::{Checkpoint, Message, TextCodec};
 use remask_sampler::{
-    CacheMode, Canvas, CommitRule, Prediction, Remasking, SamplerConfig, StepPlan, denoise,
+    CacheMode, Canvas, CommitRule, Prediction, Remasking, Settings, StepPlan, denoise,
 };
 use std::path::PathBuf;
 use std::time::Instant;
@@ -61,30 +61,32 @@ pub struct GenerateArgs {
     /// Prompt as token ids, comma-separated.
     #[arg(long, env = "REMASK_PROMPT_IDS", value_delimiter = ',')]
     pub prompt_ids: Option<Vec<u32>>,
-    /// Tokens to generate.
-    #[arg(long, env = "REMASK_GEN_LENGTH", default_value_t = 128)]
-    pub gen_length: usize,
+    // Every setting left unset takes the checkpoint's generation_config.json
+    // where it says, else remask's defaults: the same as gRPC and HTTP
+    // requests that leave it unset (with --endpoint: the server's).
+    /// Tokens to generate (default 128, or generation_config.json's
+    /// max_new_tokens).
+    #[arg(long, env = "REMASK_GEN_LENGTH")]
+    pub gen_length: Option<usize>,
     /// Denoising steps in total (over all blocks) of the fixed schedule
-    /// (default 128); the adaptive rules (--threshold, --factor, --entropy)
-    /// need none.
+    /// (default: one per token); the adaptive rules (--threshold, --factor,
+    /// --entropy) need none.
     #[arg(long, env = "REMASK_STEPS")]
     pub steps: Option<usize>,
-    /// Semi-autoregressive block length (gen_length for one block).
-    #[arg(long, env = "REMASK_BLOCK_LENGTH", default_value_t = 32)]
-    pub block_length: usize,
-    /// How committed positions are chosen: low_confidence or random.
-    #[arg(long, env = "REMASK_REMASKING", default_value = "low_confidence")]
-    pub remasking: Remasking,
+    /// Semi-autoregressive block length (default 32 when that divides
+    /// gen_length, else gen_length: one block).
+    #[arg(long, env = "REMASK_BLOCK_LENGTH")]
+    pub block_length: Option<usize>,
+    /// How committed positions are chosen: low_confidence (default) or
+    /// random.
+    #[arg(long, env = "REMASK_REMASKING")]
+    pub remasking: Option<Remasking>,
     #[command(flatten)]
     pub rule: RuleArgs,
-    /// 0 for greedy; above 0, Gumbel-max sampling at this temperature.
-    #[arg(
-        long,
-        env = "REMASK_TEMPERATURE",
-        default_value_t = 0.0,
-        allow_negative_numbers = true
-    )]
-    pub temperature: f64,
+    /// 0 for greedy (default); above 0, Gumbel-max sampling at this
+    /// temperature.
+    #[arg(long, env = "REMASK_TEMPERATURE", allow_negative_numbers = true)]
+    pub temperature: Option<f64>,
     /// Classifier-free guidance scale (0: off).
     #[arg(
         long,
@@ -172,14 +174,14 @@ impl RuleArgs {
         Ok(rule)
     }
 
-    /// `steps` as given, or the fixed schedule's default (128); the adaptive
-    /// rules take none (0).
-    pub fn steps(&self, steps: Option<usize>) -> CliResult<usize> {
-        Ok(steps.unwrap_or(if self.rule()?.is_adaptive() { 0 } else { 128 }))
+    /// The rule the flags name, `None` when they name none (the default
+    /// applies).
+    pub fn given_rule(&self) -> CliResult<Option<CommitRule>> {
+        Ok(Some(self.rule()?).filter(|r| *r != CommitRule::Fixed))
     }
 }
 
-#[tracing::instrument(skip_all, fields(gen_length = args.gen_length))]
+#[tracing::instrument(skip_all, fields(gen_length = ?args.gen_length))]
 pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
     if let Some(endpoint) = &args.endpoint {
         return crate::remote::run(endpoint, &args);
@@ -212,20 +214,20 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         Some(text) => codec.encode_continuation(text)?,
         None => Vec::new(),
     };
-    let config = SamplerConfig {
+    let config = crate::defaults::load(&dir, None, None)?.resolve(&Settings {
         gen_length: args.gen_length,
-        steps: args.rule.steps(args.steps)?,
+        steps: args.steps,
         block_length: args.block_length,
         remasking: args.remasking,
-        rule: args.rule.rule()?,
-        early_stop: !args.rule.no_early_stop,
+        rule: args.rule.given_rule()?,
         temperature: args.temperature,
         cfg_scale: args.cfg_scale,
         seed: args.seed,
+        early_stop: !args.rule.no_early_stop,
         logits_eos_inf: args.logits_eos_inf,
         confidence_eos_eot_inf: args.confidence_eos_eot_inf,
-        cache: args.rule.cache.unwrap_or_default(),
-    };
+        cache: args.rule.cache,
+    });
     let space = remask_engine::token_space(&ckpt.config, &special);
     // Check the request before the (possibly slow) weight load.
     let mut canvas = Canvas::infill(&prompt, &suffix, config, space)?;

@@ -8,6 +8,7 @@ mod addr;
 mod bench;
 mod cluster_cmd;
 mod default_model;
+mod defaults;
 mod device;
 mod display;
 mod eval;

@@ -35,21 +35,26 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
         prompt: args.prompt.clone().unwrap_or_default(),
         chat: args.chat,
         prompt_ids: args.prompt_ids.clone().unwrap_or_default(),
-        gen_length: Some(
-            u32::try_from(args.gen_length)
-                .map_err(|_| CliError::Usage("--gen-length is too large".into()))?,
-        ),
+        gen_length: args
+            .gen_length
+            .map(|n| {
+                u32::try_from(n).map_err(|_| CliError::Usage("--gen-length is too large".into()))
+            })
+            .transpose()?,
         steps: args
             .steps
             .map(|s| u32::try_from(s).map_err(|_| CliError::Usage("--steps is too large".into())))
             .transpose()?,
-        block_length: Some(
-            u32::try_from(args.block_length)
-                .map_err(|_| CliError::Usage("--block-length is too large".into()))?,
-        ),
+        block_length: args
+            .block_length
+            .map(|n| {
+                u32::try_from(n).map_err(|_| CliError::Usage("--block-length is too large".into()))
+            })
+            .transpose()?,
         remasking: match args.remasking {
-            Remasking::LowConfidence => pb::Remasking::LowConfidence,
-            Remasking::Random => pb::Remasking::Random,
+            None => pb::Remasking::Unspecified,
+            Some(Remasking::LowConfidence) => pb::Remasking::LowConfidence,
+            Some(Remasking::Random) => pb::Remasking::Random,
         } as i32,
         temperature: args.temperature,
         cfg_scale: args.cfg_scale,
@@ -121,8 +126,7 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
                     pb::FinishReason::Length => "length",
                     pb::FinishReason::Unspecified => "unspecified",
                 },
-                "gen_length": args.gen_length,
-                "block_length": args.block_length,
+                "gen_length": done.generated_ids.len(),
                 "elapsed_ms": done.elapsed_ms,
                 "queue_ms": done.queue_ms,
                 "forward_ms": done.forward_ms,

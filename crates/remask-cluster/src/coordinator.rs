@@ -10,7 +10,7 @@ use crate::stop::StopStrings;
 use remask_model::{LladaConfig, Message, SpecialTokens, TextCodec};
 use remask_proto::v1 as pb;
 use remask_proto::v1::generation_server::Generation;
-use remask_sampler::{CacheMode, Canvas, CommitRule, FinishReason, Remasking, SamplerConfig};
+use remask_sampler::{CacheMode, Canvas, CommitRule, Defaults, FinishReason, Remasking, Settings};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +22,9 @@ use tonic::{Request, Response, Status};
 pub struct ModelMeta {
     /// The model's name in the APIs (`--served-model-name`): never a path.
     pub name: String,
+    /// What requests leave unset (the checkpoint's generation_config.json,
+    /// the server's flags): the same for gRPC, HTTP and the CLI.
+    pub defaults: Defaults,
     pub config: LladaConfig,
     pub codec: Arc<TextCodec>,
     pub special: SpecialTokens,
@@ -35,10 +38,6 @@ pub struct Coordinator {
     pub stages: usize,
     pub metrics: Arc<Metrics>,
     pub api_keys: ApiKeys,
-    /// The commit rule of requests that name none (`--rule`).
-    pub default_rule: CommitRule,
-    /// The K/V cache mode of requests that name none (`--cache`).
-    pub default_cache: CacheMode,
     pub http: HttpOptions,
 }
 
@@ -212,23 +211,22 @@ impl Coordinator {
                 .map_err(|e| invalid(format!("cannot tokenize the suffix: {e}")))?
         };
         let remasking = match pb::Remasking::try_from(req.remasking) {
-            Ok(pb::Remasking::Unspecified | pb::Remasking::LowConfidence) => {
-                Remasking::LowConfidence
-            }
-            Ok(pb::Remasking::Random) => Remasking::Random,
+            Ok(pb::Remasking::Unspecified) => None,
+            Ok(pb::Remasking::LowConfidence) => Some(Remasking::LowConfidence),
+            Ok(pb::Remasking::Random) => Some(Remasking::Random),
             Err(_) => return Err(invalid(format!("unknown remasking {}", req.remasking))),
         };
         let rule = match CommitRule::from_parameters(req.threshold, req.factor, req.entropy)
             .map_err(|e| invalid(e.to_string()))?
         {
-            CommitRule::Fixed => self.default_rule,
-            rule => rule,
+            CommitRule::Fixed => None,
+            rule => Some(rule),
         };
         let cache = match pb::CacheMode::try_from(req.cache) {
-            Ok(pb::CacheMode::Unspecified) => self.default_cache,
-            Ok(pb::CacheMode::None) => CacheMode::None,
-            Ok(pb::CacheMode::Prefix) => CacheMode::Prefix,
-            Ok(pb::CacheMode::Dual) => CacheMode::Dual,
+            Ok(pb::CacheMode::Unspecified) => None,
+            Ok(pb::CacheMode::None) => Some(CacheMode::None),
+            Ok(pb::CacheMode::Prefix) => Some(CacheMode::Prefix),
+            Ok(pb::CacheMode::Dual) => Some(CacheMode::Dual),
             Err(_) => {
                 return Err(invalid(format!(
                     "unknown cache mode {}: expected NONE, PREFIX or DUAL",
@@ -236,29 +234,20 @@ impl Coordinator {
                 )));
             }
         };
-        let defaults = SamplerConfig::default();
-        // The adaptive rules need no step count: unset, it is not checked.
-        let default_steps = if rule.is_adaptive() {
-            0
-        } else {
-            defaults.steps
-        };
-        let config = SamplerConfig {
-            gen_length: req.gen_length.map_or(defaults.gen_length, |v| v as usize),
-            steps: req.steps.map_or(default_steps, |v| v as usize),
-            block_length: req
-                .block_length
-                .map_or(defaults.block_length, |v| v as usize),
+        let config = self.meta.defaults.resolve(&Settings {
+            gen_length: req.gen_length.map(|v| v as usize),
+            steps: req.steps.map(|v| v as usize),
+            block_length: req.block_length.map(|v| v as usize),
             remasking,
             rule,
-            early_stop: !req.full_canvas,
             temperature: req.temperature,
             cfg_scale: req.cfg_scale,
             seed: req.seed.unwrap_or_else(random_seed),
+            early_stop: !req.full_canvas,
             logits_eos_inf: req.logits_eos_inf,
             confidence_eos_eot_inf: req.confidence_eos_eot_inf,
             cache,
-        };
+        });
         let space = remask_engine::token_space(&self.meta.config, &self.meta.special);
         Canvas::infill(&prompt, &suffix, config, space).map_err(|e| invalid(e.to_string()))
     }

@@ -25,7 +25,7 @@ use remask_proto::v1 as gen_pb;
 use remask_proto::v1::generation_server::Generation;
 use remask_proto::worker as pb;
 use remask_proto::worker::worker_server::Worker;
-use remask_sampler::{CacheMode, Canvas, CommitRule};
+use remask_sampler::Canvas;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use tonic::{Code, Request};
@@ -120,6 +120,7 @@ pub fn coordinator() -> &'static Arc<Coordinator> {
         let coordinator = Coordinator {
             meta: ModelMeta {
                 name: crate::coordinator::model_name(&dir.display().to_string()),
+                defaults: remask_sampler::Defaults::default(),
                 config,
                 codec,
                 special,
@@ -130,8 +131,6 @@ pub fn coordinator() -> &'static Arc<Coordinator> {
             stages: 1,
             metrics,
             api_keys: ApiKeys::load(&[], None).expect("no API keys"),
-            default_rule: CommitRule::Fixed,
-            default_cache: CacheMode::None,
             http: Default::default(),
         };
         (Arc::new(coordinator), no_pipeline)

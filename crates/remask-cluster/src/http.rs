@@ -654,28 +654,13 @@ struct ChatMessage {
 const MAX_CHOICES: usize = 64;
 
 impl Sampling {
-    /// A gRPC request for `prompt_ids`; defaults: 128 tokens, one step per
-    /// token (the fixed schedule), blocks of 32 when that divides the length,
-    /// greedy.
-    fn request(
-        &self,
-        c: &Coordinator,
-        prompt_ids: Vec<u32>,
-        seed: u64,
-    ) -> Result<pb::GenerateRequest, ApiError> {
-        let gen_length = self
-            .max_completion_tokens
-            .or(self.max_tokens)
-            .unwrap_or(128);
-        let block_length = self
-            .block_length
-            .unwrap_or(if gen_length.is_multiple_of(32) {
-                32
-            } else {
-                gen_length
-            });
+    /// A gRPC request for `prompt_ids`. What the body leaves unset stays
+    /// unset: the coordinator fills it from the same defaults as gRPC and
+    /// the CLI (the checkpoint's generation_config.json, the server's flags).
+    fn request(&self, prompt_ids: Vec<u32>, seed: u64) -> Result<pb::GenerateRequest, ApiError> {
         let remasking = match self.remasking.as_deref() {
-            None | Some("low_confidence") => pb::Remasking::LowConfidence,
+            None => pb::Remasking::Unspecified,
+            Some("low_confidence") => pb::Remasking::LowConfidence,
             Some("random") => pb::Remasking::Random,
             Some(other) => {
                 return Err(ApiError::bad_request(format!(
@@ -694,18 +679,13 @@ impl Sampling {
                 )));
             }
         };
-        let adaptive = self.threshold.is_some()
-            || self.factor.is_some()
-            || self.entropy.is_some()
-            || c.default_rule.is_adaptive();
         Ok(pb::GenerateRequest {
             prompt_ids,
-            gen_length: Some(gen_length),
-            // The adaptive rules use no step count.
-            steps: self.steps.or((!adaptive).then_some(gen_length)),
-            block_length: Some(block_length),
+            gen_length: self.max_completion_tokens.or(self.max_tokens),
+            steps: self.steps,
+            block_length: self.block_length,
             remasking: remasking as i32,
-            temperature: self.temperature.unwrap_or(0.0),
+            temperature: self.temperature,
             cfg_scale: self.cfg_scale.unwrap_or(0.0),
             seed: Some(seed),
             logits_eos_inf: self.logits_eos_inf,
@@ -770,7 +750,7 @@ impl Sampling {
         let mut choices = Vec::with_capacity(prompts.len() * n);
         for prompt in prompts {
             for i in 0..n {
-                let mut grpc = self.request(c, prompt.ids.clone(), seed.wrapping_add(i as u64))?;
+                let mut grpc = self.request(prompt.ids.clone(), seed.wrapping_add(i as u64))?;
                 grpc.suffix = suffix.to_string();
                 let (canvas, stop) = c.prepare_blocking(&grpc)?;
                 choices.push(Choice {

@@ -8,11 +8,13 @@ pub mod config;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod generation_config;
 pub mod init;
 pub mod tokenizer;
 
 pub use checkpoint::{Checkpoint, DType, GeneratedTensor, TensorRef, WeightSource};
 pub use config::LladaConfig;
 pub use error::{ModelError, Result};
+pub use generation_config::GenerationConfig;
 pub use init::{Init, InitOptions, InitSummary, Preset, init_checkpoint, init_value};
 pub use tokenizer::{Message, SpecialTokens, TextCodec};

@@ -9,6 +9,7 @@
 //! the request early once its answer is final.
 
 mod canvas;
+mod defaults;
 mod predict;
 pub mod rng;
 
@@ -16,6 +17,7 @@ pub use canvas::{
     BatchStep, CacheMode, Canvas, CommitRule, Committed, FinishReason, InvalidRequest, KvUse,
     SamplerConfig, StepPlan, TokenSpace, denoise, transfer_schedule,
 };
+pub use defaults::{Defaults, Settings};
 pub use predict::{
     Partial, PredictOptions, Prediction, Remasking, combine, predict, predict_partial,
 };
