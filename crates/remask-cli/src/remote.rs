@@ -73,6 +73,8 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
             Some(CacheMode::Dual) => pb::CacheMode::Dual,
         } as i32,
         stop: Vec::new(),
+        logprobs: false,
+        top_logprobs: None,
     };
     let url = if endpoint.contains("://") {
         endpoint.to_string()
