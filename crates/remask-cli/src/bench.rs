@@ -37,6 +37,11 @@ pub struct BenchArgs {
     /// the whole span and a dual-cache step the block only.
     #[arg(long, env = "REMASK_GEN_LENGTH")]
     pub gen_length: Option<usize>,
+    /// Alternatives per position the denoising step's head reduction also
+    /// returns with their log-probabilities (0 to 5; unset: no logprobs,
+    /// the default path), to measure what `logprobs` / `top_logprobs` cost.
+    #[arg(long, env = "REMASK_BENCH_TOP_LOGPROBS", value_parser = clap::value_parser!(u8).range(0..=5))]
+    pub top_logprobs: Option<u8>,
     /// Print one JSON object.
     #[arg(long, env = "REMASK_JSON")]
     pub json: bool,
@@ -183,6 +188,7 @@ fn measure(
             steps: gen_length,
             block_length,
             cache,
+            logprobs: args.top_logprobs.map(usize::from),
             ..SamplerConfig::default()
         };
         ids.chunks(args.seq_len)
@@ -252,6 +258,7 @@ fn measure(
             "seq_len": args.seq_len,
             "block_length": block_length,
             "gen_length": gen_length,
+            "top_logprobs": args.top_logprobs,
             "threads": threads,
             "model": dir,
         });

@@ -7,7 +7,7 @@
 //!
 //! A request parameter is honoured or refused, never silently ignored:
 //! OpenAI's and vLLM's parameters that remask does not implement (penalties,
-//! `logprobs`, `stop`, tools, ...) are refused with 400 naming them when they
+//! `top_p`, tools, ...) are refused with 400 naming them when they
 //! ask for anything but the default; fields nobody knows are accepted and
 //! logged, as vLLM does.
 //!
@@ -20,6 +20,11 @@
 //! anywhere in the canvas (`step`, `positions`, `tokens`: several per step
 //! under an adaptive commit rule). Results carry a `remask` object too, with
 //! the forward passes the request took.
+//!
+//! `logprobs` (completions: an integer; chat: a boolean with `top_logprobs`)
+//! give each answer token's log-probability at the step that committed it
+//! and its top alternatives there; a stream sends them with the event whose
+//! text completes their tokens' bytes.
 
 use crate::coordinator::{Coordinator, RequestOptions, random_seed};
 use crate::scheduler::{Event, Finished, InferError};

@@ -1,0 +1,62 @@
+//! Times the host head reduction (`partial_queries`, what the CPU backend
+//! runs on each queried row's logits) with and without top-k logprobs:
+//! `cargo run --release -p remask-engine --example head_reduction -- [rows]
+//! [vocab] [iters]` (default 256 rows, LLaDA-8B's 126464 tokens, 20).
+
+use remask_engine::{Query, partial_queries};
+use remask_sampler::{PredictOptions, Remasking};
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("numbers"))
+        .collect();
+    let rows = args.first().copied().unwrap_or(256);
+    let vocab = args.get(1).copied().unwrap_or(126_464);
+    let iters = args.get(2).copied().unwrap_or(20);
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|i| ((i as u64).wrapping_mul(2_654_435_761) % 10_007) as f32 * 1e-3 - 5.0)
+        .collect();
+    for temperature in [0.0, 1.0] {
+        let mut medians = Vec::new();
+        for k in [0u8, 5] {
+            let query = Query {
+                cond_base: 0,
+                uncond_base: None,
+                first: 0,
+                positions: (0..rows).collect(),
+                step: 0,
+                options: PredictOptions {
+                    temperature,
+                    cfg_scale: 0.0,
+                    remasking: Remasking::LowConfidence,
+                    seed: 1,
+                    logits_eos_inf: false,
+                    confidence_eos_eot_inf: false,
+                    eos: 1,
+                    eot: None,
+                    mask: 2,
+                    top_logprobs: k,
+                },
+            };
+            let queries = [query];
+            let mut ms: Vec<f64> = (0..iters + 2)
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(partial_queries(&logits, 0..vocab, &queries));
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .skip(2)
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            medians.push(ms[ms.len() / 2]);
+        }
+        println!(
+            "temperature {temperature}: {rows} rows x {vocab}: k=0 {:.2} ms, k=5 {:.2} ms, ratio {:.3}",
+            medians[0],
+            medians[1],
+            medians[1] / medians[0]
+        );
+    }
+}
