@@ -1835,6 +1835,55 @@ fn tensor_parallel_workers_match_in_process() {
     }
 }
 
+/// Log-probabilities and alternatives come back from the last stage's
+/// tensor-parallel ranks through the worker protocol: the in-process ones,
+/// up to the rounding of tensor parallelism's sums.
+#[test]
+fn tensor_parallel_workers_return_the_in_process_logprobs() {
+    let logs = Logs::new("tensor_parallel_logprobs");
+    let start = |id: &str| {
+        let args = argv(
+            &format!("worker --listen 127.0.0.1:0 --tensor-parallel 2 --id {id}"),
+            &[],
+        );
+        Server::start(&logs, id, &format!("remask worker {id}:"), &args, &[])
+    };
+    let (a, b) = (start("tp-lp-a"), start("tp-lp-b"));
+    let workers = format!("{},{}", a.addr, b.addr);
+    let coordinator = coordinator(&logs, small(), 2, &["--workers", &workers]);
+    wait_serving(&logs, &coordinator.addr, READY_TIMEOUT);
+    let sampled = |name: &str| name.starts_with("greedy, one") || name.starts_with("temperature");
+    for (name, mut request) in fixed_configs().into_iter().filter(|(n, _)| sampled(n)) {
+        request.extend(argv("--top-logprobs 3", &[]));
+        let (got, want) = (
+            remote_json(&logs, &coordinator.addr, &request),
+            local(small(), &request),
+        );
+        assert_eq!(got["generated_ids"], want["generated_ids"], "{name}");
+        let (got, want) = (
+            got["logprobs"].as_array().unwrap(),
+            want["logprobs"].as_array().unwrap(),
+        );
+        assert_eq!(got.len(), want.len(), "{name}");
+        assert!(!got.is_empty(), "{name}: the answer has tokens");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g["token_id"], w["token_id"], "{name}");
+            let close =
+                |a: &Value, b: &Value| (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() < 1e-3;
+            assert!(close(&g["logprob"], &w["logprob"]), "{name}: {g} vs {w}");
+            let (gt, wt) = (
+                g["top_logprobs"].as_array().unwrap(),
+                w["top_logprobs"].as_array().unwrap(),
+            );
+            assert_eq!(gt.len(), 3);
+            for (a, b) in gt.iter().zip(wt) {
+                assert_eq!(a[0], b[0], "{name}: alternatives");
+                assert!(close(&a[1], &b[1]), "{name}: {a} vs {b}");
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Where servers listen: defaults, variables, host names
 // ---------------------------------------------------------------------------

@@ -11,6 +11,19 @@ use remask_sampler::{
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// `--json`'s `logprobs`: per answer token `{token_id, logprob,
+/// top_logprobs: [[id, logprob], ...]}` (in process and through a
+/// coordinator alike).
+pub fn logprobs_json(
+    tokens: impl Iterator<Item = (u32, f64, Vec<(u32, f64)>)>,
+) -> serde_json::Value {
+    tokens
+        .map(
+            |(id, lp, top)| serde_json::json!({"token_id": id, "logprob": lp, "top_logprobs": top}),
+        )
+        .collect()
+}
+
 /// One denoising step's predictions for one canvas.
 type StepFn = dyn Fn(&Canvas, &StepPlan) -> Result<Vec<Prediction>, remask_engine::KvError>;
 
@@ -106,6 +119,11 @@ pub struct GenerateArgs {
     /// Commit EOS and end-of-turn predictions last.
     #[arg(long, env = "REMASK_CONFIDENCE_EOS_EOT_INF")]
     pub confidence_eos_eot_inf: bool,
+    /// With --json: each answer token's log-probability at the step that
+    /// committed it and this many most likely alternatives there (0 to 5),
+    /// as `logprobs` (the gRPC and HTTP `top_logprobs`).
+    #[arg(long, env = "REMASK_TOP_LOGPROBS", value_parser = clap::value_parser!(u8).range(0..=5))]
+    pub top_logprobs: Option<u8>,
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
     /// Split the model over this many tensor-parallel ranks (threads on the
@@ -227,7 +245,7 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         logits_eos_inf: args.logits_eos_inf,
         confidence_eos_eot_inf: args.confidence_eos_eot_inf,
         cache: args.rule.cache,
-        logprobs: None,
+        logprobs: args.top_logprobs.map(usize::from),
     });
     let space = remask_engine::token_space(&ckpt.config, &special);
     // Check the request before the (possibly slow) weight load.
@@ -297,6 +315,9 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
             "load_ms": load_ms,
             "model": dir,
             "random_weights": random,
+            "logprobs": canvas.logprobs(0..canvas.answer().len()).map(|l| logprobs_json(
+                l.iter().map(|t| (t.token, t.logprob, t.top.clone()))
+            )),
         });
         println!("{out}");
     } else {

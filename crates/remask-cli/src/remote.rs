@@ -73,8 +73,8 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
             Some(CacheMode::Dual) => pb::CacheMode::Dual,
         } as i32,
         stop: Vec::new(),
-        logprobs: false,
-        top_logprobs: None,
+        logprobs: args.top_logprobs.is_some(),
+        top_logprobs: args.top_logprobs.map(u32::from),
     };
     let url = if endpoint.contains("://") {
         endpoint.to_string()
@@ -137,6 +137,13 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
                 "model": info.model,
                 "endpoint": url,
                 "random_weights": info.random_weights,
+                "logprobs": args.top_logprobs.map(|_| crate::generate::logprobs_json(
+                    done.logprobs.iter().map(|t| (
+                        t.token_id,
+                        t.logprob,
+                        t.top_logprobs.iter().map(|a| (a.token_id, a.logprob)).collect(),
+                    ))
+                )),
             });
             println!("{out}");
         } else {

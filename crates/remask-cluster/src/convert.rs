@@ -192,6 +192,69 @@ pub fn bytes_to_f32(b: &[u8]) -> Option<Vec<f32>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// Predictions cross the wire whole: logprobs and the alternatives, a
+    /// position without any among positions with some; lists that do not
+    /// fit together are refused; a worker that sends no logprobs gives NaN.
+    #[test]
+    fn predictions_round_trip_with_logprobs() {
+        let mut top = TopK::default();
+        top.insert(3, 7, -0.25);
+        top.insert(3, 9, -1.5);
+        let p = |token, top| Prediction {
+            token,
+            confidence: 0.5,
+            entropy: 1.25,
+            logprob: -0.75,
+            top,
+        };
+        let preds = vec![p(7, top), p(8, TopK::default()), p(9, top)];
+        let wire = predictions_to_pb(&preds);
+        assert_eq!(wire.top_counts, [2, 0, 2]);
+        assert_eq!(predictions_from_pb(&wire).unwrap(), preds);
+        // Nobody asked: no alternatives on the wire at all.
+        let plain = vec![p(7, TopK::default())];
+        let wire_plain = predictions_to_pb(&plain);
+        assert!(wire_plain.top_counts.is_empty() && wire_plain.top_tokens.is_empty());
+        assert_eq!(predictions_from_pb(&wire_plain).unwrap(), plain);
+        let mut bad = wire.clone();
+        bad.top_counts[0] = 3;
+        assert!(predictions_from_pb(&bad).is_none());
+        let mut bad = wire.clone();
+        bad.top_counts = vec![6, 0, 0];
+        bad.top_tokens = vec![1; 6];
+        bad.top_logprobs = vec![-1.0; 6];
+        assert!(predictions_from_pb(&bad).is_none(), "more than 5");
+        let mut bad = wire.clone();
+        bad.logprobs.pop();
+        assert!(predictions_from_pb(&bad).is_none());
+        let mut old = wire;
+        old.logprobs.clear();
+        assert!(predictions_from_pb(&old).unwrap()[0].logprob.is_nan());
+        // The request's k crosses too.
+        let q = Query {
+            cond_base: 0,
+            uncond_base: None,
+            first: 0,
+            positions: vec![1],
+            step: 0,
+            options: PredictOptions {
+                temperature: 0.0,
+                cfg_scale: 0.0,
+                remasking: Remasking::LowConfidence,
+                seed: 0,
+                logits_eos_inf: false,
+                confidence_eos_eot_inf: false,
+                eos: 1,
+                eot: None,
+                mask: 2,
+                top_logprobs: 4,
+            },
+        };
+        assert_eq!(query_from_pb(&query_to_pb(&q)), q);
+    }
+
     #[test]
     fn hidden_bytes_round_trip() {
         let v = vec![1.5f32, -0.0, f32::MAX, 3.25e-8];
