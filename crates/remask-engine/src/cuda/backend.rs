@@ -573,7 +573,7 @@ impl Backend for CudaBackend {
             .max()
             .unwrap_or(0);
         let slots = if k_max > 0 {
-            p * launch::HEAD_TOP_MAX
+            (p * launch::HEAD_TOP_MAX).max(1)
         } else {
             1
         };
