@@ -300,6 +300,17 @@ def test_generate_logprobs(stubs, gen_stub, cli):
         assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
     plain = gen_stub.Generate(make_request(stubs.pb, prompt_ids=PROMPT_IDS, **s), timeout=60)
     assert len(plain.logprobs) == 0
+    # streamed: each step's commits with their logprobs, the same as the result's
+    msgs = list(gen_stub.GenerateStream(make_request(stubs.pb, prompt_ids=PROMPT_IDS, top_logprobs=3, **s),
+                                        timeout=60))
+    by_position = {}
+    for m in msgs[:-1]:
+        assert len(m.step.logprobs) == len(m.step.tokens)
+        by_position.update(zip(m.step.positions, m.step.logprobs))
+    start = msgs[-1].done.prompt_length
+    assert [by_position[start + i] for i in range(len(resp.logprobs))] == [t.logprob for t in resp.logprobs]
+    plain_stream = list(gen_stub.GenerateStream(make_request(stubs.pb, prompt_ids=PROMPT_IDS, **s), timeout=60))
+    assert all(len(m.step.logprobs) == 0 for m in plain_stream[:-1])
     only = gen_stub.Generate(make_request(stubs.pb, prompt_ids=PROMPT_IDS, logprobs=True, **s), timeout=60)
     assert [t.logprob for t in only.logprobs] == [t.logprob for t in resp.logprobs]
     assert all(len(t.top_logprobs) == 0 for t in only.logprobs)

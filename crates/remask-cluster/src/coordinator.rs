@@ -92,6 +92,11 @@ fn step_to_pb(s: StepEvent) -> pb::StepUpdate {
         positions: s.committed.iter().map(|c| c.position as u32).collect(),
         tokens: s.committed.iter().map(|c| c.token).collect(),
         confidences: s.committed.iter().map(|c| c.confidence).collect(),
+        logprobs: if s.with_logprobs {
+            s.committed.iter().map(|c| c.logprob).collect()
+        } else {
+            Vec::new()
+        },
         final_text: s.text,
     }
 }

@@ -50,6 +50,9 @@ pub struct StepEvent {
     /// With logprobs: those of the final prefix's tokens that no earlier
     /// event of the request carried (they follow on from them).
     pub logprobs: Vec<TokenLogprob>,
+    /// Whether the request asked for logprobs (then `committed` carries
+    /// them to the gRPC stream too).
+    pub with_logprobs: bool,
 }
 
 /// A finished request.
@@ -607,6 +610,7 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) -> boo
                 final_prefix: job.canvas.final_prefix().to_vec(),
                 text: job.sendable_text(&ctx.codec),
                 logprobs,
+                with_logprobs: job.canvas.config().logprobs.is_some(),
             })));
         }
     }
