@@ -113,6 +113,7 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
             .into_inner();
         let wall_ms = start.elapsed().as_secs_f64() * 1e3;
         let prompt_ids = &done.token_ids[..done.prompt_length as usize];
+        let settings = done.settings.clone().unwrap_or_default();
         if args.json {
             let out = serde_json::json!({
                 "token_ids": done.token_ids,
@@ -126,7 +127,14 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
                     pb::FinishReason::Length => "length",
                     pb::FinishReason::Unspecified => "unspecified",
                 },
-                "gen_length": done.generated_ids.len(),
+                "gen_length": settings.gen_length,
+                "block_length": settings.block_length,
+                "rule": settings.rule,
+                "cache": match settings.cache() {
+                    pb::CacheMode::Prefix => "prefix",
+                    pb::CacheMode::Dual => "dual",
+                    _ => "none",
+                },
                 "elapsed_ms": done.elapsed_ms,
                 "queue_ms": done.queue_ms,
                 "forward_ms": done.forward_ms,

@@ -143,7 +143,25 @@ pub fn random_seed() -> u64 {
 
 /// The gRPC result of a finished request.
 pub fn response_to_pb(d: Finished) -> pb::GenerateResponse {
+    let c = d.config;
+    let settings = pb::SamplerSettings {
+        gen_length: c.gen_length as u32,
+        steps: c.steps as u32,
+        block_length: c.block_length as u32,
+        temperature: c.temperature,
+        remasking: match c.remasking {
+            Remasking::LowConfidence => pb::Remasking::LowConfidence,
+            Remasking::Random => pb::Remasking::Random,
+        } as i32,
+        rule: c.rule.to_string(),
+        cache: match c.cache {
+            CacheMode::None => pb::CacheMode::None,
+            CacheMode::Prefix => pb::CacheMode::Prefix,
+            CacheMode::Dual => pb::CacheMode::Dual,
+        } as i32,
+    };
     pb::GenerateResponse {
+        settings: Some(settings),
         seed: d.seed,
         token_ids: d.token_ids,
         generated_ids: d.generated_ids,

@@ -75,6 +75,9 @@ pub struct Finished {
     pub compute_ms: f64,
     /// The seed the request ran with (its own or the one drawn for it).
     pub seed: u64,
+    /// The settings it ran with: its own, and the server's defaults for
+    /// what it left unset.
+    pub config: remask_sampler::SamplerConfig,
 }
 
 /// What a request's caller receives: steps (when streaming), then `Done`.
@@ -701,5 +704,6 @@ fn finish(job: &Job, codec: &TextCodec) -> Result<Event, InferError> {
         forward_ms: job.forward_ms,
         compute_ms: job.compute_ms,
         seed: c.config().seed,
+        config: *c.config(),
     }))
 }
