@@ -115,7 +115,7 @@ pub fn generation_config(data: &[u8]) {
         return;
     };
     for n in [g.max_new_tokens, g.block_length].into_iter().flatten() {
-        assert!(n >= 1 && n <= 1 << 24, "{g:?}");
+        assert!((1..=1 << 24).contains(&n), "{g:?}");
     }
     assert!(
         g.temperature.is_none_or(|t| t.is_finite() && t >= 0.0),
