@@ -85,7 +85,7 @@ class Cli:
                 steps=None, block_length=None, remasking=None, temperature=None, cfg_scale=None,
                 seed=None, logits_eos_inf=False, confidence_eos_eot_inf=False, endpoint=None,
                 api_key=None, threshold=None, factor=None, entropy=None,
-                full_canvas=False, cache=None) -> list:
+                full_canvas=False, cache=None, stop=()) -> list:
         cmd = [str(self.bin), "generate", "--json"]
         cmd += ["--model", str(self.model)] if endpoint is None else ["--endpoint", endpoint]
         if api_key is not None:
@@ -114,6 +114,8 @@ class Cli:
             cmd.append("--no-early-stop")
         if cache is not None:
             cmd += ["--cache", cache]
+        for s in stop:
+            cmd += ["--stop", s]
         return cmd
 
     def run(self, **kw) -> subprocess.CompletedProcess:

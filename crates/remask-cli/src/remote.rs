@@ -72,7 +72,7 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
             Some(CacheMode::Prefix) => pb::CacheMode::Prefix,
             Some(CacheMode::Dual) => pb::CacheMode::Dual,
         } as i32,
-        stop: Vec::new(),
+        stop: crate::generate::stop_strings(args).map(|_| args.stop.clone())?,
     };
     let url = if endpoint.contains("://") {
         endpoint.to_string()
@@ -127,6 +127,8 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
                     pb::FinishReason::Length => "length",
                     pb::FinishReason::Unspecified => "unspecified",
                 },
+                "matched_stop": done.matched_stop,
+                "completion_tokens": done.completion_tokens,
                 "gen_length": settings.gen_length,
                 "block_length": settings.block_length,
                 "rule": settings.rule,

@@ -196,14 +196,10 @@ impl Job {
     /// Looks for the stop strings in what the final prefix gained, and ends
     /// the answer at the first one.
     fn check_stop(&mut self, codec: &TextCodec) {
-        let prefix = self.canvas.final_prefix();
-        if self.stop.is_empty() || self.matched.is_some() || prefix.len() == self.stop_checked {
-            return;
-        }
-        self.stop_checked = prefix.len();
-        if let Some(m) = self.stop.find(codec, prefix) {
-            self.canvas.end_answer(m.tokens);
-            self.matched = Some(m);
+        if self.matched.is_none() {
+            self.matched = self
+                .stop
+                .check(codec, &mut self.canvas, &mut self.stop_checked);
         }
     }
 
