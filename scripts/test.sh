@@ -22,7 +22,7 @@ if ((${#missing[@]})); then
 fi
 
 # Python packages of the reference and gRPC client tests, when missing.
-if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grpc_health, grpc_reflection, openai, requests" 2>/dev/null; then
+if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grpc_health, grpc_reflection, openai, requests, langchain_openai" 2>/dev/null; then
   python3 -m pip install --quiet -r tests/reference/requirements.txt -r tests/grpc/requirements.txt \
     -r tests/http/requirements.txt
 fi
@@ -39,6 +39,9 @@ export PROTOC=/nonexistent/protoc
 # One release build serves the tests and the binary they drive.
 cargo build --release --locked -p remask-cli
 export REMASK_BIN="$PWD/target/release/remask"
+# Tests that drive an outside tool (LangChain, grpcurl, buf, promtool) fail here when it is
+# missing instead of skipping (tests/harness.py `missing_tool`): this script installs them all.
+export REMASK_REQUIRE_TOOLS=1
 # The CUDA kernels run under the CPU emulation here: not finding g++ is a failure.
 export REMASK_KERNEL_EMU=required
 # The stable fuzz drivers (crates/remask-model/tests/fuzz.rs, crates/remask-cluster/tests/fuzz.rs)
