@@ -165,7 +165,7 @@ mod seeds {
                 gen_length: Some(32),
                 block_length: Some(32),
                 steps: Some(8),
-                temperature: 0.7,
+                temperature: Some(0.7),
                 cfg_scale: 0.5,
                 cache: 2,
                 ..text("Hello there, who are you?")
@@ -276,7 +276,7 @@ mod seeds {
         g(
             "nan-temperature",
             GenerateRequest {
-                temperature: f64::NAN,
+                temperature: Some(f64::NAN),
                 cfg_scale: -1.0,
                 ..text("x")
             },
