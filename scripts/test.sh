@@ -7,11 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages: etcd for the cluster tests, a C++ compiler for the kernel
-# emulation. No protoc: every proto compiles with protox (vendor/README.md).
+# emulation, promtool. No protoc: every proto compiles with protox (vendor/README.md).
 missing=()
 command -v etcd >/dev/null || missing+=(etcd-server etcd-client)
 # g++ compiles the CUDA kernels for their CPU emulation (kernels_emulated).
 command -v g++ >/dev/null || missing+=(g++)
+# promtool lints /metrics (tests/http/test_promtool.py); Debian ships it in `prometheus`.
+command -v promtool >/dev/null || missing+=(prometheus)
 if ((${#missing[@]})); then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
