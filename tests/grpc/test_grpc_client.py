@@ -284,6 +284,27 @@ def test_generate_stream(name, stubs, gen_stub, cli, model_config):
     assert_same_result(done, want, f"stream {name}")
 
 
+def test_generate_logprobs(stubs, gen_stub, cli):
+    s = dict(gen_length=16, steps=16, block_length=16)
+    want = cli.generate(prompt_ids=PROMPT_IDS, **s)
+    resp = gen_stub.Generate(make_request(stubs.pb, prompt_ids=PROMPT_IDS, top_logprobs=3, **s), timeout=60)
+    assert list(resp.generated_ids) == want["generated_ids"], "logprobs change no token"
+    assert len(resp.logprobs) == resp.completion_tokens
+    assert [t.token_id for t in resp.logprobs] == list(resp.generated_ids[:resp.completion_tokens])
+    for t in resp.logprobs:
+        assert t.logprob <= 0.0
+        assert len(t.top_logprobs) == 3
+        # greedy: the committed token is the most likely one at its step
+        assert t.top_logprobs[0].token_id == t.token_id
+        assert math.isclose(t.top_logprobs[0].logprob, t.logprob, abs_tol=1e-12)
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+    plain = gen_stub.Generate(make_request(stubs.pb, prompt_ids=PROMPT_IDS, **s), timeout=60)
+    assert len(plain.logprobs) == 0
+    only = gen_stub.Generate(make_request(stubs.pb, prompt_ids=PROMPT_IDS, logprobs=True, **s), timeout=60)
+    assert [t.logprob for t in only.logprobs] == [t.logprob for t in resp.logprobs]
+    assert all(len(t.top_logprobs) == 0 for t in only.logprobs)
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -335,6 +356,7 @@ def _error_cases(cfg):
         "entropy_inf": with_(entropy=float("inf")),
         "two_rules": with_(threshold=0.9, factor=1.0),
         "unknown_cache": with_(cache=9),
+        "top_logprobs_over_5": with_(logprobs=True, top_logprobs=6),
     }
 
 
@@ -351,7 +373,7 @@ ERROR_CASE_NAMES = [
     "mask_token_in_prompt", "over_max_sequence_length", "negative_temperature", "nan_temperature",
     "negative_cfg_scale", "inf_cfg_scale", "unknown_remasking", "more_steps_than_tokens",
     "threshold_zero", "threshold_above_one", "threshold_nan", "factor_zero", "entropy_negative",
-    "entropy_inf", "two_rules", "unknown_cache",
+    "entropy_inf", "two_rules", "unknown_cache", "top_logprobs_over_5",
 ]
 
 # The field each rule error must name.

@@ -28,7 +28,6 @@ REFUSED = [
     ("repetition_penalty", 1.2),
     ("logit_bias", {"5": 10}),
     ("best_of", 2),
-    ("top_logprobs", 2),
     ("top_k", 5),
     ("top_p", 0.9),
     ("min_p", 0.1),
@@ -82,10 +81,26 @@ def test_unimplemented_parameter_is_refused(endpoint, param, value, server, mode
     assert_refused(post(server, path, {**body, "stream": True}), param)
 
 
-@pytest.mark.parametrize("endpoint,value", [("completions", 1), ("completions", 0), ("chat", True)])
-def test_logprobs_refused(endpoint, value, server, model_id):
-    path, body = request_body(endpoint, model_id, logprobs=value)
-    assert_refused(post(server, path, body), "logprobs")
+@pytest.mark.parametrize("endpoint,param,value", [
+    ("completions", "logprobs", 6), ("completions", "logprobs", -1), ("completions", "logprobs", "x"),
+    ("chat", "logprobs", 3), ("chat", "top_logprobs", 6),
+])
+def test_bad_logprobs_are_refused_naming_the_parameter(endpoint, param, value, server, model_id):
+    extra = {"logprobs": True} if param == "top_logprobs" else {}
+    path, body = request_body(endpoint, model_id, **{**extra, param: value})
+    r = post(server, path, body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
+    assert param in r.json()["error"]["message"], r.text
+
+
+def test_chat_top_logprobs_needs_logprobs(server, model_id):
+    path, body = request_body("chat", model_id, top_logprobs=2)
+    r = post(server, path, body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text
+    # completions take logprobs as the count; top_logprobs is chat's
+    path, body = request_body("completions", model_id, top_logprobs=2)
+    assert_refused(post(server, path, body), "top_logprobs")
 
 
 def test_chat_suffix_refused(server, model_id):

@@ -286,6 +286,7 @@ fn answer_config(
         logits_eos_inf: false,
         confidence_eos_eot_inf: false,
         cache: args.rule.cache.unwrap_or_default(),
+        logprobs: None,
     }
 }
 
@@ -1104,6 +1105,7 @@ fn gap_config(args: &EvalArgs, gap: usize) -> CliResult<SamplerConfig> {
         logits_eos_inf: false,
         confidence_eos_eot_inf: false,
         cache: args.rule.cache.unwrap_or_default(),
+        logprobs: None,
     })
 }
 

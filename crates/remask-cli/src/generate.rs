@@ -243,6 +243,7 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         logits_eos_inf: args.logits_eos_inf,
         confidence_eos_eot_inf: args.confidence_eos_eot_inf,
         cache: args.rule.cache,
+        logprobs: None,
     });
     let space = remask_engine::token_space(&ckpt.config, &special);
     // Check the request before the (possibly slow) weight load.

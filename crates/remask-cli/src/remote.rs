@@ -73,6 +73,8 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
             Some(CacheMode::Dual) => pb::CacheMode::Dual,
         } as i32,
         stop: crate::generate::stop_strings(args).map(|_| args.stop.clone())?,
+        logprobs: false,
+        top_logprobs: None,
     };
     let url = if endpoint.contains("://") {
         endpoint.to_string()

@@ -2,7 +2,7 @@
 
 use remask_engine::{Query, Seq, Shard};
 use remask_proto::worker as pb;
-use remask_sampler::{KvUse, PredictOptions, Prediction, Remasking};
+use remask_sampler::{KvUse, MAX_TOP_LOGPROBS, PredictOptions, Prediction, Remasking, TopK};
 
 pub fn shard_to_pb(s: &Shard) -> pb::ShardSpec {
     pb::ShardSpec {
@@ -39,6 +39,7 @@ pub fn query_to_pb(q: &Query) -> pb::HeadQuery {
             eos: o.eos,
             eot: o.eot,
             mask: o.mask,
+            top_logprobs: o.top_logprobs as u32,
         }),
     }
 }
@@ -65,6 +66,7 @@ pub fn query_from_pb(q: &pb::HeadQuery) -> Query {
             eos: o.eos,
             eot: o.eot,
             mask: o.mask,
+            top_logprobs: o.top_logprobs.min(MAX_TOP_LOGPROBS as u32) as u8,
         },
     }
 }
@@ -102,25 +104,60 @@ pub fn seq_from_pb(s: &pb::Sequence) -> Option<Seq> {
 pub const MISSING_CACHES: &str = "remask-missing-caches";
 
 pub fn predictions_to_pb(p: &[Prediction]) -> pb::Predictions {
-    pb::Predictions {
+    let mut out = pb::Predictions {
         tokens: p.iter().map(|p| p.token).collect(),
         confidences: p.iter().map(|p| p.confidence).collect(),
         entropies: p.iter().map(|p| p.entropy).collect(),
+        logprobs: p.iter().map(|p| p.logprob).collect(),
+        ..Default::default()
+    };
+    if p.iter().any(|p| !p.top.is_empty()) {
+        for p in p {
+            out.top_counts.push(p.top.len() as u32);
+            for (t, l) in p.top.iter() {
+                out.top_tokens.push(t);
+                out.top_logprobs.push(l);
+            }
+        }
     }
+    out
 }
 
-/// `None` when the three lists differ in length.
+/// `None` when the lists do not fit together (the three first of one
+/// length, `logprobs` of it or empty, the alternatives as their counts say,
+/// at most `MAX_TOP_LOGPROBS` each).
 pub fn predictions_from_pb(p: &pb::Predictions) -> Option<Vec<Prediction>> {
     let n = p.tokens.len();
-    (p.confidences.len() == n && p.entropies.len() == n).then(|| {
+    let fits = p.confidences.len() == n
+        && p.entropies.len() == n
+        && (p.logprobs.is_empty() || p.logprobs.len() == n)
+        && (p.top_counts.is_empty() || p.top_counts.len() == n)
+        && p.top_counts.iter().all(|&c| c as usize <= MAX_TOP_LOGPROBS)
+        && p.top_counts.iter().map(|&c| c as usize).sum::<usize>() == p.top_tokens.len()
+        && p.top_tokens.len() == p.top_logprobs.len();
+    if !fits {
+        return None;
+    }
+    let mut at = 0;
+    Some(
         (0..n)
-            .map(|i| Prediction {
-                token: p.tokens[i],
-                confidence: p.confidences[i],
-                entropy: p.entropies[i],
+            .map(|i| {
+                let mut top = TopK::default();
+                let count = p.top_counts.get(i).map_or(0, |&c| c as usize);
+                for j in at..at + count {
+                    top.insert(count, p.top_tokens[j], p.top_logprobs[j]);
+                }
+                at += count;
+                Prediction {
+                    token: p.tokens[i],
+                    confidence: p.confidences[i],
+                    entropy: p.entropies[i],
+                    logprob: p.logprobs.get(i).copied().unwrap_or(f64::NAN),
+                    top,
+                }
             })
-            .collect()
-    })
+            .collect(),
+    )
 }
 
 /// Hidden states travel as little-endian f32 bytes. On little-endian

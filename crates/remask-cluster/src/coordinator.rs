@@ -177,6 +177,20 @@ pub fn response_to_pb(d: Finished) -> pb::GenerateResponse {
         completion_tokens: d.answer_tokens as u32,
         matched_stop: d.matched_stop,
         request_id: d.request_id,
+        logprobs: d
+            .logprobs
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| pb::TokenLogprob {
+                token_id: t.token,
+                logprob: t.logprob,
+                top_logprobs: t
+                    .top
+                    .into_iter()
+                    .map(|(token_id, logprob)| pb::TopLogprob { token_id, logprob })
+                    .collect(),
+            })
+            .collect(),
     }
 }
 
@@ -265,6 +279,10 @@ impl Coordinator {
             logits_eos_inf: req.logits_eos_inf,
             confidence_eos_eot_inf: req.confidence_eos_eot_inf,
             cache,
+            // top_logprobs implies logprobs; more than 5 is refused by the
+            // canvas's checks, naming the field.
+            logprobs: (req.logprobs || req.top_logprobs.is_some())
+                .then(|| req.top_logprobs.unwrap_or(0) as usize),
         });
         let space = remask_engine::token_space(&self.meta.config, &self.meta.special);
         Canvas::infill(&prompt, &suffix, config, space).map_err(|e| invalid(e.to_string()))

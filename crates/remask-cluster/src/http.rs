@@ -33,6 +33,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use remask_model::Message;
 use remask_proto::v1 as pb;
+use remask_sampler::TokenLogprob;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::convert::Infallible;
@@ -297,16 +298,6 @@ const UNSUPPORTED: &[Unsupported] = &[
     ),
     ("best_of", |v| v.as_u64() == Some(1), "only 1 is accepted"),
     (
-        "logprobs",
-        |v| v == &Value::Bool(false),
-        "log probabilities are not implemented yet",
-    ),
-    (
-        "top_logprobs",
-        |v| v.as_u64() == Some(0),
-        "log probabilities are not implemented yet",
-    ),
-    (
         "top_k",
         |v| matches!(v.as_i64(), Some(-1 | 0)),
         "only -1 or 0 (off) is accepted",
@@ -375,6 +366,8 @@ const KNOWN: &[&str] = &[
     "entropy",
     "full_canvas",
     "cache",
+    "logprobs",
+    "top_logprobs",
 ];
 
 /// The body as a JSON object, after refusing the parameters remask does not
@@ -610,6 +603,11 @@ struct Sampling {
     full_canvas: bool,
     /// K/V cache mode: "none", "prefix" or "dual" (unset: the server's).
     cache: Option<String>,
+    /// Completions: an integer, the alternatives per token (0 to 5); chat:
+    /// a boolean (`Sampling::logprobs`).
+    logprobs: Option<Value>,
+    /// Chat: the alternatives per token (0 to 5), with `logprobs: true`.
+    top_logprobs: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -648,11 +646,74 @@ struct ChatMessage {
 /// Canvases one request may ask for (prompts times `n`).
 const MAX_CHOICES: usize = 64;
 
+/// The most alternatives per token the API returns (the head's limit).
+const MAX_TOP_LOGPROBS: u64 = remask_sampler::MAX_TOP_LOGPROBS as u64;
+
 impl Sampling {
+    /// How many alternatives per token to return, `None` for no logprobs:
+    /// completions take `logprobs: 0..=5` (OpenAI's legacy field), chat
+    /// `logprobs: true` with `top_logprobs: 0..=5`.
+    fn logprobs(&self, kind: Kind) -> Result<Option<u32>, ApiError> {
+        let count = |v: &Value, param: &str| {
+            match v.as_u64() {
+            Some(k) if k <= MAX_TOP_LOGPROBS => Ok(k as u32),
+            _ => Err(ApiError::bad_request(format!(
+                "{param} must be an integer from 0 to {MAX_TOP_LOGPROBS} (the alternatives per token this server returns at most), got {v}"
+            ))
+            .param(param)),
+        }
+        };
+        let given = |v: &Option<Value>| v.as_ref().filter(|v| !v.is_null()).cloned();
+        match kind {
+            Kind::Completion => {
+                if let Some(v) = given(&self.top_logprobs)
+                    && v.as_u64() != Some(0)
+                {
+                    return Err(ApiError::unsupported(
+                        "top_logprobs",
+                        "it is a chat parameter: completions take logprobs (an integer from 0 to 5)",
+                    ));
+                }
+                match given(&self.logprobs) {
+                    None | Some(Value::Bool(false)) => Ok(None),
+                    Some(v) => count(&v, "logprobs").map(Some),
+                }
+            }
+            Kind::Chat => {
+                let on = match given(&self.logprobs) {
+                    None | Some(Value::Bool(false)) => false,
+                    Some(Value::Bool(true)) => true,
+                    Some(v) => {
+                        return Err(ApiError::bad_request(format!(
+                            "logprobs must be a boolean, got {v}"
+                        ))
+                        .param("logprobs"));
+                    }
+                };
+                let top = given(&self.top_logprobs)
+                    .map(|v| count(&v, "top_logprobs"))
+                    .transpose()?;
+                match (on, top) {
+                    (false, Some(k)) if k > 0 => {
+                        Err(ApiError::bad_request("top_logprobs needs logprobs: true")
+                            .param("top_logprobs"))
+                    }
+                    (false, _) => Ok(None),
+                    (true, top) => Ok(Some(top.unwrap_or(0))),
+                }
+            }
+        }
+    }
+
     /// A gRPC request for `prompt_ids`. What the body leaves unset stays
     /// unset: the coordinator fills it from the same defaults as gRPC and
     /// the CLI (the checkpoint's generation_config.json, the server's flags).
-    fn request(&self, prompt_ids: Vec<u32>, seed: u64) -> Result<pb::GenerateRequest, ApiError> {
+    fn request(
+        &self,
+        prompt_ids: Vec<u32>,
+        seed: u64,
+        logprobs: Option<u32>,
+    ) -> Result<pb::GenerateRequest, ApiError> {
         let remasking = match self.remasking.as_deref() {
             None => pb::Remasking::Unspecified,
             Some("low_confidence") => pb::Remasking::LowConfidence,
@@ -691,6 +752,8 @@ impl Sampling {
             full_canvas: self.full_canvas,
             cache: cache as i32,
             stop: self.stop_strings()?,
+            logprobs: logprobs.is_some(),
+            top_logprobs: logprobs,
             ..Default::default()
         })
     }
@@ -719,8 +782,10 @@ impl Sampling {
         c: &Coordinator,
         prompts: Vec<Prompt>,
         suffix: &str,
+        kind: Kind,
     ) -> Result<Vec<Choice>, ApiError> {
         check_model(c, self.model.as_deref())?;
+        let logprobs = self.logprobs(kind)?;
         let n = self.n.unwrap_or(1) as usize;
         if n == 0 {
             return Err(ApiError::bad_request("n must be at least 1").param("n"));
@@ -745,7 +810,8 @@ impl Sampling {
         let mut choices = Vec::with_capacity(prompts.len() * n);
         for prompt in prompts {
             for i in 0..n {
-                let mut grpc = self.request(prompt.ids.clone(), seed.wrapping_add(i as u64))?;
+                let mut grpc =
+                    self.request(prompt.ids.clone(), seed.wrapping_add(i as u64), logprobs)?;
                 grpc.suffix = suffix.to_string();
                 let (canvas, stop) = c.prepare_blocking(&grpc)?;
                 choices.push(Choice {
@@ -870,7 +936,9 @@ async fn completions(
         check_model(&c, req.sampling.model.as_deref())?;
         let prompts = prompts_of(&c, &req.prompt, req.echo)?;
         let suffix = req.suffix.as_deref().unwrap_or_default();
-        let choices = req.sampling.choices(&c, prompts, suffix)?;
+        let choices = req
+            .sampling
+            .choices(&c, prompts, suffix, Kind::Completion)?;
         run(c.clone(), choices, &req.sampling, Kind::Completion, id).await
     }
     .await;
@@ -889,7 +957,7 @@ async fn chat_completions(
             ids: chat_ids(&c, &req.messages)?,
             echo: String::new(),
         };
-        let choices = req.sampling.choices(&c, vec![prompt], "")?;
+        let choices = req.sampling.choices(&c, vec![prompt], "", Kind::Chat)?;
         run(c.clone(), choices, &req.sampling, Kind::Chat, id).await
     }
     .await;
@@ -1011,6 +1079,104 @@ fn finished_choice(kind: Kind, index: usize, text: &str, done: &Finished, stream
     choice
 }
 
+/// A token's text in logprobs: the token decoded alone, special tokens
+/// kept (one that holds only part of a character decodes to U+FFFD).
+fn token_text(c: &Coordinator, id: u32) -> String {
+    c.meta.codec.decode(&[id], false).unwrap_or_default()
+}
+
+/// A log-probability in JSON, which has no -inf: a token the sampler's
+/// rules exclude gets vLLM's -9999.0.
+fn json_logprob(v: f64) -> f64 {
+    if v.is_finite() { v } else { -9999.0 }
+}
+
+/// The `logprobs` of a choice or chunk for `tokens`, in OpenAI's shape for
+/// the endpoint: completions' legacy `{tokens, token_logprobs,
+/// top_logprobs, text_offset}` (`offset`: the characters of the choice's
+/// text before the first token, the echo included), chat's `{content:
+/// [{token, logprob, bytes, top_logprobs}]}`.
+fn logprobs_json(c: &Coordinator, kind: Kind, tokens: &[TokenLogprob], offset: usize) -> Value {
+    match kind {
+        Kind::Completion => {
+            let mut at = offset;
+            let (mut texts, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+            for t in tokens {
+                let text = token_text(c, t.token);
+                offsets.push(at);
+                at += text.chars().count();
+                texts.push(text);
+                lps.push(json_logprob(t.logprob));
+                // Two tokens of one text (bytes of a character each decode
+                // to U+FFFD) share a key: the more likely one keeps it.
+                let mut top = Map::new();
+                for &(id, l) in &t.top {
+                    top.entry(token_text(c, id))
+                        .or_insert(json!(json_logprob(l)));
+                }
+                tops.push(Value::Object(top));
+            }
+            json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+        }
+        Kind::Chat => {
+            // `bytes`: the token's own bytes (part of a character where the
+            // token holds only part of one): they join to the answer's text.
+            let entry = |id: u32, l: f64| json!({"token": token_text(c, id), "logprob": json_logprob(l), "bytes": c.meta.codec.token_bytes(id)});
+            let content: Vec<Value> = tokens
+                .iter()
+                .map(|t| {
+                    let mut e = entry(t.token, t.logprob);
+                    e["top_logprobs"] =
+                        Value::Array(t.top.iter().map(|&(id, l)| entry(id, l)).collect());
+                    e
+                })
+                .collect();
+            json!({"content": content, "refusal": null})
+        }
+    }
+}
+
+/// What a stream has sent of a choice's logprobs: a step's logprobs wait
+/// until the text of their tokens is sent, so each chunk carries the
+/// logprobs of the tokens whose text it carries.
+#[derive(Default)]
+struct StreamedLogprobs {
+    pending: std::collections::VecDeque<TokenLogprob>,
+    /// Tokens sent, and the bytes and characters of their texts.
+    tokens: usize,
+    bytes: usize,
+    chars: usize,
+}
+
+impl StreamedLogprobs {
+    /// The pending tokens whose texts fit in the `sent` bytes of text.
+    fn ready(&mut self, c: &Coordinator, sent: usize) -> Vec<TokenLogprob> {
+        let mut out = Vec::new();
+        while let Some(t) = self.pending.front() {
+            // Bytes, not the text decoded alone: a token that holds part
+            // of a character waits for the text that completes it.
+            let len = c.meta.codec.token_bytes(t.token).len();
+            if self.bytes + len > sent {
+                break;
+            }
+            self.bytes += len;
+            out.push(self.pending.pop_front().expect("front"));
+        }
+        out
+    }
+
+    /// The chunk's `logprobs` for `tokens`, advancing the offsets.
+    fn chunk(&mut self, c: &Coordinator, kind: Kind, tokens: &[TokenLogprob]) -> Value {
+        let v = logprobs_json(c, kind, tokens, self.chars);
+        self.tokens += tokens.len();
+        self.chars += tokens
+            .iter()
+            .map(|t| token_text(c, t.token).chars().count())
+            .sum::<usize>();
+        v
+    }
+}
+
 /// The request's id: `X-Request-Id` when the client sends one (checked),
 /// else made up; returned in the response's `X-Request-Id` and in logs.
 #[derive(Clone)]
@@ -1038,6 +1204,7 @@ async fn run(
     RequestId(request_id): RequestId,
 ) -> Result<Response, ApiError> {
     let stream = sampling.stream;
+    let with_logprobs = sampling.logprobs(kind)?.is_some();
     let n = sampling.n.unwrap_or(1) as usize;
     let several = choices.len() > 1;
     let mut started = Vec::with_capacity(choices.len());
@@ -1078,7 +1245,12 @@ async fn run(
                 }
             };
             let text = format!("{echo}{}", done.text);
-            entries.push(finished_choice(kind, index, &text, &done, false));
+            let mut entry = finished_choice(kind, index, &text, &done, false);
+            if with_logprobs {
+                let tokens = done.logprobs.as_deref().unwrap_or_default();
+                entry["logprobs"] = logprobs_json(&c, kind, tokens, echo.chars().count());
+            }
+            entries.push(entry);
             results.push(done);
         }
         return Ok(Json(json!({
@@ -1118,8 +1290,15 @@ async fn run(
     }
     drop(merged_tx);
     let count = echoes.len();
+    let keep_alive = c.http.sse_keep_alive;
     let events = async_stream_events(move |tx| async move {
         let mut sent = vec![String::new(); count];
+        let mut streamed: Vec<StreamedLogprobs> = (0..count)
+            .map(|i| StreamedLogprobs {
+                chars: echoes[i].chars().count(),
+                ..Default::default()
+            })
+            .collect();
         for (index, echo) in echoes.iter().enumerate() {
             if !echo.is_empty()
                 && tx
@@ -1149,10 +1328,16 @@ async fn run(
                     if several {
                         remask["index"] = json!(index);
                     }
-                    let event = chunk(
-                        vec![kind.choice(index, &delta, None, true)],
-                        json!({"remask": remask}),
-                    );
+                    let mut choice = kind.choice(index, &delta, None, true);
+                    if with_logprobs {
+                        let st = &mut streamed[index];
+                        st.pending.extend(s.logprobs);
+                        let ready = st.ready(&c, sent[index].len());
+                        if !ready.is_empty() {
+                            choice["logprobs"] = st.chunk(&c, kind, &ready);
+                        }
+                    }
+                    let event = chunk(vec![choice], json!({"remask": remask}));
                     if tx.send(event).await.is_err() {
                         return;
                     }
@@ -1163,7 +1348,16 @@ async fn run(
                     if !several {
                         extra["usage"] = usage([&done], n);
                     }
-                    let event = chunk(vec![finished_choice(kind, index, rest, &done, true)], extra);
+                    let mut choice = finished_choice(kind, index, rest, &done, true);
+                    if with_logprobs {
+                        // The result's logprobs are the authority: whatever
+                        // the steps have not sent yet.
+                        let st = &mut streamed[index];
+                        let all = done.logprobs.as_deref().unwrap_or_default();
+                        let rest = all[st.tokens.min(all.len())..].to_vec();
+                        choice["logprobs"] = st.chunk(&c, kind, &rest);
+                    }
+                    let event = chunk(vec![choice], extra);
                     results[index] = Some(done);
                     if tx.send(event).await.is_err() {
                         return;
@@ -1188,7 +1382,7 @@ async fn run(
         }
     });
     Ok(Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(c.http.sse_keep_alive))
+        .keep_alive(KeepAlive::new().interval(keep_alive))
         .into_response())
 }
 

@@ -29,7 +29,7 @@ use crate::pipeline::{Pipeline, StageFailure, StepError};
 use crate::stop::{StopMatch, StopStrings};
 use remask_engine::{StepBatch, StepRequest, cache_ids};
 use remask_model::TextCodec;
-use remask_sampler::{BatchStep, CacheMode, Canvas, Committed, FinishReason, KvUse};
+use remask_sampler::{BatchStep, CacheMode, Canvas, Committed, FinishReason, KvUse, TokenLogprob};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -47,6 +47,9 @@ pub struct StepEvent {
     /// without a character still incomplete, and before a stop string
     /// (holding back what could be the start of one).
     pub text: String,
+    /// With logprobs: those of the final prefix's tokens that no earlier
+    /// event of the request carried (they follow on from them).
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// A finished request.
@@ -78,6 +81,9 @@ pub struct Finished {
     /// The settings it ran with: its own, and the server's defaults for
     /// what it left unset.
     pub config: remask_sampler::SamplerConfig,
+    /// Per answer token (`answer_tokens` of them), its log-probability and
+    /// alternatives at the step that committed it, when asked for.
+    pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// What a request's caller receives: steps (when streaming), then `Done`.
@@ -150,6 +156,8 @@ pub struct Job {
     matched: Option<StopMatch>,
     /// Length of the final prefix the stop strings were last looked for in.
     stop_checked: usize,
+    /// Final tokens whose logprobs a step event carried already.
+    logprobs_sent: usize,
 }
 
 /// A request whose steps failed this often on workers is given up (a request
@@ -179,6 +187,7 @@ impl Job {
             stop: StopStrings::default(),
             matched: None,
             stop_checked: 0,
+            logprobs_sent: 0,
         }
     }
 
@@ -585,11 +594,18 @@ async fn step(running: &mut Vec<Job>, pipeline: &Pipeline, ctx: &Context) -> boo
                 .observe(committed.len() as f64);
         }
         if job.stream {
+            let final_len = job.canvas.final_prefix().len();
+            let logprobs = job
+                .canvas
+                .logprobs(job.logprobs_sent..final_len)
+                .unwrap_or_default();
+            job.logprobs_sent = job.logprobs_sent.max(final_len);
             let _ = job.events.send(Ok(Event::Step(StepEvent {
                 step: plan.step,
                 committed,
                 final_prefix: job.canvas.final_prefix().to_vec(),
                 text: job.sendable_text(&ctx.codec),
+                logprobs,
             })));
         }
     }
@@ -701,5 +717,6 @@ fn finish(job: &Job, codec: &TextCodec) -> Result<Event, InferError> {
         compute_ms: job.compute_ms,
         seed: c.config().seed,
         config: *c.config(),
+        logprobs: c.logprobs(0..answer_tokens),
     }))
 }

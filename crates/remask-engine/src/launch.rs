@@ -133,7 +133,9 @@ pub struct HeadQueries {
     pub cfg_scale: Vec<f64>,
     pub mask: Vec<u32>,
     pub eos: Vec<u32>,
-    /// Bit 0: the EOS logit is set to -inf.
+    /// Bit 0: the EOS logit is set to -inf; bits 1 and up: how many of the
+    /// largest guided logits to return (`top_logprobs`, at most
+    /// `HEAD_TOP_MAX`).
     pub flags: Vec<u32>,
 }
 
@@ -152,12 +154,31 @@ pub fn head_queries(queries: &[Query]) -> HeadQueries {
             h.cfg_scale.push(q.options.cfg_scale);
             h.mask.push(q.options.mask);
             h.eos.push(q.options.eos);
-            h.flags.push(u32::from(q.options.logits_eos_inf));
+            let k = (q.options.top_logprobs as u32).min(HEAD_TOP_MAX as u32);
+            h.flags.push(u32::from(q.options.logits_eos_inf) | (k << 1));
         }
         first += if q.uncond_base.is_some() { 2 * n } else { n };
     }
     debug_assert_eq!(first as usize, query_rows(queries).len());
     h
+}
+
+/// Slots per position of the head reduction's top-k outputs
+/// (`HEAD_TOP_MAX` in kernels.cu; `remask_sampler::MAX_TOP_LOGPROBS`).
+pub const HEAD_TOP_MAX: usize = remask_sampler::MAX_TOP_LOGPROBS;
+
+/// The head reduction's top-k outputs of position `i` (`out_top_logit`,
+/// `out_top_token`, `HEAD_TOP_MAX` slots per position, the first `k`
+/// written) as a slice's `TopK`: guided logits, ids -1 past the end.
+pub fn head_top(logits: &[f64], tokens: &[i32], i: usize, k: usize) -> remask_sampler::TopK {
+    let mut top = remask_sampler::TopK::default();
+    for j in 0..k.min(HEAD_TOP_MAX) {
+        let (l, t) = (logits[i * HEAD_TOP_MAX + j], tokens[i * HEAD_TOP_MAX + j]);
+        if t >= 0 {
+            top.insert(k, t as u32, l);
+        }
+    }
+    top
 }
 
 /// `head_partials`: one block of 256 threads per queried position.

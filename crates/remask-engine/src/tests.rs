@@ -221,6 +221,7 @@ fn fused_head_matches_host_head() {
             temperature: 0.9,
             cfg_scale: 0.5,
             seed: 4,
+            logprobs: Some(5),
             ..SamplerConfig::default()
         },
     ] {
@@ -240,6 +241,67 @@ fn fused_head_matches_host_head() {
             assert_eq!(h.token, f.token);
             assert!((h.confidence - f.confidence).abs() < 1e-9, "{h:?} {f:?}");
             assert!((h.entropy - f.entropy).abs() < 1e-9, "{h:?} {f:?}");
+            assert!((h.logprob - f.logprob).abs() < 1e-9, "{h:?} {f:?}");
+            assert_eq!(h.top.len(), f.top.len());
+            for ((ht, hl), (ft, fl)) in h.top.iter().zip(f.top.iter()) {
+                assert_eq!(ht, ft);
+                assert!((hl - fl).abs() < 1e-9);
+            }
+        }
+    }
+}
+
+/// Log-probabilities and the top-k under tensor parallelism: each rank
+/// reduces its vocabulary slice (its top-k, logsumexp) and the slices
+/// combine to one rank's numbers, within the logits' own difference.
+#[test]
+fn tensor_parallel_logprobs_match_one_rank() {
+    use remask_model::TextCodec;
+    use remask_sampler::{Canvas, SamplerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let opts = InitOptions {
+        dtype: DType::F32,
+        seed: 3,
+        ..InitOptions::default()
+    };
+    init_checkpoint(Preset::get("small").unwrap(), &opts, dir.path()).unwrap();
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let special = TextCodec::load(dir.path())
+        .unwrap()
+        .special_tokens(&ckpt.config)
+        .unwrap();
+    let space = crate::token_space(&ckpt.config, &special);
+    let one = Engine::load(&ckpt, 1).unwrap();
+    for (temperature, cfg_scale) in [(0.0, 0.0), (0.8, 1.0)] {
+        let config = SamplerConfig {
+            gen_length: 8,
+            steps: 8,
+            block_length: 8,
+            temperature,
+            cfg_scale,
+            seed: 2,
+            logprobs: Some(5),
+            ..SamplerConfig::default()
+        };
+        let canvas = Canvas::new(&[5, 6, 7, 8], config, space).unwrap();
+        let plan = canvas.plan();
+        let want = one.predict(&[(0, &canvas, &plan)]).unwrap().pop().unwrap();
+        for world in [2, 4] {
+            let tp = Engine::load(&ckpt, world).unwrap();
+            let got = tp.predict(&[(0, &canvas, &plan)]).unwrap().pop().unwrap();
+            for (w, g) in want.iter().zip(&got) {
+                assert_eq!(w.token, g.token, "TP={world}");
+                assert!((w.logprob - g.logprob).abs() < 1e-4, "{w:?} {g:?}");
+                assert_eq!(g.top.len(), 5);
+                for ((wt, wl), (gt, gl)) in w.top.iter().zip(g.top.iter()) {
+                    assert_eq!(wt, gt, "TP={world}: top tokens");
+                    assert!((wl - gl).abs() < 1e-4, "{wl} vs {gl}");
+                    assert!(gl <= 0.0);
+                }
+                if temperature == 0.0 {
+                    assert_eq!(g.top.iter().next(), Some((g.token, g.logprob)));
+                }
+            }
         }
     }
 }

@@ -511,6 +511,12 @@ fn head_partials_match_the_host_reduction() {
         mask: 3999,
         remasking: Remasking::LowConfidence,
         confidence_eos_eot_inf: false,
+        top_logprobs: 0,
+    };
+    // Top-k of 0 (the default), 3 and 5 in one launch.
+    let with_top = |o: PredictOptions, k: u8| PredictOptions {
+        top_logprobs: k,
+        ..o
     };
     let queries = vec![
         Query {
@@ -527,7 +533,7 @@ fn head_partials_match_the_host_reduction() {
             first: 0,
             positions: vec![1, 4],
             step: 7,
-            options: options(0.8, 1.5, true),
+            options: with_top(options(0.8, 1.5, true), 3),
         },
         Query {
             cond_base: 30,
@@ -535,7 +541,7 @@ fn head_partials_match_the_host_reduction() {
             first: 0,
             positions: vec![3],
             step: 0,
-            options: options(1.0, 0.0, true),
+            options: with_top(options(1.0, 0.0, true), 5),
         },
     ];
     let rows = remask_engine::query_rows(&queries).len();
@@ -558,6 +564,8 @@ fn head_partials_match_the_host_reduction() {
         vec![0f64; p],
         vec![0f64; p],
     );
+    let slots = p * launch::HEAD_TOP_MAX;
+    let (mut top_logit, mut top_token) = (vec![0f64; slots], vec![-7i32; slots]);
     launch!(
         emu,
         "head_partials",
@@ -568,6 +576,8 @@ fn head_partials_match_the_host_reduction() {
             *mut f64,
             *mut f64,
             *mut f64,
+            *mut f64,
+            *mut i32,
             *const f32,
             i32,
             i32,
@@ -586,6 +596,8 @@ fn head_partials_match_the_host_reduction() {
             logit.as_mut_ptr(),
             lse.as_mut_ptr(),
             mean.as_mut_ptr(),
+            top_logit.as_mut_ptr(),
+            top_token.as_mut_ptr(),
             logits.as_ptr(),
             width as i32,
             vocab.start as i32,
@@ -619,7 +631,20 @@ fn head_partials_match_the_host_reduction() {
             mean[i],
             w.mean_logit
         );
+        // The top-k: the same tokens in the same order, the same logits
+        // (f32 values, exactly); slots past k never written.
+        let k = (hq.flags[i] >> 1) as usize;
+        let got = launch::head_top(&top_logit, &top_token, i, k);
+        assert_eq!(got.len(), w.top.len(), "position {i}: top-k length");
+        assert_eq!(got, w.top, "position {i}: top-k");
+        assert!(k == 0 || got.len() == k);
+        assert!(
+            top_token[i * launch::HEAD_TOP_MAX + k..(i + 1) * launch::HEAD_TOP_MAX]
+                .iter()
+                .all(|&t| t == -7)
+        );
     }
+    assert!(hq.flags.iter().any(|&f| f >> 1 == 5));
     // The planted mask never wins; the EOS wins exactly where it is allowed.
     assert!(token.iter().all(|&t| t != 3999));
 }

@@ -195,6 +195,30 @@ impl TextCodec {
         &self.tokenizer
     }
 
+    /// The bytes of text one token stands for (OpenAI's `bytes` of a
+    /// logprob): under a byte-level decoder the token's own bytes, so that
+    /// a token holding part of a character has just that part and the
+    /// answer's tokens' bytes join to its text; otherwise (and for added
+    /// tokens) the token decoded alone.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let byte_level = matches!(
+            self.tokenizer.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        let added = self.tokenizer.get_added_tokens_decoder().contains_key(&id);
+        if byte_level
+            && !added
+            && let Some(piece) = self.tokenizer.id_to_token(id)
+            && let Some(bytes) = piece
+                .chars()
+                .map(byte_level_byte)
+                .collect::<Option<Vec<u8>>>()
+        {
+            return bytes;
+        }
+        self.decode(&[id], false).unwrap_or_default().into_bytes()
+    }
+
     /// The most bytes of text one token can cover, when that is certain:
     /// then text longer than `tokens * max_token_bytes` bytes is certainly
     /// more than `tokens` tokens, and a server can refuse it without
@@ -233,6 +257,21 @@ const TEMPLATE_FUEL: u64 = 5_000_000;
 
 /// `template` rendered over `messages` the way transformers'
 /// `apply_chat_template(add_generation_prompt=True)` does.
+/// The byte a character of a byte-level (GPT-2) token stands for: the
+/// printable bytes as themselves, the others as U+0100 onwards in order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let u = c as u32;
+    if u < 256 {
+        return printable(u).then_some(u as u8);
+    }
+    (0..256u32)
+        .filter(|&b| !printable(b))
+        .nth((u - 256) as usize)
+        .map(|b| b as u8)
+}
+
 pub fn render_chat_template(
     template: &str,
     messages: &[Message],
@@ -264,4 +303,32 @@ pub fn render_chat_template(
             })
         })
         .map_err(|e| ModelError::Template(e.to_string()))
+}
+
+#[cfg(test)]
+mod token_bytes_tests {
+    use super::*;
+
+    /// A byte-level tokenizer's tokens give back the text's bytes, also
+    /// where a token holds only part of a character.
+    #[test]
+    fn token_bytes_join_to_the_text() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/remask-demo");
+        let codec = TextCodec::load(&dir).unwrap();
+        let text = " naïve café, ✓ 日本語 and the evening";
+        let ids = codec.encode_continuation(text).unwrap();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| codec.token_bytes(id)).collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), text);
+        // Some token there is part of a character: alone it decodes to U+FFFD.
+        assert!(
+            ids.iter()
+                .any(|&id| std::str::from_utf8(&codec.token_bytes(id)).is_err())
+        );
+        // Every byte has its character, once.
+        let all: std::collections::HashSet<u8> = (0..=0x143u32)
+            .filter_map(char::from_u32)
+            .filter_map(byte_level_byte)
+            .collect();
+        assert_eq!(all.len(), 256);
+    }
 }

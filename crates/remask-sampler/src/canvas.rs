@@ -12,7 +12,7 @@
 //! infilling, which a bidirectional model does with the same sampler, since
 //! every position sees the whole canvas.
 
-use crate::predict::{PredictOptions, Prediction, Remasking};
+use crate::predict::{MAX_TOP_LOGPROBS, PredictOptions, Prediction, Remasking};
 
 /// How many of a step's candidates (the masked positions of the current
 /// block) are committed. `Fixed` is LLaDA's schedule; the others are the
@@ -233,6 +233,11 @@ pub struct SamplerConfig {
     pub logits_eos_inf: bool,
     pub confidence_eos_eot_inf: bool,
     pub cache: CacheMode,
+    /// Record each answer token's log-probability at the step that
+    /// committed it, with this many most likely alternatives (0 to
+    /// `MAX_TOP_LOGPROBS`); `None`: nothing recorded, nothing asked of the
+    /// head.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplerConfig {
@@ -250,8 +255,19 @@ impl Default for SamplerConfig {
             logits_eos_inf: false,
             confidence_eos_eot_inf: false,
             cache: CacheMode::None,
+            logprobs: None,
         }
     }
+}
+
+/// An answer token's log-probability at the step that committed it, and
+/// the most likely alternatives there (`SamplerConfig::logprobs`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f64,
+    /// (token, log-probability), most likely first.
+    pub top: Vec<(u32, f64)>,
 }
 
 /// Why a request finished.
@@ -372,6 +388,8 @@ pub enum InvalidRequest {
     BadEntropy(f64),
     #[error("threshold, factor and entropy are three commit rules: give at most one")]
     TwoRules,
+    #[error("top_logprobs must be between 0 and {max}, got {0}", max = MAX_TOP_LOGPROBS)]
+    TooManyTopLogprobs(usize),
 }
 
 /// Commit counts for the steps of one block: `n` masks over `steps` steps,
@@ -427,6 +445,8 @@ pub struct Committed {
     pub position: usize,
     pub token: u32,
     pub confidence: f64,
+    /// The token's log-probability (`Prediction::logprob`).
+    pub logprob: f64,
 }
 
 #[derive(Clone, Debug)]
@@ -455,6 +475,9 @@ pub struct Canvas {
     committed: usize,
     /// Finished early: the answer was final before the span was complete.
     stopped: bool,
+    /// Per generated position, what the step that committed it reported
+    /// (`SamplerConfig::logprobs`; empty when not asked for).
+    logprobs: Vec<Option<TokenLogprob>>,
 }
 
 impl Canvas {
@@ -495,6 +518,11 @@ impl Canvas {
             forwards: 0,
             committed: 0,
             stopped: false,
+            logprobs: if config.logprobs.is_some() {
+                vec![None; config.gen_length]
+            } else {
+                Vec::new()
+            },
         };
         canvas.start_block();
         Ok(canvas)
@@ -605,7 +633,29 @@ impl Canvas {
             eos: self.space.eos,
             eot: self.space.eot,
             mask: self.space.mask,
+            top_logprobs: self.config.logprobs.unwrap_or(0).min(MAX_TOP_LOGPROBS) as u8,
         }
+    }
+
+    /// The log-probabilities of the generated tokens `range` (within the
+    /// answer: `0..answer().len()`, or up to a stop string), as the steps
+    /// that committed them reported; `None` unless `SamplerConfig::logprobs`.
+    /// A position committed by no step (the EOS of an early stop) has -inf.
+    pub fn logprobs(&self, range: std::ops::Range<usize>) -> Option<Vec<TokenLogprob>> {
+        self.config.logprobs?;
+        let generated = self.generated();
+        let end = range.end.min(generated.len());
+        Some(
+            (range.start.min(end)..end)
+                .map(|i| {
+                    self.logprobs[i].clone().unwrap_or(TokenLogprob {
+                        token: generated[i],
+                        logprob: f64::NEG_INFINITY,
+                        top: Vec::new(),
+                    })
+                })
+                .collect(),
+        )
     }
 
     fn block_range(&self) -> std::ops::Range<usize> {
@@ -706,10 +756,26 @@ impl Canvas {
                 position: plan.positions[i],
                 token: predictions[i].token,
                 confidence: predictions[i].confidence,
+                logprob: predictions[i].logprob,
             })
             .collect();
         for c in &committed {
             self.x[c.position] = c.token;
+        }
+        if self.config.logprobs.is_some() {
+            for &i in &order[..k] {
+                let p = &predictions[i];
+                if let Some(slot) = plan.positions[i]
+                    .checked_sub(self.prompt_len)
+                    .and_then(|g| self.logprobs.get_mut(g))
+                {
+                    *slot = Some(TokenLogprob {
+                        token: p.token,
+                        logprob: p.logprob,
+                        top: p.top.iter().collect(),
+                    });
+                }
+            }
         }
         self.committed += committed.len();
         self.step += 1;
@@ -861,6 +927,9 @@ fn validate(
     }
     if !(c.cfg_scale.is_finite() && c.cfg_scale >= 0.0) {
         return Err(BadCfgScale(c.cfg_scale));
+    }
+    if let Some(k) = c.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+        return Err(TooManyTopLogprobs(k));
     }
     Ok(())
 }

@@ -50,6 +50,8 @@ pub struct Settings {
     pub logits_eos_inf: bool,
     pub confidence_eos_eot_inf: bool,
     pub cache: Option<CacheMode>,
+    /// `SamplerConfig::logprobs` (no server default: off unless asked for).
+    pub logprobs: Option<usize>,
 }
 
 impl Defaults {
@@ -82,6 +84,7 @@ impl Defaults {
             logits_eos_inf: s.logits_eos_inf,
             confidence_eos_eot_inf: s.confidence_eos_eot_inf,
             cache: s.cache.unwrap_or(self.cache),
+            logprobs: s.logprobs,
         }
     }
 }

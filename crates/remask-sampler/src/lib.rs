@@ -15,11 +15,12 @@ pub mod rng;
 
 pub use canvas::{
     BatchStep, CacheMode, Canvas, CommitRule, Committed, FinishReason, InvalidRequest, KvUse,
-    SamplerConfig, StepPlan, TokenSpace, denoise, transfer_schedule,
+    SamplerConfig, StepPlan, TokenLogprob, TokenSpace, denoise, transfer_schedule,
 };
 pub use defaults::{Defaults, Settings};
 pub use predict::{
-    Partial, PredictOptions, Prediction, Remasking, combine, predict, predict_partial,
+    MAX_TOP_LOGPROBS, Partial, PredictOptions, Prediction, Remasking, TopK, combine, predict,
+    predict_partial,
 };
 
 #[cfg(test)]

@@ -58,6 +58,96 @@ pub struct PredictOptions {
     /// position masked and break the schedule (the reference does not guard
     /// against this; trained models never rank it first).
     pub mask: u32,
+    /// How many of the most likely tokens the head reports with their
+    /// log-probabilities (`Prediction::top`), at most `MAX_TOP_LOGPROBS`;
+    /// 0 (the default path) costs nothing.
+    pub top_logprobs: u8,
+}
+
+/// The most alternatives the head reduction reports per position.
+pub const MAX_TOP_LOGPROBS: usize = 5;
+
+/// Up to `MAX_TOP_LOGPROBS` tokens with a value each, best first (by value,
+/// ties to the lower id): the largest guided logits of a vocabulary slice
+/// in a `Partial`, log-probabilities in a `Prediction`. Fixed-size, so
+/// that predictions stay `Copy` and nothing is allocated per position.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TopK {
+    len: u8,
+    tokens: [u32; MAX_TOP_LOGPROBS],
+    values: [f64; MAX_TOP_LOGPROBS],
+}
+
+impl Default for TopK {
+    fn default() -> Self {
+        TopK {
+            len: 0,
+            tokens: [0; MAX_TOP_LOGPROBS],
+            values: [f64::NEG_INFINITY; MAX_TOP_LOGPROBS],
+        }
+    }
+}
+
+impl TopK {
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// (token, value) pairs, best first.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, f64)> + '_ {
+        (0..self.len()).map(|i| (self.tokens[i], self.values[i]))
+    }
+
+    /// The smallest value kept, once `k` are kept (a candidate must beat
+    /// it); -inf before.
+    pub fn bar(&self, k: usize) -> f64 {
+        if self.len() >= k && k > 0 {
+            self.values[k - 1]
+        } else {
+            f64::NEG_INFINITY
+        }
+    }
+
+    /// Keeps (token, value) if it is among the `k` best so far (k at most
+    /// `MAX_TOP_LOGPROBS`). -inf and NaN values are never kept: a token the
+    /// rules exclude is no alternative.
+    pub fn insert(&mut self, k: usize, token: u32, value: f64) {
+        let k = k.min(MAX_TOP_LOGPROBS);
+        if k == 0 || value.is_nan() || value == f64::NEG_INFINITY {
+            return;
+        }
+        let n = self.len();
+        let ahead = |i: usize| {
+            self.values[i] > value || (self.values[i] == value && self.tokens[i] < token)
+        };
+        let mut at = n;
+        while at > 0 && !ahead(at - 1) {
+            at -= 1;
+        }
+        if at >= k {
+            return;
+        }
+        let end = (n + 1).min(k);
+        for i in (at + 1..end).rev() {
+            self.tokens[i] = self.tokens[i - 1];
+            self.values[i] = self.values[i - 1];
+        }
+        self.tokens[at] = token;
+        self.values[at] = value;
+        self.len = end as u8;
+    }
+
+    /// The same tokens with `shift` added to every value.
+    fn shifted(mut self, shift: f64) -> Self {
+        for v in &mut self.values[..self.len as usize] {
+            *v += shift;
+        }
+        self
+    }
 }
 
 /// The model's proposal for one masked position.
@@ -70,6 +160,15 @@ pub struct Prediction {
     /// rule ranks by it; +inf ranks last (EOS / end of turn under
     /// `confidence_eos_eot_inf`).
     pub entropy: f64,
+    /// The proposed token's log-probability under the model's distribution
+    /// at temperature 1: `log_softmax` of the guided logits (the mask token,
+    /// and EOS under `logits_eos_inf`, at -inf, as the sampler proposes
+    /// from), whatever the temperature that chose it. OpenAI's and vLLM's
+    /// `logprobs`. -inf for a position that is not predicted.
+    pub logprob: f64,
+    /// The `PredictOptions::top_logprobs` most likely tokens of the same
+    /// distribution with their log-probabilities (empty unless asked for).
+    pub top: TopK,
 }
 
 impl Prediction {
@@ -80,6 +179,8 @@ impl Prediction {
             token: mask,
             confidence: f64::NEG_INFINITY,
             entropy: f64::INFINITY,
+            logprob: f64::NEG_INFINITY,
+            top: TopK::default(),
         }
     }
 }
@@ -121,6 +222,9 @@ pub struct Partial {
     /// `p` the softmax over the slice alone: with `lse` it gives the
     /// entropy of the whole row (`combine`). -inf for an empty slice.
     pub mean_logit: f64,
+    /// The slice's `top_logprobs` largest guided logits (empty unless asked
+    /// for): the whole row's top-k is among the slices' top-k.
+    pub top: TopK,
 }
 
 /// The partial of the vocabulary slice `offset..offset + cond.len()`.
@@ -189,12 +293,23 @@ pub fn predict_partial(
     } else {
         (f64::NEG_INFINITY, f64::NEG_INFINITY)
     };
+    let mut top = TopK::default();
+    let k = (opts.top_logprobs as usize).min(MAX_TOP_LOGPROBS);
+    if k > 0 {
+        // Only when asked for: the default path makes no second pass.
+        for (v, &l) in logits.iter().enumerate() {
+            if l as f64 > top.bar(k) {
+                top.insert(k, (offset + v) as u32, l as f64);
+            }
+        }
+    }
     Partial {
         score,
         token: (offset + local) as u32,
         logit,
         lse,
         mean_logit,
+        top,
     }
 }
 
@@ -202,7 +317,9 @@ pub fn predict_partial(
 /// one prediction: the best score wins (ties to the lower id, as `argmax`),
 /// its softmax probability is `exp(logit - logsumexp of all slices)`, and
 /// the entropy is `lse - sum_s exp(lse_s - lse) mean_logit_s` (the whole
-/// row's `lse - E[l]`).
+/// row's `lse - E[l]`), its log-probability `logit - lse`, and the row's
+/// top-k the best k of the slices' top-k (a max-and-sum-exp reduction: the
+/// same numbers one slice gives, up to the rounding of the logsumexp).
 pub fn combine(
     partials: &[Partial],
     opts: &PredictOptions,
@@ -243,10 +360,27 @@ pub fn combine(
         confidence = f64::NEG_INFINITY;
         entropy = f64::INFINITY;
     }
+    let logprob = if lse.is_finite() {
+        best.logit - lse
+    } else {
+        f64::NEG_INFINITY
+    };
+    let k = (opts.top_logprobs as usize).min(MAX_TOP_LOGPROBS);
+    let mut top = TopK::default();
+    if k > 0 && lse.is_finite() {
+        for p in partials {
+            for (token, logit) in p.top.iter() {
+                top.insert(k, token, logit);
+            }
+        }
+        top = top.shifted(-lse);
+    }
     Prediction {
         token: best.token,
         confidence,
         entropy,
+        logprob,
+        top,
     }
 }
 
@@ -277,6 +411,7 @@ mod tests {
             eos: 3,
             eot: Some(2),
             mask: 99,
+            top_logprobs: 0,
         }
     }
 
@@ -364,6 +499,7 @@ mod tests {
                 cfg_scale,
                 remasking,
                 logits_eos_inf: true,
+                top_logprobs: 5,
                 ..opts()
             };
             for pos in 0..20 {
@@ -394,9 +530,80 @@ mod tests {
                         (split.entropy - whole.entropy).abs() < 1e-9,
                         "{split:?} vs {whole:?}"
                     );
+                    // The max-and-sum-exp reduction: one slice's numbers.
+                    assert!((split.logprob - whole.logprob).abs() < 1e-12);
+                    assert_eq!(split.top.len(), 5);
+                    for ((ta, la), (tb, lb)) in split.top.iter().zip(whole.top.iter()) {
+                        assert_eq!(ta, tb, "{parts} parts: top tokens");
+                        assert!((la - lb).abs() < 1e-12, "{la} vs {lb}");
+                    }
                 }
             }
         }
+    }
+
+    /// log_softmax in f64, the naive way, over the same guided logits.
+    fn naive_log_softmax(logits: &[f32]) -> Vec<f64> {
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        logits.iter().map(|&l| l as f64 - z.ln()).collect()
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_top_k_its_largest() {
+        let logits: Vec<f32> = (0..50)
+            .map(|i| ((i * 29 % 31) as f32 - 15.0) * 0.3)
+            .collect();
+        let want = naive_log_softmax(&logits);
+        let mut by_value: Vec<usize> = (0..50).collect();
+        by_value.sort_by(|&a, &b| want[b].total_cmp(&want[a]).then(a.cmp(&b)));
+        for k in 0..=5u8 {
+            for temperature in [0.0, 0.7] {
+                let o = PredictOptions {
+                    temperature,
+                    top_logprobs: k,
+                    mask: 1000,
+                    eos: 1001,
+                    eot: None,
+                    ..opts()
+                };
+                for pos in 0..10 {
+                    let p = predict(&logits, None, &o, 1, pos, &mut Vec::new());
+                    let chosen = want[p.token as usize];
+                    assert!(
+                        (p.logprob - chosen).abs() < 1e-12,
+                        "{} vs {chosen}",
+                        p.logprob
+                    );
+                    assert!(p.logprob <= 0.0);
+                    assert!((p.logprob.exp() - p.confidence).abs() < 1e-12);
+                    assert_eq!(p.top.len(), k as usize);
+                    for (j, (t, l)) in p.top.iter().enumerate() {
+                        assert_eq!(t as usize, by_value[j]);
+                        assert!((l - want[t as usize]).abs() < 1e-12);
+                    }
+                    if temperature == 0.0 && k > 0 {
+                        // Greedy: the chosen token is the top alternative.
+                        let (t, l) = p.top.iter().next().unwrap();
+                        assert_eq!((t, l), (p.token, p.logprob));
+                    }
+                }
+            }
+        }
+        // Ties go to the lower id; excluded tokens (-inf) are no alternative.
+        let o = PredictOptions {
+            top_logprobs: 5,
+            ..opts()
+        };
+        let p = predict(&[1.0, 2.0, 2.0, 5.0], None, &o, 0, 0, &mut Vec::new());
+        let order: Vec<u32> = p.top.iter().map(|(t, _)| t).collect();
+        assert_eq!(order, [3, 1, 2, 0]);
+        let o = PredictOptions {
+            logits_eos_inf: true,
+            ..o
+        };
+        let p = predict(&[1.0, 2.0, 2.0, 5.0], None, &o, 0, 0, &mut Vec::new());
+        let order: Vec<u32> = p.top.iter().map(|(t, _)| t).collect();
+        assert_eq!(order, [1, 2, 0], "EOS (3) is at -inf");
     }
 
     #[test]

@@ -38,6 +38,8 @@ fn fake_predictions(seed: u64, plan: &StepPlan) -> Vec<Prediction> {
                 token: if token >= MASK { token + 1 } else { token },
                 confidence,
                 entropy,
+                logprob: -key.uniform(5),
+                top: TopK::default(),
             }
         })
         .collect()
@@ -396,6 +398,8 @@ fn pred(confidence: f64, entropy: f64) -> Prediction {
         token: 7,
         confidence,
         entropy,
+        logprob: -1.0,
+        top: TopK::default(),
     }
 }
 
@@ -508,6 +512,8 @@ fn early_stop_waits_for_every_position_before_the_stop_token() {
                 token: tokens[p - 1],
                 confidence: conf[p - 1],
                 entropy: 0.0,
+                logprob: -1.0,
+                top: TopK::default(),
             })
             .collect();
         canvas.commit(&plan, &preds);
@@ -636,4 +642,89 @@ proptest! {
         prop_assert_eq!(&run(CacheMode::Prefix), &none);
         prop_assert_eq!(&run(CacheMode::Dual), &none);
     }
+}
+
+/// Each answer position keeps the log-probability (and alternatives) of the
+/// step that committed it, not of the later steps that still predicted the
+/// positions around it; nothing is recorded unless asked for.
+#[test]
+fn the_canvas_records_logprobs_at_the_committing_step() {
+    let config = SamplerConfig {
+        gen_length: 8,
+        steps: 4,
+        block_length: 4,
+        early_stop: false,
+        logprobs: Some(2),
+        ..SamplerConfig::default()
+    };
+    let mut top = TopK::default();
+    let mut canvas = Canvas::new(&[3, 4], config, space()).unwrap();
+    let mut committed_at = std::collections::HashMap::new();
+    while !canvas.is_done() {
+        let plan = canvas.plan();
+        let step = plan.step as f64;
+        let preds: Vec<Prediction> = plan
+            .positions
+            .iter()
+            .map(|&p| {
+                top = TopK::default();
+                top.insert(2, 10 + p as u32, -0.1 - step);
+                top.insert(2, 20 + p as u32, -0.2 - step);
+                Prediction {
+                    token: 10 + p as u32,
+                    confidence: 1.0 / (1.0 + p as f64),
+                    entropy: 0.0,
+                    logprob: -0.1 - step,
+                    top,
+                }
+            })
+            .collect();
+        for c in canvas.commit(&plan, &preds) {
+            assert_eq!(c.logprob, -0.1 - step);
+            committed_at.insert(c.position, step);
+        }
+    }
+    let logprobs = canvas.logprobs(0..8).unwrap();
+    assert_eq!(logprobs.len(), 8);
+    for (i, lp) in logprobs.iter().enumerate() {
+        let step = committed_at[&(i + 2)];
+        assert_eq!(lp.token, 12 + i as u32);
+        assert_eq!(lp.logprob, -0.1 - step);
+        assert_eq!(
+            lp.top,
+            [(12 + i as u32, -0.1 - step), (22 + i as u32, -0.2 - step)]
+        );
+    }
+    // Different positions were committed at different steps.
+    assert!(committed_at.values().any(|&s| s > 0.0));
+    assert_eq!(canvas.logprobs(0..3).unwrap().len(), 3);
+    assert_eq!(canvas.logprobs(5..20).unwrap(), logprobs[5..]);
+    // Not asked for: nothing kept, nothing asked of the head.
+    let plain = Canvas::new(
+        &[3, 4],
+        SamplerConfig {
+            logprobs: None,
+            ..config
+        },
+        space(),
+    )
+    .unwrap();
+    assert!(plain.logprobs(0..8).is_none());
+    assert_eq!(plain.predict_options().top_logprobs, 0);
+    assert_eq!(
+        Canvas::new(&[3, 4], config, space())
+            .unwrap()
+            .predict_options()
+            .top_logprobs,
+        2
+    );
+    let err = Canvas::new(
+        &[3],
+        SamplerConfig {
+            logprobs: Some(6),
+            ..config
+        },
+        space(),
+    );
+    assert_eq!(err.err(), Some(InvalidRequest::TooManyTopLogprobs(6)));
 }

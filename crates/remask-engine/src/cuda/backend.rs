@@ -537,7 +537,7 @@ impl Backend for CudaBackend {
     }
 
     /// The fused head reduction on the GPU: only five numbers per position
-    /// come back.
+    /// come back, and the top-k (at most 5 pairs) when a request asks.
     fn head_partials(
         &self,
         logits: CudaTensor,
@@ -565,13 +565,29 @@ impl Backend for CudaBackend {
         let mut logit: CudaSlice<f64> = s.alloc_zeros(p).expect("CUDA: out of memory");
         let mut lse: CudaSlice<f64> = s.alloc_zeros(p).expect("CUDA: out of memory");
         let mut mean: CudaSlice<f64> = s.alloc_zeros(p).expect("CUDA: out of memory");
+        // The top-k slots only when some position asks for them (k = 0 is
+        // the default path: one slot, never written, never copied back).
+        let k_max = queries
+            .iter()
+            .map(|q| (q.options.top_logprobs as usize).min(launch::HEAD_TOP_MAX))
+            .max()
+            .unwrap_or(0);
+        let slots = if k_max > 0 {
+            p * launch::HEAD_TOP_MAX
+        } else {
+            1
+        };
+        let mut top_logit: CudaSlice<f64> = s.alloc_zeros(slots).expect("CUDA: out of memory");
+        let mut top_token: CudaSlice<i32> = s.alloc_zeros(slots).expect("CUDA: out of memory");
         let (width, offset) = (vocab.len() as i32, vocab.start as i32);
         let mut l = s.launch_builder(self.f("head_partials"));
         l.arg(&mut score)
             .arg(&mut token)
             .arg(&mut logit)
             .arg(&mut lse)
-            .arg(&mut mean);
+            .arg(&mut mean)
+            .arg(&mut top_logit)
+            .arg(&mut top_token);
         l.arg(&logits.data).arg(&width).arg(&offset);
         l.arg(&cond)
             .arg(&uncond)
@@ -592,10 +608,19 @@ impl Backend for CudaBackend {
             s.clone_dtoh(&lse).expect(down),
             s.clone_dtoh(&mean).expect(down),
         );
+        let (top_logit, top_token) = if k_max > 0 {
+            (
+                s.clone_dtoh(&top_logit).expect(down),
+                s.clone_dtoh(&top_token).expect(down),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let mut i = 0;
         queries
             .iter()
             .map(|q| {
+                let k = (q.options.top_logprobs as usize).min(launch::HEAD_TOP_MAX);
                 q.positions
                     .iter()
                     .map(|_| {
@@ -605,6 +630,7 @@ impl Backend for CudaBackend {
                             logit: logit[i],
                             lse: lse[i],
                             mean_logit: mean[i],
+                            top: launch::head_top(&top_logit, &top_token, i, k),
                         };
                         i += 1;
                         part

@@ -353,15 +353,36 @@ __device__ __forceinline__ double uniform(u64 key, u64 index) {
     return ((double)(absorb(key, index) >> 12) + 0.5) * (1.0 / 4503599627370496.0);
 }
 
+// Top-k of the head reduction (`remask_sampler::TopK`): at most 5 entries,
+// best first by value, ties to the lower index.
+#define HEAD_TOP_MAX 5
+__device__ __forceinline__ bool top_ahead(float va, int ia, float vb, int ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+// Inserts (v, i) into the sorted list (tv, ti) of n <= k entries.
+__device__ __forceinline__ void top_insert(float* tv, int* ti, int& n, int k, float v, int i) {
+    if (n == k && !top_ahead(v, i, tv[k - 1], ti[k - 1])) return;
+    int at = n < k ? n : k - 1;
+    while (at > 0 && top_ahead(v, i, tv[at - 1], ti[at - 1])) {
+        tv[at] = tv[at - 1]; ti[at] = ti[at - 1];
+        --at;
+    }
+    tv[at] = v; ti[at] = i;
+    if (n < k) ++n;
+}
+
 // The fused output-head reduction. One block per queried position: guidance
 // (un + (s+1)(cond - un)), the mask (and with flag 1 the EOS) logit at -inf,
 // Gumbel-max with the position's key when temperature > 0, and the slice's
-// best (score, token, guided logit) and logsumexp. Only these four numbers
-// per position leave the GPU; `remask_sampler::combine` merges slices.
+// best (score, token, guided logit), logsumexp and softmax-weighted mean
+// logit; with k = flags >> 1 (0 to 5) also the slice's k largest guided
+// logits and their ids (-inf / -1 past the slice's finite ones). Only these
+// numbers per position leave the GPU; `remask_sampler::combine` merges
+// slices. k = 0 skips every top-k instruction but one branch.
 extern "C" __global__ void head_partials(
     double* out_score, unsigned int* out_token, double* out_logit, double* out_lse,
-    double* out_mean, const float* logits, int width, int vocab_offset,
-    const unsigned int* cond_rows, const int* uncond_rows, const u64* keys,
+    double* out_mean, double* out_top_logit, int* out_top_token, const float* logits, int width,
+    int vocab_offset, const unsigned int* cond_rows, const int* uncond_rows, const u64* keys,
     const double* temperature, const double* cfg_scale, const unsigned int* mask_ids,
     const unsigned int* eos_ids, const unsigned int* flags) {
     __shared__ double s_score[256];
@@ -372,13 +393,19 @@ extern "C" __global__ void head_partials(
     // sum of exp(g - max) * (g - max): with s_sum, the softmax-weighted mean
     // logit (the entropy's second term) in the same single pass.
     __shared__ double s_wsum[256];
+    __shared__ float s_tv[256 * HEAD_TOP_MAX];
+    __shared__ int s_ti[256 * HEAD_TOP_MAX];
+    __shared__ int s_tn[256];
     int p = blockIdx.x, t = threadIdx.x;
     const float* cond = logits + (long long)cond_rows[p] * width;
     const float* un = uncond_rows[p] >= 0 ? logits + (long long)uncond_rows[p] * width : 0;
     float s1 = (float)(cfg_scale[p] + 1.0);
     double temp = temperature[p];
+    int k = (int)(flags[p] >> 1);
+    if (k > HEAD_TOP_MAX) k = HEAD_TOP_MAX;
     double best = -INFINITY; int best_i = 0x7fffffff; float best_l = -INFINITY;
     float m = -INFINITY; double sum = 0.0, wsum = 0.0;
+    float tv[HEAD_TOP_MAX]; int ti[HEAD_TOP_MAX]; int tn = 0;
     for (int v = t; v < width; v += blockDim.x) {
         float g = (un && cfg_scale[p] > 0.0) ? un[v] + s1 * (cond[v] - un[v]) : cond[v];
         unsigned int id = vocab_offset + v;
@@ -386,6 +413,7 @@ extern "C" __global__ void head_partials(
         double score = (double)g;
         if (temp != 0.0) score = (double)g - temp * log(-log(uniform(keys[p], id)));
         if (score > best || (score == best && (int)v < best_i)) { best = score; best_i = v; best_l = g; }
+        if (k > 0 && g != -INFINITY) top_insert(tv, ti, tn, k, g, v);
         if (g > m) {
             // Re-centre on the new maximum: each old term's (g - m) shifts by d.
             if (m == -INFINITY) { sum = 0.0; wsum = 0.0; }
@@ -401,6 +429,10 @@ extern "C" __global__ void head_partials(
     }
     s_score[t] = best; s_idx[t] = best_i; s_logit[t] = best_l; s_max[t] = m; s_sum[t] = sum;
     s_wsum[t] = wsum;
+    if (k > 0) {
+        s_tn[t] = tn;
+        for (int j = 0; j < tn; ++j) { s_tv[t * HEAD_TOP_MAX + j] = tv[j]; s_ti[t * HEAD_TOP_MAX + j] = ti[j]; }
+    }
     __syncthreads();
     for (int o = blockDim.x / 2; o > 0; o >>= 1) {
         if (t < o) {
@@ -420,6 +452,22 @@ extern "C" __global__ void head_partials(
                 sum2 += e * s_sum[t + o]; w2 += e * (s_wsum[t + o] + d * s_sum[t + o]);
             }
             s_max[t] = mm; s_sum[t] = sum2; s_wsum[t] = w2;
+            if (k > 0) {
+                // Merge two sorted lists, keeping the k best.
+                const float* av = s_tv + t * HEAD_TOP_MAX; const int* ai = s_ti + t * HEAD_TOP_MAX;
+                const float* bv = s_tv + (t + o) * HEAD_TOP_MAX; const int* bi = s_ti + (t + o) * HEAD_TOP_MAX;
+                int na = s_tn[t], nb = s_tn[t + o], x = 0, y = 0, n = 0;
+                while (n < k && (x < na || y < nb)) {
+                    if (y >= nb || (x < na && top_ahead(av[x], ai[x], bv[y], bi[y]))) {
+                        tv[n] = av[x]; ti[n] = ai[x]; ++x;
+                    } else {
+                        tv[n] = bv[y]; ti[n] = bi[y]; ++y;
+                    }
+                    ++n;
+                }
+                for (int j = 0; j < n; ++j) { s_tv[t * HEAD_TOP_MAX + j] = tv[j]; s_ti[t * HEAD_TOP_MAX + j] = ti[j]; }
+                s_tn[t] = n;
+            }
         }
         __syncthreads();
     }
@@ -430,6 +478,11 @@ extern "C" __global__ void head_partials(
         bool empty = s_max[0] == -INFINITY;
         out_lse[p] = empty ? -INFINITY : (double)s_max[0] + log(s_sum[0]);
         out_mean[p] = empty ? -INFINITY : (double)s_max[0] + s_wsum[0] / s_sum[0];
+        for (int j = 0; j < k; ++j) {
+            bool have = j < s_tn[0];
+            out_top_logit[p * HEAD_TOP_MAX + j] = have ? (double)s_tv[j] : -INFINITY;
+            out_top_token[p * HEAD_TOP_MAX + j] = have ? vocab_offset + s_ti[j] : -1;
+        }
     }
 }
 

@@ -51,10 +51,10 @@ void launch_gather_rows(GEOM, float* out, const float* x, const unsigned* rows, 
 }
 
 void launch_head_partials(GEOM, double* score, unsigned* token, double* logit, double* lse, double* mean,
-                          const float* logits, int width, int offset, const unsigned* cond, const int* uncond,
+                          double* top_logit, int* top_token, const float* logits, int width, int offset, const unsigned* cond, const int* uncond,
                           const u64* keys, const double* temp, const double* cfg, const unsigned* mask,
                           const unsigned* eos, const unsigned* flags) {
-    RUN(head_partials, score, token, logit, lse, mean, logits, width, offset, cond, uncond, keys, temp, cfg, mask,
+    RUN(head_partials, score, token, logit, lse, mean, top_logit, top_token, logits, width, offset, cond, uncond, keys, temp, cfg, mask,
         eos, flags);
 }
 void launch_init_normal_bf16(GEOM, bf16_t* out, int rows, int cols, long long full_cols, long long row0,
