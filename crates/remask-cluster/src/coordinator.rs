@@ -423,7 +423,7 @@ impl Generation for Coordinator {
         let result = async {
             while let Some(event) = events.recv().await {
                 if let Event::Done(done) = event? {
-                    return Ok(with_request_id(Response::new(response_to_pb(done)), &id));
+                    return Ok(with_request_id(Response::new(response_to_pb(*done)), &id));
                 }
             }
             Err(Status::internal("the request ended without a result"))
@@ -457,7 +457,7 @@ impl Generation for Coordinator {
                     .map(|e| pb::GenerateStreamResponse {
                         event: Some(match e {
                             Event::Step(s) => E::Step(step_to_pb(s)),
-                            Event::Done(d) => E::Done(response_to_pb(d)),
+                            Event::Done(d) => E::Done(response_to_pb(*d)),
                         }),
                     })
             });

@@ -1233,7 +1233,7 @@ async fn run(
                 match events.recv().await {
                     Some(event) => {
                         if let Event::Done(done) = event? {
-                            break done;
+                            break *done;
                         }
                     }
                     None => {
@@ -1343,6 +1343,7 @@ async fn run(
                     }
                 }
                 Ok(Event::Done(done)) => {
+                    let done = *done;
                     let rest = done.text.strip_prefix(sent[index].as_str()).unwrap_or("");
                     let mut extra = json!({"remask": remask_fields(&done)});
                     if !several {

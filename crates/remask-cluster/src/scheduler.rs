@@ -90,7 +90,7 @@ pub struct Finished {
 #[derive(Clone, Debug)]
 pub enum Event {
     Step(StepEvent),
-    Done(Finished),
+    Done(Box<Finished>),
 }
 
 /// Why a request did not finish.
@@ -700,7 +700,7 @@ fn finish(job: &Job, codec: &TextCodec) -> Result<Event, InferError> {
         ),
     };
     let admitted = job.admitted_at.unwrap_or(job.queued_at);
-    Ok(Event::Done(Finished {
+    Ok(Event::Done(Box::new(Finished {
         token_ids: c.tokens().to_vec(),
         generated_ids: c.generated().to_vec(),
         answer_tokens,
@@ -718,5 +718,5 @@ fn finish(job: &Job, codec: &TextCodec) -> Result<Event, InferError> {
         seed: c.config().seed,
         config: *c.config(),
         logprobs: c.logprobs(0..answer_tokens),
-    }))
+    })))
 }
