@@ -17,7 +17,7 @@ type StepFn = dyn Fn(&Canvas, &StepPlan) -> Result<Vec<Prediction>, remask_engin
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory in the Hugging Face layout (default: the embedded default model).
+    /// Checkpoint directory in the Hugging Face layout, or a Hub model ORG/NAME[@REVISION] (from the HF cache, downloaded when missing unless HF_HUB_OFFLINE=1; default: the embedded default model).
     #[arg(long, env = "REMASK_MODEL", conflicts_with = "endpoint")]
     pub model: Option<PathBuf>,
     /// Send the request to a coordinator (host:port or URL) instead of running in process.

@@ -542,6 +542,7 @@ mod tests {
     fn the_text_format_is_negotiated() {
         let m = Metrics::new("m");
         m.prompt_tokens.get_or_create(m.model()).inc_by(3);
+        m.running.get_or_create(m.model()).set(2);
         let om = m.render();
         assert!(om.ends_with("# EOF\n"), "{om}");
         assert!(om.contains("# TYPE remask:prompt_tokens counter\n"), "{om}");
