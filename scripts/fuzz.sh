@@ -35,6 +35,7 @@ trap 'rm -rf "$scratch"' EXIT
 model=crates/remask-model/fuzz-corpus
 cluster=crates/remask-cluster/fuzz-corpus
 for pair in safetensors_header:$model/safetensors config_json:$model/config \
+  generation_config:$model/generation_config \
   chat_template:$model/chat_template safetensors_index:$model/index \
   generate_request:$cluster/generate worker_forward:$cluster/forward \
   worker_load_shard:$cluster/load_shard worker_release_caches:$cluster/release_caches \

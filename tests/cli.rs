@@ -583,6 +583,108 @@ fn generate_rejects_tensor_of_the_wrong_shape() {
 }
 
 // ---------------------------------------------------------------------------
+// --model ORG/NAME: the Hugging Face hub cache (offline: never the network)
+// ---------------------------------------------------------------------------
+
+const HUB_HASH: &str = "4f1c0de5a1b2c3d4e5f60718293a4b5c6d7e8f90";
+
+/// A Hugging Face hub cache as `huggingface_hub` writes it, holding the tiny
+/// checkpoint as `org/tiny-llada`: `models--org--tiny-llada/blobs/*`,
+/// `snapshots/HASH/*` symlinks to the blobs, `refs/main` = HASH.
+fn fake_hub_cache() -> TempDir {
+    let cache = TempDir::with_prefix("remask-hf-cache-").expect("a temp dir");
+    let repo = cache.path().join("models--org--tiny-llada");
+    let (blobs, snap) = (repo.join("blobs"), repo.join("snapshots").join(HUB_HASH));
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    for (i, entry) in std::fs::read_dir(tiny())
+        .expect("the tiny checkpoint")
+        .enumerate()
+    {
+        let entry = entry.expect("a directory entry");
+        let blob = format!("blob{i:040}");
+        std::fs::copy(entry.path(), blobs.join(&blob)).expect("copying a checkpoint file");
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snap.join(entry.file_name()))
+            .expect("a snapshot symlink");
+    }
+    std::fs::write(repo.join("refs").join("main"), HUB_HASH).unwrap();
+    cache
+}
+
+#[test]
+fn model_org_slash_name_is_found_in_the_hub_cache() {
+    let cache = fake_hub_cache();
+    let request = "--prompt Hello --gen-length 8 --block-length 8 --steps 8";
+    let from_dir = json_output(&generate_tiny(request));
+    let mut args = vec!["generate", "--json", "--model", "org/tiny-llada"];
+    args.extend(request.split_whitespace());
+    let cache_env = [
+        ("HF_HUB_CACHE", path_str(cache.path())),
+        ("HF_HUB_OFFLINE", "1"),
+        ("HF_HOME", "/nonexistent/hf-home"),
+    ];
+    let from_hub = json_output(&remask_env(&args, &cache_env));
+    assert_eq!(
+        ids(&from_hub, "generated_ids"),
+        ids(&from_dir, "generated_ids")
+    );
+    assert_eq!(ids(&from_hub, "token_ids"), ids(&from_dir, "token_ids"));
+    assert_eq!(from_hub["text"], from_dir["text"]);
+    // a commit hash as the revision, and HF_HOME/hub instead of HF_HUB_CACHE
+    let home = TempDir::with_prefix("remask-hf-home-").expect("a temp dir");
+    std::os::unix::fs::symlink(cache.path(), home.path().join("hub")).unwrap();
+    let pinned = format!("org/tiny-llada@{HUB_HASH}");
+    args[3] = &pinned;
+    let by_hash = json_output(&remask_env(
+        &args,
+        &[("HF_HOME", path_str(home.path())), ("HF_HUB_OFFLINE", "1")],
+    ));
+    assert_eq!(
+        ids(&by_hash, "generated_ids"),
+        ids(&from_dir, "generated_ids")
+    );
+}
+
+#[test]
+fn uncached_hub_model_offline_is_a_user_error_naming_it() {
+    let cache = fake_hub_cache();
+    let env = [
+        ("HF_HUB_CACHE", path_str(cache.path())),
+        ("HF_HUB_OFFLINE", "1"),
+    ];
+    let out = remask_env(
+        &argv(
+            "generate --json --model org/not-cached",
+            &SMALL_REQUEST.split_whitespace().collect::<Vec<_>>(),
+        ),
+        &env,
+    );
+    assert_user_error(
+        &out,
+        &["org/not-cached", "HF_HUB_OFFLINE", path_str(cache.path())],
+    );
+    // a branch with no ref in the cache
+    let out = remask_env(
+        &argv(
+            "generate --json --model org/tiny-llada@dev",
+            &SMALL_REQUEST.split_whitespace().collect::<Vec<_>>(),
+        ),
+        &env,
+    );
+    assert_user_error(&out, &["org/tiny-llada", "dev"]);
+    // serve fails the same way, before listening
+    let out = remask_env(
+        &argv(
+            "serve --host 127.0.0.1 --port 0 --grpc-port 0 --model org/not-cached",
+            &[],
+        ),
+        &env,
+    );
+    assert_user_error(&out, &["org/not-cached"]);
+}
+
+// ---------------------------------------------------------------------------
 // model init: bad inputs
 // ---------------------------------------------------------------------------
 

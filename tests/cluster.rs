@@ -498,7 +498,7 @@ fn remote_json(logs: &Logs, endpoint: &str, request: &[String]) -> Value {
 }
 
 /// The fields of a result that must not depend on where it was computed.
-const SAME_FIELDS: [&str; 10] = [
+const SAME_FIELDS: [&str; 12] = [
     "token_ids",
     "prompt_ids",
     "generated_ids",
@@ -508,6 +508,8 @@ const SAME_FIELDS: [&str; 10] = [
     "finish_reason",
     "gen_length",
     "block_length",
+    "rule",
+    "cache",
     "random_weights",
 ];
 

@@ -18,6 +18,44 @@ PROTO_ROOT = REPO / "proto"
 PROTO_FILE = PROTO_ROOT / "remask" / "v1" / "generation.proto"
 
 
+def tools_required() -> bool:
+    """REMASK_REQUIRE_TOOLS=1 (set by scripts/test.sh, hence CI): a test whose outside tool
+    (grpcurl, buf, promtool, a Python package) is missing fails instead of skipping."""
+    return os.environ.get("REMASK_REQUIRE_TOOLS", "") not in ("", "0")
+
+
+def missing_tool(what: str, how: str):
+    """Skips (locally) or fails (REMASK_REQUIRE_TOOLS=1) a test that needs `what`."""
+    import pytest
+
+    msg = f"{what} is not installed ({how})"
+    if tools_required():
+        pytest.fail(f"{msg}; REMASK_REQUIRE_TOOLS=1 makes this a failure", pytrace=False)
+    pytest.skip(msg)
+
+
+def require_module(name: str, how: str):
+    """import `name`, or missing_tool(...)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing_tool(f"the Python package {name}", how)
+
+
+def require_executable(name: str, how: str, extra_dirs=()) -> str:
+    """The path of executable `name` (on PATH or in one of `extra_dirs`), or missing_tool(...)."""
+    import shutil
+
+    for d in extra_dirs:
+        p = Path(d) / name
+        if p.is_file() and os.access(p, os.X_OK):
+            return str(p)
+    found = shutil.which(name)
+    if found is None:
+        missing_tool(f"`{name}`", how)
+    return found
+
+
 def remask_bin() -> Path:
     """REMASK_BIN, or <repo>/target/release/remask."""
     return Path(os.environ.get("REMASK_BIN") or REPO / "target" / "release" / "remask")
@@ -85,7 +123,7 @@ class Cli:
                 steps=None, block_length=None, remasking=None, temperature=None, cfg_scale=None,
                 seed=None, logits_eos_inf=False, confidence_eos_eot_inf=False, endpoint=None,
                 api_key=None, threshold=None, factor=None, entropy=None,
-                full_canvas=False, cache=None) -> list:
+                full_canvas=False, cache=None, stop=()) -> list:
         cmd = [str(self.bin), "generate", "--json"]
         cmd += ["--model", str(self.model)] if endpoint is None else ["--endpoint", endpoint]
         if api_key is not None:
@@ -114,6 +152,8 @@ class Cli:
             cmd.append("--no-early-stop")
         if cache is not None:
             cmd += ["--cache", cache]
+        for s in stop:
+            cmd += ["--stop", s]
         return cmd
 
     def run(self, **kw) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ started once per session and only when a test asks for it):
 
   server         `remask serve --api-key test-key-1 --api-key test-key-2` (tiny model)
   open_server    `remask serve` without keys (tiny model)
+  default_server `remask serve` without --model and without keys: the embedded default model
   info_server    the same, logging at info (REMASK_LOG=info: the log names ignored fields)
   queue_server   `remask serve --max-queue 1 --max-batch 1` (small model, for 429)
   front_server   `remask serve --max-batch 1` (small model) with --allowed-origins,
@@ -231,6 +232,13 @@ def server(request, tmp_path_factory, bin_path, cache_dir, model_dir):
 def open_server(request, tmp_path_factory, bin_path, cache_dir, model_dir):
     yield from _server_fixture(["serve", "--model", str(model_dir)], request, tmp_path_factory,
                                bin_path, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def default_server(request, tmp_path_factory, bin_path, cache_dir):
+    """`remask serve` with no flags but the ports: the embedded default model (unpacked into
+    the session's REMASK_CACHE_DIR), no API key."""
+    yield from _server_fixture(["serve"], request, tmp_path_factory, bin_path, cache_dir)
 
 
 @pytest.fixture(scope="session")

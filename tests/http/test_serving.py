@@ -68,6 +68,20 @@ def test_stop_ends_the_answer_before_the_stop_string(server, model_id):
     assert again["choices"][0]["text"] == choice["text"]
 
 
+def test_stop_gives_the_cli_answer(server, model_id, cli):
+    """`remask generate --stop` in process and through gRPC (`--endpoint`) answers as HTTP does."""
+    plain = complete(server, model_id)
+    stop = stop_string(plain["choices"][0]["text"])
+    got = complete(server, model_id, stop=[stop], seed=0)
+    want = {"steps": 32, "block_length": 16, "gen_length": 32}
+    for kw in ({}, {"endpoint": server.grpc_address, "api_key": KEY}):
+        out = cli.generate(prompt=TEXT, stop=[stop], **want, **kw)
+        assert out["text"] == got["choices"][0]["text"], kw
+        assert (out["finish_reason"], out["matched_stop"]) == ("stop", stop), kw
+        assert out["completion_tokens"] == got["usage"]["completion_tokens"], kw
+        assert out["forwards"] == got["remask"]["forwards"], kw
+
+
 def test_stop_finishes_the_request_once_the_text_is_final(server, model_id):
     """The fixed schedule with one block commits left to right on most canvases: a stop string
     early in the answer ends the request long before the canvas is complete."""

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Checkpoint directory (default: the embedded default model).
+    /// Checkpoint directory, or a Hugging Face Hub model ORG/NAME[@REVISION] (default: the embedded default model).
     #[arg(long, env = "REMASK_MODEL")]
     pub model: Option<PathBuf>,
     /// Sequences per forward pass.

@@ -3,7 +3,6 @@
 use crate::addr::{self, HostPort};
 use crate::{CliError, CliResult, Globals, default_model};
 use remask_cluster::auth::ApiKeys;
-use remask_cluster::coordinator::model_name;
 use remask_cluster::membership::{Registration, WorkerInfo, watch_members};
 use remask_cluster::metrics::Metrics;
 use remask_cluster::tls::TlsFiles;
@@ -391,7 +390,7 @@ fn check_public_tls(files: &TlsFiles) -> CliResult {
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// Checkpoint directory (default: the embedded default model).
+    /// Checkpoint directory, or a Hugging Face Hub model ORG/NAME[@REVISION] (default: the embedded default model).
     #[arg(long, env = "REMASK_MODEL")]
     pub model: Option<PathBuf>,
     #[command(flatten)]
@@ -418,7 +417,7 @@ pub struct ServeArgs {
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("discovery").required(true).args(["etcd", "workers"])))]
 pub struct CoordinatorArgs {
-    /// Checkpoint directory; the coordinator reads its config and tokenizer,
+    /// Checkpoint directory (or a Hub model ORG/NAME[@REVISION]); the coordinator reads its config and tokenizer,
     /// and workers load their shards from the same path unless they have their own --model.
     #[arg(long, env = "REMASK_MODEL")]
     pub model: PathBuf,
@@ -465,7 +464,7 @@ pub struct WorkerArgs {
     pub id: Option<String>,
     #[command(flatten)]
     pub device: crate::device::DeviceArgs,
-    /// Checkpoint directory on this machine (default: the coordinator's path).
+    /// Checkpoint directory on this machine, or a Hub model ORG/NAME[@REVISION] (default: the coordinator's path).
     #[arg(long, env = "REMASK_MODEL")]
     pub model: Option<PathBuf>,
     /// Key prefix of this cluster in etcd.
@@ -585,7 +584,7 @@ pub fn serve(args: ServeArgs, globals: &Globals) -> CliResult {
     let addrs = args.addr.resolve(&rt)?;
     let default_name = match &args.model {
         None => default_model::NAME.to_string(),
-        Some(dir) => model_name(&dir.display().to_string()),
+        Some(dir) => crate::hub::served_name(dir),
     };
     let dir = default_model::resolve(args.model, globals)?;
     let meta = model_meta(&dir, default_name, &args.front, &args.batch)?;
@@ -699,8 +698,9 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
     let limits = args.conn.limits()?;
     let rt = runtime()?;
     let addrs = args.addr.resolve(&rt)?;
-    let name = model_name(&args.model.display().to_string());
-    let meta = model_meta(&args.model, name, &args.front, &args.batch)?;
+    let name = crate::hub::served_name(&args.model);
+    let model_dir = crate::hub::resolve_path(args.model.clone())?;
+    let meta = model_meta(&model_dir, name, &args.front, &args.batch)?;
     let n_layers = meta.config.n_layers;
     if args.stages == 0 || args.stages > n_layers {
         return Err(CliError::Usage(format!(
@@ -728,7 +728,7 @@ pub fn coordinator(args: CoordinatorArgs) -> CliResult {
         };
         let (pipeline_tx, pipeline_rx) = watch::channel(None);
         let (failures_tx, failures_rx) = mpsc::unbounded_channel();
-        let model = args.model.display().to_string();
+        let model = model_dir.display().to_string();
         let metrics = Arc::new(Metrics::new(&meta.name));
         let manager = Manager::new(
             model,
@@ -779,6 +779,12 @@ pub fn worker(args: WorkerArgs) -> CliResult {
         ));
     }
     let limits = args.conn.limits()?;
+    // --model ORG/NAME: the Hub model's snapshot, found or fetched before serving.
+    let model = args
+        .model
+        .clone()
+        .map(crate::hub::resolve_path)
+        .transpose()?;
     let tls = args.tls.files().worker_server().map_err(tls_usage)?;
     let rt = runtime()?;
     let listen = rt.block_on(args.listen.resolve(&format!("--listen {}", args.listen)))?;
@@ -826,7 +832,7 @@ pub fn worker(args: WorkerArgs) -> CliResult {
         });
         let service = WorkerService::new(
             id.clone(),
-            args.model.clone(),
+            model.clone(),
             args.tensor_parallel,
             devices,
             args.kv.budget(),

@@ -33,10 +33,12 @@ const FILES: [(&str, &[u8]); 4] = [
     ),
 ];
 
-/// The model directory to use: `--model`, or the embedded default.
+/// The model directory to use: `--model` (a directory, or a Hugging Face Hub
+/// id `org/name[@revision]` found in or downloaded into the Hub's cache:
+/// `crate::hub`), or the embedded default.
 pub fn resolve(model: Option<PathBuf>, globals: &Globals) -> CliResult<PathBuf> {
     match model {
-        Some(dir) => Ok(dir),
+        Some(dir) => crate::hub::resolve_path(dir),
         None => ensure_default(globals),
     }
 }

@@ -80,7 +80,7 @@ pub enum Section {
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// Checkpoint directory (default: the embedded default model).
+    /// Checkpoint directory, or a Hugging Face Hub model ORG/NAME[@REVISION] (default: the embedded default model).
     #[arg(long, env = "REMASK_MODEL")]
     pub model: Option<PathBuf>,
     /// Directory of the held-out data: pretrain_valid.txt and sft_valid.jsonl,

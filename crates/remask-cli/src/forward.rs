@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct ForwardArgs {
-    /// Checkpoint directory (default: the embedded default model).
+    /// Checkpoint directory, or a Hugging Face Hub model ORG/NAME[@REVISION] (default: the embedded default model).
     #[arg(long, env = "REMASK_MODEL")]
     pub model: Option<PathBuf>,
     /// One sequence of token ids, comma-separated; repeat for a batch (equal lengths).

@@ -3,6 +3,7 @@
 use crate::default_model::{self, is_random};
 use crate::display::{LiveCanvas, render};
 use crate::{CliError, CliResult, Globals};
+use remask_cluster::stop::StopStrings;
 use remask_engine::Engine;
 use remask_model::{Checkpoint, Message, TextCodec};
 use remask_sampler::{
@@ -29,7 +30,7 @@ type StepFn = dyn Fn(&Canvas, &StepPlan) -> Result<Vec<Prediction>, remask_engin
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory in the Hugging Face layout (default: the embedded default model).
+    /// Checkpoint directory in the Hugging Face layout, or a Hub model ORG/NAME[@REVISION] (from the HF cache, downloaded when missing unless HF_HUB_OFFLINE=1; default: the embedded default model).
     #[arg(long, env = "REMASK_MODEL", conflicts_with = "endpoint")]
     pub model: Option<PathBuf>,
     /// Send the request to a coordinator (host:port or URL) instead of running in process.
@@ -136,6 +137,11 @@ pub struct GenerateArgs {
         conflicts_with = "endpoint"
     )]
     pub tensor_parallel: usize,
+    /// End the answer before the first of these strings in its text (up to
+    /// 4; repeat the flag): the generation finishes as soon as that text is
+    /// final, as a server's `stop`.
+    #[arg(long, env = "REMASK_STOP")]
+    pub stop: Vec<String>,
     /// Print one JSON object instead of text.
     #[arg(long, env = "REMASK_JSON")]
     pub json: bool,
@@ -183,6 +189,16 @@ pub struct RuleArgs {
     /// (with --endpoint: the server's default).
     #[arg(long, env = "REMASK_CACHE")]
     pub cache: Option<CacheMode>,
+}
+
+/// `--stop`, checked as a server checks `stop`.
+pub fn stop_strings(args: &GenerateArgs) -> CliResult<StopStrings> {
+    if !args.stop.is_empty() && args.rule.no_early_stop {
+        return Err(CliError::Usage(
+            "--stop ends the answer early: it cannot be combined with --no-early-stop".into(),
+        ));
+    }
+    StopStrings::new(args.stop.clone()).map_err(|e| CliError::Usage(format!("--stop: {e}")))
 }
 
 impl RuleArgs {
@@ -250,6 +266,7 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
     let space = remask_engine::token_space(&ckpt.config, &special);
     // Check the request before the (possibly slow) weight load.
     let mut canvas = Canvas::infill(&prompt, &suffix, config, space)?;
+    let stop = stop_strings(&args)?;
     if random && !args.json {
         eprintln!(
             "remask: note: {} has random weights: the text is noise",
@@ -277,11 +294,15 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
 
     let mut live = if args.json { None } else { LiveCanvas::new() };
     let decode = |ids: &[u32]| codec.decode(ids, true).unwrap_or_default();
+    let (mut matched, mut checked) = (None, 0);
     let t_gen = Instant::now();
     denoise(
         &mut canvas,
         |c, p| engine(c, p),
         |c, _| {
+            if matched.is_none() {
+                matched = stop.check(&codec, c, &mut checked);
+            }
             if let Some(live) = live.as_mut() {
                 live.draw(&render(c.generated(), special.mask, decode));
             }
@@ -293,8 +314,16 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         live.finish();
     }
 
-    // The text stops at the first EOS / end of turn; the ids are all there.
-    let text = codec.decode(canvas.answer(), true)?;
+    // The text stops at the first EOS / end of turn (or before the stop
+    // string); the ids are all there.
+    let (text, completion_tokens, finish_reason) = match &matched {
+        Some(m) => (m.text.clone(), m.tokens, "stop"),
+        None => (
+            codec.decode(canvas.answer(), true)?,
+            canvas.answer().len(),
+            canvas.finish_reason().as_str(),
+        ),
+    };
     if args.json {
         let out = serde_json::json!({
             "token_ids": canvas.tokens(),
@@ -305,8 +334,9 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
             "steps": canvas.step(),
             "forwards": canvas.forwards(),
             "committed": canvas.committed(),
-            "completion_tokens": canvas.answer().len(),
-            "finish_reason": canvas.finish_reason().as_str(),
+            "completion_tokens": completion_tokens,
+            "finish_reason": finish_reason,
+            "matched_stop": matched.as_ref().map(|m| m.matched.as_str()),
             "rule": config.rule.to_string(),
             "cache": config.cache.as_str(),
             "gen_length": config.gen_length,

@@ -14,6 +14,7 @@ mod display;
 mod eval;
 mod forward;
 mod generate;
+mod hub;
 mod model_cmd;
 mod npy;
 mod remote;

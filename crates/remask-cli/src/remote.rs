@@ -72,7 +72,7 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
             Some(CacheMode::Prefix) => pb::CacheMode::Prefix,
             Some(CacheMode::Dual) => pb::CacheMode::Dual,
         } as i32,
-        stop: Vec::new(),
+        stop: crate::generate::stop_strings(args).map(|_| args.stop.clone())?,
         logprobs: args.top_logprobs.is_some(),
         top_logprobs: args.top_logprobs.map(u32::from),
     };
@@ -115,6 +115,7 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
             .into_inner();
         let wall_ms = start.elapsed().as_secs_f64() * 1e3;
         let prompt_ids = &done.token_ids[..done.prompt_length as usize];
+        let settings = done.settings.clone().unwrap_or_default();
         if args.json {
             let out = serde_json::json!({
                 "token_ids": done.token_ids,
@@ -128,7 +129,16 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
                     pb::FinishReason::Length => "length",
                     pb::FinishReason::Unspecified => "unspecified",
                 },
-                "gen_length": done.generated_ids.len(),
+                "matched_stop": done.matched_stop,
+                "completion_tokens": done.completion_tokens,
+                "gen_length": settings.gen_length,
+                "block_length": settings.block_length,
+                "rule": settings.rule,
+                "cache": match settings.cache() {
+                    pb::CacheMode::Prefix => "prefix",
+                    pb::CacheMode::Dual => "dual",
+                    _ => "none",
+                },
                 "elapsed_ms": done.elapsed_ms,
                 "queue_ms": done.queue_ms,
                 "forward_ms": done.forward_ms,

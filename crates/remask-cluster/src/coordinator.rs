@@ -148,7 +148,25 @@ pub fn random_seed() -> u64 {
 
 /// The gRPC result of a finished request.
 pub fn response_to_pb(d: Finished) -> pb::GenerateResponse {
+    let c = d.config;
+    let settings = pb::SamplerSettings {
+        gen_length: c.gen_length as u32,
+        steps: c.steps as u32,
+        block_length: c.block_length as u32,
+        temperature: c.temperature,
+        remasking: match c.remasking {
+            Remasking::LowConfidence => pb::Remasking::LowConfidence,
+            Remasking::Random => pb::Remasking::Random,
+        } as i32,
+        rule: c.rule.to_string(),
+        cache: match c.cache {
+            CacheMode::None => pb::CacheMode::None,
+            CacheMode::Prefix => pb::CacheMode::Prefix,
+            CacheMode::Dual => pb::CacheMode::Dual,
+        } as i32,
+    };
     pb::GenerateResponse {
+        settings: Some(settings),
         seed: d.seed,
         token_ids: d.token_ids,
         generated_ids: d.generated_ids,
@@ -410,7 +428,7 @@ impl Generation for Coordinator {
         let result = async {
             while let Some(event) = events.recv().await {
                 if let Event::Done(done) = event? {
-                    return Ok(with_request_id(Response::new(response_to_pb(done)), &id));
+                    return Ok(with_request_id(Response::new(response_to_pb(*done)), &id));
                 }
             }
             Err(Status::internal("the request ended without a result"))
@@ -444,7 +462,7 @@ impl Generation for Coordinator {
                     .map(|e| pb::GenerateStreamResponse {
                         event: Some(match e {
                             Event::Step(s) => E::Step(step_to_pb(s)),
-                            Event::Done(d) => E::Done(response_to_pb(d)),
+                            Event::Done(d) => E::Done(response_to_pb(*d)),
                         }),
                     })
             });

@@ -464,15 +464,10 @@ async fn health(State(c): State<Arc<Coordinator>>) -> Response {
     }
 }
 
-async fn metrics(State(c): State<Arc<Coordinator>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        c.metrics.render(),
-    )
-        .into_response()
+async fn metrics(State(c): State<Arc<Coordinator>>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (ctype, body) = crate::metrics::exposition(c.metrics.render(), accept);
+    ([(header::CONTENT_TYPE, ctype)], body).into_response()
 }
 
 fn check_model(c: &Coordinator, model: Option<&str>) -> Result<(), ApiError> {
@@ -1243,7 +1238,7 @@ async fn run(
                 match events.recv().await {
                     Some(event) => {
                         if let Event::Done(done) = event? {
-                            break done;
+                            break *done;
                         }
                     }
                     None => {
@@ -1353,6 +1348,7 @@ async fn run(
                     }
                 }
                 Ok(Event::Done(done)) => {
+                    let done = *done;
                     let rest = done.text.strip_prefix(sent[index].as_str()).unwrap_or("");
                     let mut extra = json!({"remask": remask_fields(&done)});
                     if !several {

@@ -1,6 +1,19 @@
 //! Prometheus metrics, named as vLLM names its own (with a `remask:` prefix
 //! and a `model_name` label), so existing dashboards need only the prefix
-//! changed. Served as text on the HTTP API's `/metrics`.
+//! changed. Served on the HTTP API's `/metrics` (and a worker's
+//! `--metrics-listen`) as OpenMetrics to scrapers that ask for it (Prometheus
+//! does) and as the Prometheus text format 0.0.4 otherwise (curl, promtool):
+//! [`exposition`].
+//!
+//! `promtool check metrics` finds nothing in either but one thing, which is
+//! kept on purpose: "metric names should not contain ':'" for every
+//! `remask:` name. The colon is vLLM's convention (`vllm:num_requests_running`)
+//! that remask follows so that vLLM dashboards and alerts work with the prefix
+//! changed; Prometheus reserves colons for recording rules, which is why its
+//! linter flags them. `tests/http/test_promtool.py` allows exactly that finding
+//! for exactly the `remask:` names. Otherwise the names follow Prometheus'
+//! conventions: base units in the name (`_seconds`, `_bytes`), `_total` on
+//! every counter, help text on every metric, snake case.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -453,9 +466,130 @@ impl prometheus_client::collector::Collector for Process {
     }
 }
 
+/// The content type of OpenMetrics 1.0 text.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the Prometheus text format 0.0.4.
+pub const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The body of a `/metrics` answer in the format the scraper's `Accept` header
+/// asks for, with its content type: OpenMetrics (what the registry writes)
+/// when it names `application/openmetrics-text`, as Prometheus' scrapes do,
+/// else the Prometheus text format 0.0.4, which every other client (curl,
+/// promtool, older scrapers) reads; the client libraries of Go and Python
+/// negotiate the same way.
+pub fn exposition(openmetrics: String, accept: Option<&str>) -> (&'static str, String) {
+    let wants_openmetrics = accept.is_some_and(|a| {
+        a.split(',').any(|part| {
+            let mut params = part.split(';').map(str::trim);
+            params
+                .next()
+                .is_some_and(|m| m.eq_ignore_ascii_case("application/openmetrics-text"))
+                && !params.any(|p| p.replace(' ', "") == "q=0")
+        })
+    });
+    if wants_openmetrics {
+        (OPENMETRICS, openmetrics)
+    } else {
+        (TEXT_FORMAT, text_format(&openmetrics))
+    }
+}
+
+/// OpenMetrics text as the Prometheus text format 0.0.4: a counter family
+/// `x` is described as `x_total` (its samples' name), `# UNIT` lines and the
+/// closing `# EOF` go, `unknown` is `untyped`. Samples are the same in both
+/// (remask writes no exemplars and no `_created` samples).
+fn text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let descriptor = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match descriptor {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) && !name.ends_with("_total") {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(if prefix == "# TYPE " && tail == "unknown" {
+                    "untyped"
+                } else {
+                    tail
+                });
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_format_is_negotiated() {
+        let m = Metrics::new("m");
+        m.prompt_tokens.get_or_create(m.model()).inc_by(3);
+        m.running.get_or_create(m.model()).set(2);
+        let om = m.render();
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert!(om.contains("# TYPE remask:prompt_tokens counter\n"), "{om}");
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(
+            exposition(om.clone(), Some(prometheus)),
+            (OPENMETRICS, om.clone())
+        );
+        for accept in [
+            None,
+            Some("*/*"),
+            Some("text/plain"),
+            Some("application/openmetrics-text;q=0"),
+        ] {
+            let (ctype, text) = exposition(om.clone(), accept);
+            assert_eq!(ctype, TEXT_FORMAT, "{accept:?}");
+            assert!(!text.contains("# EOF"), "{text}");
+            assert!(
+                text.contains("# HELP remask:prompt_tokens_total Prompt tokens"),
+                "{text}"
+            );
+            assert!(
+                text.contains("# TYPE remask:prompt_tokens_total counter\n"),
+                "{text}"
+            );
+            assert!(
+                text.contains("\nremask:prompt_tokens_total{model_name=\"m\"} 3\n"),
+                "{text}"
+            );
+            assert!(
+                text.contains("# TYPE process_cpu_seconds_total counter\n"),
+                "{text}"
+            );
+            assert!(
+                text.contains("# TYPE remask:num_requests_running gauge\n"),
+                "{text}"
+            );
+            // the samples are the same
+            let samples = |t: &str| {
+                t.lines()
+                    .filter(|l| !l.starts_with('#'))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(samples(&text), samples(&om));
+        }
+    }
 
     #[test]
     fn the_text_has_process_and_build_metrics() {

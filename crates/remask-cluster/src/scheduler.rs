@@ -81,6 +81,9 @@ pub struct Finished {
     pub compute_ms: f64,
     /// The seed the request ran with (its own or the one drawn for it).
     pub seed: u64,
+    /// The settings it ran with: its own, and the server's defaults for
+    /// what it left unset.
+    pub config: remask_sampler::SamplerConfig,
     /// Per answer token (`answer_tokens` of them), its log-probability and
     /// alternatives at the step that committed it, when asked for.
     pub logprobs: Option<Vec<TokenLogprob>>,
@@ -90,7 +93,7 @@ pub struct Finished {
 #[derive(Clone, Debug)]
 pub enum Event {
     Step(StepEvent),
-    Done(Finished),
+    Done(Box<Finished>),
 }
 
 /// Why a request did not finish.
@@ -205,14 +208,10 @@ impl Job {
     /// Looks for the stop strings in what the final prefix gained, and ends
     /// the answer at the first one.
     fn check_stop(&mut self, codec: &TextCodec) {
-        let prefix = self.canvas.final_prefix();
-        if self.stop.is_empty() || self.matched.is_some() || prefix.len() == self.stop_checked {
-            return;
-        }
-        self.stop_checked = prefix.len();
-        if let Some(m) = self.stop.find(codec, prefix) {
-            self.canvas.end_answer(m.tokens);
-            self.matched = Some(m);
+        if self.matched.is_none() {
+            self.matched = self
+                .stop
+                .check(codec, &mut self.canvas, &mut self.stop_checked);
         }
     }
 
@@ -705,7 +704,7 @@ fn finish(job: &Job, codec: &TextCodec) -> Result<Event, InferError> {
         ),
     };
     let admitted = job.admitted_at.unwrap_or(job.queued_at);
-    Ok(Event::Done(Finished {
+    Ok(Event::Done(Box::new(Finished {
         token_ids: c.tokens().to_vec(),
         generated_ids: c.generated().to_vec(),
         answer_tokens,
@@ -721,6 +720,7 @@ fn finish(job: &Job, codec: &TextCodec) -> Result<Event, InferError> {
         forward_ms: job.forward_ms,
         compute_ms: job.compute_ms,
         seed: c.config().seed,
+        config: *c.config(),
         logprobs: c.logprobs(0..answer_tokens),
-    }))
+    })))
 }

@@ -131,16 +131,14 @@ pub async fn serve_worker_metrics(
 ) {
     let router = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || {
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
             let metrics = metrics.clone();
             async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.render(),
-                )
+                let accept = headers
+                    .get(axum::http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let (ctype, body) = crate::metrics::exposition(metrics.render(), accept);
+                ([(axum::http::header::CONTENT_TYPE, ctype)], body)
             }
         }),
     );

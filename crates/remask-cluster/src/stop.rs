@@ -10,6 +10,7 @@
 //! request.
 
 use remask_model::TextCodec;
+use remask_sampler::Canvas;
 
 /// OpenAI's limit on the number of stop strings.
 pub const MAX_STOP_STRINGS: usize = 4;
@@ -89,6 +90,26 @@ impl StopStrings {
             text: text[..at].to_string(),
             matched: matched.clone(),
         })
+    }
+
+    /// After a step of `canvas`: when its final prefix grew past `checked`
+    /// tokens, looks for a stop string there and, on a match, ends the
+    /// canvas's answer at it (the request is then done). The one check of
+    /// the scheduler and of `remask generate`.
+    pub fn check(
+        &self,
+        codec: &TextCodec,
+        canvas: &mut Canvas,
+        checked: &mut usize,
+    ) -> Option<StopMatch> {
+        let prefix = canvas.final_prefix();
+        if self.0.is_empty() || prefix.len() == *checked {
+            return None;
+        }
+        *checked = prefix.len();
+        let m = self.find(codec, prefix)?;
+        canvas.end_answer(m.tokens);
+        Some(m)
     }
 
     /// What a stream may send of `text` (the final prefix's text) while no

@@ -6,6 +6,7 @@
 
 use crate::checkpoint::{DType, parse_header, parse_index};
 use crate::config::LladaConfig;
+use crate::generation_config::GenerationConfig;
 use crate::tokenizer::{Message, render_chat_template};
 
 /// A safetensors file: refused with an error, or every tensor it lists lies
@@ -101,6 +102,26 @@ pub fn config(data: &[u8]) {
             "{what}: {a} x {b} overflows: {c:?}"
         );
     }
+}
+
+/// generation_config.json: refused with an error, or every value it gives
+/// is within the bounds the sampler accepts (lengths from 1, finite
+/// temperature at least 0, a threshold in (0, 1]).
+pub fn generation_config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(g) = GenerationConfig::parse(text) else {
+        return;
+    };
+    for n in [g.max_new_tokens, g.block_length].into_iter().flatten() {
+        assert!((1..=1 << 24).contains(&n), "{g:?}");
+    }
+    assert!(
+        g.temperature.is_none_or(|t| t.is_finite() && t >= 0.0),
+        "{g:?}"
+    );
+    assert!(g.threshold.is_none_or(|t| t > 0.0 && t <= 1.0), "{g:?}");
 }
 
 /// A chat template (tokenizer_config.json's `chat_template`) over a few

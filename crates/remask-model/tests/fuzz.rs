@@ -29,6 +29,11 @@ fn safetensors_index() {
 }
 
 #[test]
+fn generation_config_json() {
+    mutations("generation_config", fuzzing::generation_config);
+}
+
+#[test]
 fn config_json_bytes() {
     mutations("config", fuzzing::config);
 }

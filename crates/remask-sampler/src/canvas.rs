@@ -989,11 +989,12 @@ impl BatchStep {
 }
 
 /// Runs a canvas to completion. `predict` returns one prediction per planned
-/// position (it runs the forward pass); `on_step` sees every step's commits.
+/// position (it runs the forward pass); `on_step` sees every step's commits
+/// (and may end the answer: a stop string).
 pub fn denoise<E>(
     canvas: &mut Canvas,
     mut predict: impl FnMut(&Canvas, &StepPlan) -> Result<Vec<Prediction>, E>,
-    mut on_step: impl FnMut(&Canvas, &[Committed]),
+    mut on_step: impl FnMut(&mut Canvas, &[Committed]),
 ) -> Result<(), E> {
     while !canvas.is_done() {
         let step = BatchStep::new([&*canvas]);
