@@ -30,9 +30,9 @@ if ! python3 -c "import numpy, pytest, tokenizers, jinja2, grpc, grpc_tools, grp
     -r tests/http/requirements.txt
 fi
 
-# buf (tests/grpc/test_tools.py: `buf curl` through reflection) from npm, into target/tools.
-if ! command -v buf >/dev/null && [[ ! -x target/tools/node_modules/.bin/buf ]]; then
-  npm install --silent --no-audit --no-fund --prefix target/tools @bufbuild/buf@1.75.0
+# buf (tests/grpc/test_tools.py: `buf curl` through reflection) from npm, into target/tools/buf.
+if ! command -v buf >/dev/null && [[ ! -x target/tools/buf/node_modules/.bin/buf ]]; then
+  npm install --silent --no-audit --no-fund --prefix target/tools/buf @bufbuild/buf@1.75.0
 fi
 
 # PyTorch and friends for the trainer's tests (training/), when missing.

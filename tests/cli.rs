@@ -684,6 +684,174 @@ fn uncached_hub_model_offline_is_a_user_error_naming_it() {
     assert_user_error(&out, &["org/not-cached"]);
 }
 
+/// A stand-in for the Hub's HTTP API on loopback (never the real Hub): serves
+/// `org/served` at commit HUB_HASH with the files of `dir` and a README.md
+/// that remask must not fetch, as the Hub answers hf-hub's requests
+/// (`/api/models/REPO/revision/REV`; `/REPO/resolve/REV/FILE` with `Range`,
+/// `ETag`, `X-Repo-Commit` and `Content-Range`). Returns the address and the
+/// list of files whose bytes were sent.
+fn fake_hub(
+    dir: &Path,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.push(("README.md".into(), b"# not a checkpoint file".to_vec()));
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = sent.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            // hf-hub asks for `bytes=0-0` first (its metadata), then `bytes=N-`.
+            let mut range = None;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(r) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    range = Some(r.trim().to_string());
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+            let (status, headers, body): (&str, String, Vec<u8>) = if path
+                == "/api/models/org/served/revision/main"
+            {
+                let siblings: Vec<_> = files
+                    .iter()
+                    .map(|(n, _)| serde_json::json!({ "rfilename": n }))
+                    .collect();
+                let json = serde_json::json!({"sha": HUB_HASH, "siblings": siblings});
+                (
+                    "200 OK",
+                    "content-type: application/json\r\n".into(),
+                    json.to_string().into_bytes(),
+                )
+            } else if let Some((name, bytes)) = path
+                .strip_prefix("/org/served/resolve/main/")
+                .and_then(|f| files.iter().find(|(n, _)| n == f))
+            {
+                let probe = range.as_deref() == Some("0-0");
+                let start = range
+                    .as_deref()
+                    .and_then(|r| r.split('-').next()?.parse::<usize>().ok())
+                    .unwrap_or(0)
+                    .min(bytes.len());
+                let body = if probe {
+                    bytes[..1].to_vec()
+                } else {
+                    log.lock().unwrap().push(name.clone());
+                    bytes[start..].to_vec()
+                };
+                let headers = format!(
+                    "etag: \"etag-{name}\"\r\nx-repo-commit: {HUB_HASH}\r\ncontent-range: bytes {start}-{}/{}\r\n",
+                    (start + body.len()).max(1) - 1,
+                    bytes.len()
+                );
+                ("206 Partial Content", headers, body)
+            } else {
+                ("404 Not Found", String::new(), b"not found".to_vec())
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(&body);
+        }
+    });
+    (addr, sent)
+}
+
+#[test]
+fn uncached_hub_model_is_downloaded_into_the_cache_then_used_offline() {
+    let cache = TempDir::with_prefix("remask-hf-download-").expect("a temp dir");
+    let (addr, sent) = fake_hub(Path::new(tiny()));
+    let request = "--prompt Hello --gen-length 8 --block-length 8 --steps 8";
+    let from_dir = json_output(&generate_tiny(request));
+    let mut args = vec!["generate", "--json", "--model", "org/served"];
+    args.extend(request.split_whitespace());
+    let endpoint = format!("http://{addr}");
+    let mut cmd = Command::new(bin());
+    cmd.args(&args)
+        .env("REMASK_CACHE_DIR", scratch_cache())
+        .env("HF_HUB_CACHE", cache.path())
+        .env("HF_ENDPOINT", &endpoint)
+        .env("HF_HOME", "/nonexistent/hf-home")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("HF_TOKEN");
+    for proxy in [
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(proxy);
+    }
+    let out = cmd.stdin(Stdio::null()).output().expect("run remask");
+    let got = json_output(&out);
+    assert_eq!(ids(&got, "generated_ids"), ids(&from_dir, "generated_ids"));
+    let mut fetched = sent.lock().unwrap().clone();
+    fetched.sort();
+    assert_eq!(
+        fetched,
+        [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ],
+        "fetched exactly the checkpoint's files\n{}",
+        describe(&out)
+    );
+    // the layout huggingface_hub writes
+    let repo = cache.path().join("models--org--served");
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main"))
+            .unwrap()
+            .trim(),
+        HUB_HASH
+    );
+    assert!(
+        repo.join("snapshots")
+            .join(HUB_HASH)
+            .join("config.json")
+            .is_file()
+    );
+    // offline now, from the cache
+    let offline = remask_env(
+        &args,
+        &[
+            ("HF_HUB_CACHE", path_str(cache.path())),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
+    );
+    assert_eq!(
+        ids(&json_output(&offline), "generated_ids"),
+        ids(&from_dir, "generated_ids")
+    );
+}
+
 // ---------------------------------------------------------------------------
 // model init: bad inputs
 // ---------------------------------------------------------------------------

@@ -118,6 +118,11 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether the process is still running.
+    fn child_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// user + system CPU time of the process so far, from /proc/PID/stat.
     fn cpu_time(&self) -> Duration {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
@@ -223,6 +228,142 @@ fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(&c, cert.pem()).unwrap();
     std::fs::write(&k, key.serialize_pem()).unwrap();
     (c, k)
+}
+
+/// A CA and a leaf for 127.0.0.1 it signed, named `name`: (ca.pem, cert.pem, key.pem).
+fn ca_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} test CA"));
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let write = |file: &str, text: String| {
+        let path = dir.join(format!("{name}-{file}"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    (
+        write("ca.pem", ca.pem()),
+        write("cert.pem", leaf.pem()),
+        write("key.pem", key.serialize_pem()),
+    )
+}
+
+/// Whether a fresh TLS connection to `addr` presents a certificate `ca`
+/// signed: curl verifying against `ca` alone (exit 0: any HTTP answer;
+/// 60: the certificate is not one `ca` signed).
+fn presents_cert_of(addr: SocketAddr, ca: &Path) -> bool {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .arg(format!("https://{addr}/health"))
+        .output()
+        .expect("run curl");
+    match out.status.code() {
+        Some(0) => true,
+        Some(60) => false,
+        other => panic!(
+            "curl to {addr} exited with {other:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+/// The certificate and key are reloaded when their files change: after the
+/// pair is replaced (renamed over, as a renewal writes it), new connections
+/// to both the HTTP and the gRPC port get the new certificate, and the
+/// server keeps serving; a corrupt replacement is refused with a warning and
+/// the last good certificate stays.
+#[test]
+fn tls_certificates_are_reloaded_when_their_files_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca1, cert1, key1) = ca_signed(dir.path(), "first");
+    let (ca2, cert2, key2) = ca_signed(dir.path(), "second");
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::copy(&cert1, &cert).unwrap();
+    std::fs::copy(&key1, &key).unwrap();
+    let (mut server, grpc, http) = serve(
+        "tls-reload",
+        &[],
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    for addr in [http, grpc] {
+        assert!(presents_cert_of(addr, &ca1), "{addr}\n{}", server.log());
+        assert!(!presents_cert_of(addr, &ca2), "{addr}\n{}", server.log());
+    }
+    // The new pair, each file renamed over the old one.
+    for (from, to) in [(&key2, &key), (&cert2, &cert)] {
+        let tmp = to.with_extension("new");
+        std::fs::copy(from, &tmp).unwrap();
+        std::fs::rename(&tmp, to).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !presents_cert_of(http, &ca2) {
+        assert!(
+            Instant::now() < deadline,
+            "still the old certificate 15 s after the files changed\n{}",
+            server.log()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert!(presents_cert_of(grpc, &ca2), "gRPC port\n{}", server.log());
+    for addr in [http, grpc] {
+        assert!(!presents_cert_of(addr, &ca1), "{addr}\n{}", server.log());
+    }
+    assert!(
+        server.log().contains("TLS certificate reloaded"),
+        "{}",
+        server.log()
+    );
+    // HTTPS still answers /health with 200.
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(&ca2)
+        .arg(format!("https://{http}/health"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        server.log()
+    );
+
+    // A corrupt certificate: a warning, and the last good pair stays.
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !server
+        .log()
+        .contains("still serving the previous certificate")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no warning 15 s after a corrupt certificate was written\n{}",
+            server.log()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    for addr in [http, grpc] {
+        assert!(presents_cert_of(addr, &ca2), "{addr}\n{}", server.log());
+    }
+    assert!(server.child_alive(), "{}", server.log());
 }
 
 /// Two TCP connections that never send a ClientHello must not delay an

