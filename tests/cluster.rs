@@ -54,6 +54,9 @@ const PROBE: &str = "--prompt-ids 1,2,3 --gen-length 4 --steps 4 --block-length 
 #[path = "support/bin.rs"]
 mod support_bin;
 use support_bin::{bin, describe, stderr, stdout};
+#[path = "support/pki.rs"]
+mod support_pki;
+use support_pki::{Pki, pki};
 
 /// A directory for the whole test process: the shared checkpoints, a scratch
 /// cache and the servers' logs. Never deleted (statics are not dropped).
@@ -1507,37 +1510,6 @@ fn unavailable_without_workers() {
 }
 
 /// PEM files of a test PKI: a CA and a leaf it signed for 127.0.0.1/localhost.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn pki(dir: &Path, name: &str) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{name} test CA"));
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let write = |file: &str, text: String| {
-        let path = dir.join(format!("{name}-{file}"));
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    Pki {
-        ca: write("ca.pem", ca.pem()),
-        cert: write("cert.pem", leaf.pem()),
-        key: write("key.pem", key.serialize_pem()),
-    }
-}
-
 /// Mutual TLS: the coordinator serves clients over TLS and reaches a worker
 /// that accepts only certificates of the cluster CA; a coordinator with a
 /// certificate from another CA, or without TLS, is refused by the worker.

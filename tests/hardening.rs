@@ -10,6 +10,9 @@
 #[path = "support/bin.rs"]
 #[allow(dead_code)]
 mod support_bin;
+#[path = "support/pki.rs"]
+mod support_pki;
+use support_pki::pki;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -230,32 +233,6 @@ fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     (c, k)
 }
 
-/// A CA and a leaf for 127.0.0.1 it signed, named `name`: (ca.pem, cert.pem, key.pem).
-fn ca_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{name} test CA"));
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    let write = |file: &str, text: String| {
-        let path = dir.join(format!("{name}-{file}"));
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    (
-        write("ca.pem", ca.pem()),
-        write("cert.pem", leaf.pem()),
-        write("key.pem", key.serialize_pem()),
-    )
-}
-
 /// Whether a fresh TLS connection to `addr` presents a certificate `ca`
 /// signed: curl verifying against `ca` alone (exit 0: any HTTP answer;
 /// 60: the certificate is not one `ca` signed).
@@ -284,11 +261,11 @@ fn presents_cert_of(addr: SocketAddr, ca: &Path) -> bool {
 #[test]
 fn tls_certificates_are_reloaded_when_their_files_change() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca1, cert1, key1) = ca_signed(dir.path(), "first");
-    let (ca2, cert2, key2) = ca_signed(dir.path(), "second");
+    let first = pki(dir.path(), "first");
+    let second = pki(dir.path(), "second");
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::copy(&cert1, &cert).unwrap();
-    std::fs::copy(&key1, &key).unwrap();
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
     let (mut server, grpc, http) = serve(
         "tls-reload",
         &[],
@@ -301,17 +278,25 @@ fn tls_certificates_are_reloaded_when_their_files_change() {
         &[],
     );
     for addr in [http, grpc] {
-        assert!(presents_cert_of(addr, &ca1), "{addr}\n{}", server.log());
-        assert!(!presents_cert_of(addr, &ca2), "{addr}\n{}", server.log());
+        assert!(
+            presents_cert_of(addr, &first.ca),
+            "{addr}\n{}",
+            server.log()
+        );
+        assert!(
+            !presents_cert_of(addr, &second.ca),
+            "{addr}\n{}",
+            server.log()
+        );
     }
     // The new pair, each file renamed over the old one.
-    for (from, to) in [(&key2, &key), (&cert2, &cert)] {
+    for (from, to) in [(&second.key, &key), (&second.cert, &cert)] {
         let tmp = to.with_extension("new");
         std::fs::copy(from, &tmp).unwrap();
         std::fs::rename(&tmp, to).unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !presents_cert_of(http, &ca2) {
+    while !presents_cert_of(http, &second.ca) {
         assert!(
             Instant::now() < deadline,
             "still the old certificate 15 s after the files changed\n{}",
@@ -319,9 +304,17 @@ fn tls_certificates_are_reloaded_when_their_files_change() {
         );
         thread::sleep(Duration::from_millis(200));
     }
-    assert!(presents_cert_of(grpc, &ca2), "gRPC port\n{}", server.log());
+    assert!(
+        presents_cert_of(grpc, &second.ca),
+        "gRPC port\n{}",
+        server.log()
+    );
     for addr in [http, grpc] {
-        assert!(!presents_cert_of(addr, &ca1), "{addr}\n{}", server.log());
+        assert!(
+            !presents_cert_of(addr, &first.ca),
+            "{addr}\n{}",
+            server.log()
+        );
     }
     assert!(
         server.log().contains("TLS certificate reloaded"),
@@ -331,7 +324,7 @@ fn tls_certificates_are_reloaded_when_their_files_change() {
     // HTTPS still answers /health with 200.
     let out = Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-        .arg(&ca2)
+        .arg(&second.ca)
         .arg(format!("https://{http}/health"))
         .output()
         .unwrap();
@@ -361,7 +354,11 @@ fn tls_certificates_are_reloaded_when_their_files_change() {
         thread::sleep(Duration::from_millis(200));
     }
     for addr in [http, grpc] {
-        assert!(presents_cert_of(addr, &ca2), "{addr}\n{}", server.log());
+        assert!(
+            presents_cert_of(addr, &second.ca),
+            "{addr}\n{}",
+            server.log()
+        );
     }
     assert!(server.child_alive(), "{}", server.log());
 }
