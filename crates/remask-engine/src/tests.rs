@@ -3,11 +3,33 @@
 use super::*;
 use remask_model::{Checkpoint, DType, InitOptions, Preset, init_checkpoint};
 
-fn tiny(opts: InitOptions) -> (tempfile::TempDir, Checkpoint) {
+fn checkpoint(preset: &str, opts: InitOptions) -> (tempfile::TempDir, Checkpoint) {
     let dir = tempfile::tempdir().unwrap();
-    init_checkpoint(Preset::get("tiny").unwrap(), &opts, dir.path()).unwrap();
+    init_checkpoint(Preset::get(preset).unwrap(), &opts, dir.path()).unwrap();
     let ckpt = Checkpoint::open(dir.path()).unwrap();
     (dir, ckpt)
+}
+
+fn tiny(opts: InitOptions) -> (tempfile::TempDir, Checkpoint) {
+    checkpoint("tiny", opts)
+}
+
+/// The small preset (8 heads, 4 KV heads, mlp 704, embedding 2304: all
+/// divisible by 4 ranks), f32, seed 3, and its special tokens.
+fn small_tp() -> (tempfile::TempDir, Checkpoint, remask_model::SpecialTokens) {
+    let (dir, ckpt) = checkpoint(
+        "small",
+        InitOptions {
+            dtype: DType::F32,
+            seed: 3,
+            ..InitOptions::default()
+        },
+    );
+    let special = remask_model::TextCodec::load(dir.path())
+        .unwrap()
+        .special_tokens(&ckpt.config)
+        .unwrap();
+    (dir, ckpt, special)
 }
 
 fn f32_opts() -> InitOptions {
@@ -107,25 +129,12 @@ fn layer_shards_compose_to_the_whole_model() {
 /// logits within 1e-4 of one rank, and the same generated ids.
 #[test]
 fn tensor_parallel_ranks_match_one_rank() {
-    use remask_model::TextCodec;
     use remask_sampler::{Canvas, Remasking, SamplerConfig, denoise};
-    let dir = tempfile::tempdir().unwrap();
-    let opts = InitOptions {
-        dtype: DType::F32,
-        seed: 3,
-        ..InitOptions::default()
-    };
-    // small: 8 heads, 4 KV heads, mlp 704, embedding 2304: divisible by 4.
-    init_checkpoint(Preset::get("small").unwrap(), &opts, dir.path()).unwrap();
-    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let (_dir, ckpt, special) = small_tp();
     let one = Engine::load(&ckpt, 1).unwrap();
     let ids: Vec<u32> = (0..45).map(|i| (i * 31 % 1900) as u32).collect();
     let packing = Packing::new([20, 25]);
     let want = one.logits(&ids, &packing, None);
-    let special = TextCodec::load(dir.path())
-        .unwrap()
-        .special_tokens(&ckpt.config)
-        .unwrap();
     let space = crate::token_space(&ckpt.config, &special);
     let configs = [
         SamplerConfig {
@@ -256,20 +265,8 @@ fn fused_head_matches_host_head() {
 /// combine to one rank's numbers, within the logits' own difference.
 #[test]
 fn tensor_parallel_logprobs_match_one_rank() {
-    use remask_model::TextCodec;
     use remask_sampler::{Canvas, SamplerConfig};
-    let dir = tempfile::tempdir().unwrap();
-    let opts = InitOptions {
-        dtype: DType::F32,
-        seed: 3,
-        ..InitOptions::default()
-    };
-    init_checkpoint(Preset::get("small").unwrap(), &opts, dir.path()).unwrap();
-    let ckpt = Checkpoint::open(dir.path()).unwrap();
-    let special = TextCodec::load(dir.path())
-        .unwrap()
-        .special_tokens(&ckpt.config)
-        .unwrap();
+    let (_dir, ckpt, special) = small_tp();
     let space = crate::token_space(&ckpt.config, &special);
     let one = Engine::load(&ckpt, 1).unwrap();
     for (temperature, cfg_scale) in [(0.0, 0.0), (0.8, 1.0)] {
