@@ -274,6 +274,23 @@ def unready(request, tmp_path_factory, bin_path, cache_dir, model_dir):
                                ready_status=tuple(range(100, 600)))
 
 
+@pytest.fixture(scope="session")
+def spawn_server(tmp_path_factory, bin_path, cache_dir):
+    """spawn(args) starts `remask ARGS` as the fixtures above do (stopped at the end of the
+    session), for a module's own model or flags."""
+    started = []
+
+    def spawn(args: list, env: dict | None = None) -> Server:
+        srv = start_server(args, bin_path=bin_path, cache_dir=cache_dir,
+                           log_dir=tmp_path_factory.mktemp("spawned"), ready_status=(200,), env=env)
+        started.append(srv)
+        return srv
+
+    yield spawn
+    for srv in started:
+        stop_server(srv)
+
+
 # --------------------------------------------------------------------------- clients
 
 

@@ -37,14 +37,8 @@ def configured_model(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def configured_server(request, tmp_path_factory, bin_path, cache_dir, configured_model):
-    from conftest import start_server, stop_server
-
-    srv = start_server(["serve", "--model", str(configured_model)], bin_path=bin_path,
-                       cache_dir=cache_dir, log_dir=tmp_path_factory.mktemp("configured-log"),
-                       ready_status=(200,))
-    yield srv
-    stop_server(srv)
+def configured_server(spawn_server, configured_model):
+    return spawn_server(["serve", "--model", str(configured_model)])
 
 
 def test_generation_config_sets_the_defaults_of_all_three(configured_model, configured_server, cache_dir,

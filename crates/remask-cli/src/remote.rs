@@ -3,9 +3,9 @@
 
 use crate::generate::GenerateArgs;
 use crate::{CliError, CliResult};
+use remask_cluster::convert::{cache_to_pb, remasking_to_pb};
 use remask_proto::v1 as pb;
 use remask_proto::v1::generation_client::GenerationClient;
-use remask_sampler::{CacheMode, Remasking};
 use std::time::Instant;
 use tonic::Code;
 
@@ -51,11 +51,7 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
                 u32::try_from(n).map_err(|_| CliError::Usage("--block-length is too large".into()))
             })
             .transpose()?,
-        remasking: match args.remasking {
-            None => pb::Remasking::Unspecified,
-            Some(Remasking::LowConfidence) => pb::Remasking::LowConfidence,
-            Some(Remasking::Random) => pb::Remasking::Random,
-        } as i32,
+        remasking: remasking_to_pb(args.remasking) as i32,
         temperature: args.temperature,
         cfg_scale: args.cfg_scale,
         seed: Some(args.seed),
@@ -66,12 +62,7 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
         factor: args.rule.factor,
         entropy: args.rule.entropy,
         full_canvas: args.rule.no_early_stop,
-        cache: match args.rule.cache {
-            None => pb::CacheMode::Unspecified,
-            Some(CacheMode::None) => pb::CacheMode::None,
-            Some(CacheMode::Prefix) => pb::CacheMode::Prefix,
-            Some(CacheMode::Dual) => pb::CacheMode::Dual,
-        } as i32,
+        cache: cache_to_pb(args.rule.cache) as i32,
         stop: crate::generate::stop_strings(args).map(|_| args.stop.clone())?,
         logprobs: args.top_logprobs.is_some(),
         top_logprobs: args.top_logprobs.map(u32::from),

@@ -2,7 +2,31 @@
 
 use remask_engine::{Query, Seq, Shard};
 use remask_proto::worker as pb;
-use remask_sampler::{KvUse, MAX_TOP_LOGPROBS, PredictOptions, Prediction, Remasking, TopK};
+use remask_sampler::{
+    CacheMode, KvUse, MAX_TOP_LOGPROBS, PredictOptions, Prediction, Remasking, TopK,
+};
+
+/// A generation setting on the public API's wire; `None` (left to the
+/// server's default) is UNSPECIFIED.
+pub fn remasking_to_pb(r: Option<Remasking>) -> remask_proto::v1::Remasking {
+    use remask_proto::v1::Remasking as W;
+    match r {
+        None => W::Unspecified,
+        Some(Remasking::LowConfidence) => W::LowConfidence,
+        Some(Remasking::Random) => W::Random,
+    }
+}
+
+/// As [`remasking_to_pb`], for the K/V cache mode.
+pub fn cache_to_pb(c: Option<CacheMode>) -> remask_proto::v1::CacheMode {
+    use remask_proto::v1::CacheMode as W;
+    match c {
+        None => W::Unspecified,
+        Some(CacheMode::None) => W::None,
+        Some(CacheMode::Prefix) => W::Prefix,
+        Some(CacheMode::Dual) => W::Dual,
+    }
+}
 
 pub fn shard_to_pb(s: &Shard) -> pb::ShardSpec {
     pb::ShardSpec {

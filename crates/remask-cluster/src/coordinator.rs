@@ -154,16 +154,9 @@ pub fn response_to_pb(d: Finished) -> pb::GenerateResponse {
         steps: c.steps as u32,
         block_length: c.block_length as u32,
         temperature: c.temperature,
-        remasking: match c.remasking {
-            Remasking::LowConfidence => pb::Remasking::LowConfidence,
-            Remasking::Random => pb::Remasking::Random,
-        } as i32,
+        remasking: crate::convert::remasking_to_pb(Some(c.remasking)) as i32,
         rule: c.rule.to_string(),
-        cache: match c.cache {
-            CacheMode::None => pb::CacheMode::None,
-            CacheMode::Prefix => pb::CacheMode::Prefix,
-            CacheMode::Dual => pb::CacheMode::Dual,
-        } as i32,
+        cache: crate::convert::cache_to_pb(Some(c.cache)) as i32,
     };
     pb::GenerateResponse {
         settings: Some(settings),
