@@ -102,8 +102,11 @@ impl StopStrings {
         canvas: &mut Canvas,
         checked: &mut usize,
     ) -> Option<StopMatch> {
+        if self.0.is_empty() {
+            return None;
+        }
         let prefix = canvas.final_prefix();
-        if self.0.is_empty() || prefix.len() == *checked {
+        if prefix.len() == *checked {
             return None;
         }
         *checked = prefix.len();
