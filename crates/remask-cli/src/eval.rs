@@ -287,6 +287,7 @@ fn answer_config(
         confidence_eos_eot_inf: false,
         cache: args.rule.cache.unwrap_or_default(),
         logprobs: None,
+        truncate: Default::default(),
     }
 }
 
@@ -1106,6 +1107,7 @@ fn gap_config(args: &EvalArgs, gap: usize) -> CliResult<SamplerConfig> {
         confidence_eos_eot_inf: false,
         cache: args.rule.cache.unwrap_or_default(),
         logprobs: None,
+        truncate: Default::default(),
     })
 }
 

@@ -101,6 +101,16 @@ pub struct GenerateArgs {
     /// temperature.
     #[arg(long, env = "REMASK_TEMPERATURE", allow_negative_numbers = true)]
     pub temperature: Option<f64>,
+    /// With --temperature > 0: draw only among the K most likely tokens
+    /// (ties with the K-th kept; 0: off). Default: the checkpoint's
+    /// generation_config.json, else off.
+    #[arg(long, env = "REMASK_TOP_K")]
+    pub top_k: Option<u32>,
+    /// With --temperature > 0: draw only among the fewest most likely
+    /// tokens holding this much of the tempered probability, in (0, 1]
+    /// (after --top-k; 1: off). Default: generation_config.json, else off.
+    #[arg(long, env = "REMASK_TOP_P", allow_negative_numbers = true)]
+    pub top_p: Option<f64>,
     /// Classifier-free guidance scale (0: off).
     #[arg(
         long,
@@ -262,6 +272,8 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
         confidence_eos_eot_inf: args.confidence_eos_eot_inf,
         cache: args.rule.cache,
         logprobs: args.top_logprobs.map(usize::from),
+        top_k: args.top_k,
+        top_p: args.top_p,
     });
     let space = remask_engine::token_space(&ckpt.config, &special);
     // Check the request before the (possibly slow) weight load.

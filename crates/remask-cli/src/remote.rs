@@ -66,6 +66,8 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
         stop: crate::generate::stop_strings(args).map(|_| args.stop.clone())?,
         logprobs: args.top_logprobs.is_some(),
         top_logprobs: args.top_logprobs.map(u32::from),
+        top_k: args.top_k,
+        top_p: args.top_p,
     };
     let url = if endpoint.contains("://") {
         endpoint.to_string()

@@ -3,7 +3,7 @@
 use remask_engine::{Query, Seq, Shard};
 use remask_proto::worker as pb;
 use remask_sampler::{
-    CacheMode, KvUse, MAX_TOP_LOGPROBS, PredictOptions, Prediction, Remasking, TopK,
+    CacheMode, KvUse, MAX_TOP_LOGPROBS, PredictOptions, Prediction, Remasking, TopK, Truncate,
 };
 
 /// A generation setting on the public API's wire; `None` (left to the
@@ -64,13 +64,20 @@ pub fn query_to_pb(q: &Query) -> pb::HeadQuery {
             eot: o.eot,
             mask: o.mask,
             top_logprobs: o.top_logprobs as u32,
+            top_k: o.truncate.top_k,
+            top_p: (o.truncate.top_p < 1.0).then_some(o.truncate.top_p),
         }),
     }
 }
 
-pub fn query_from_pb(q: &pb::HeadQuery) -> Query {
+/// Refuses what the sampler could not run (a top_p outside (0, 1]).
+pub fn query_from_pb(q: &pb::HeadQuery) -> Result<Query, String> {
     let o = q.options.unwrap_or_default();
-    Query {
+    let top_p = o.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(format!("top_p must be in (0, 1], got {top_p}"));
+    }
+    Ok(Query {
         cond_base: q.cond_base as usize,
         uncond_base: q.uncond_base.map(|b| b as usize),
         first: q.first as usize,
@@ -91,8 +98,12 @@ pub fn query_from_pb(q: &pb::HeadQuery) -> Query {
             eot: o.eot,
             mask: o.mask,
             top_logprobs: o.top_logprobs.min(MAX_TOP_LOGPROBS as u32) as u8,
+            truncate: Truncate {
+                top_k: o.top_k,
+                top_p,
+            },
         },
-    }
+    })
 }
 
 pub fn seq_to_pb(s: &Seq) -> pb::Sequence {
@@ -274,9 +285,22 @@ mod tests {
                 eot: None,
                 mask: 2,
                 top_logprobs: 4,
+                truncate: Truncate::OFF,
             },
         };
-        assert_eq!(query_from_pb(&query_to_pb(&q)), q);
+        assert_eq!(query_from_pb(&query_to_pb(&q)).unwrap(), q);
+        // So do top-k / top-p; a top_p outside (0, 1] is refused.
+        let mut t = q.clone();
+        t.options.truncate = Truncate {
+            top_k: 40,
+            top_p: 0.9,
+        };
+        assert_eq!(query_from_pb(&query_to_pb(&t)).unwrap(), t);
+        for bad in [0.0, -1.0, 1.5, f64::NAN] {
+            let mut wire = query_to_pb(&t);
+            wire.options.as_mut().unwrap().top_p = Some(bad);
+            assert!(query_from_pb(&wire).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -157,6 +157,8 @@ pub fn response_to_pb(d: Finished) -> pb::GenerateResponse {
         remasking: crate::convert::remasking_to_pb(Some(c.remasking)) as i32,
         rule: c.rule.to_string(),
         cache: crate::convert::cache_to_pb(Some(c.cache)) as i32,
+        top_k: c.truncate.top_k,
+        top_p: c.truncate.top_p,
     };
     pb::GenerateResponse {
         settings: Some(settings),
@@ -281,6 +283,8 @@ impl Coordinator {
             // canvas's checks, naming the field.
             logprobs: (req.logprobs || req.top_logprobs.is_some())
                 .then(|| req.top_logprobs.unwrap_or(0) as usize),
+            top_k: req.top_k,
+            top_p: req.top_p,
         });
         let space = remask_engine::token_space(&self.meta.config, &self.meta.special);
         Canvas::infill(&prompt, &suffix, config, space).map_err(|e| invalid(e.to_string()))

@@ -274,7 +274,12 @@ impl Worker for WorkerService {
             bytes_to_f32(&req.hidden)
                 .ok_or_else(|| Status::invalid_argument("hidden states are not f32"))?
         };
-        let queries: Vec<_> = req.queries.iter().map(query_from_pb).collect();
+        let queries = req
+            .queries
+            .iter()
+            .map(query_from_pb)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Status::invalid_argument)?;
         let start = Instant::now();
         let metrics = self.metrics.clone();
         let output = tokio::task::spawn_blocking(move || {

@@ -38,13 +38,14 @@ fn main() {
                     eot: None,
                     mask: 2,
                     top_logprobs: k,
+                    truncate: remask_sampler::Truncate::OFF,
                 },
             };
             let queries = [query];
             let mut ms: Vec<f64> = (0..iters + 2)
                 .map(|_| {
                     let t = Instant::now();
-                    std::hint::black_box(partial_queries(&logits, 0..vocab, &queries));
+                    std::hint::black_box(partial_queries(&logits, 0..vocab, &queries, &[]));
                     t.elapsed().as_secs_f64() * 1e3
                 })
                 .skip(2)

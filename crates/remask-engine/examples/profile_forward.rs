@@ -75,6 +75,9 @@ impl Backend for Timed {
     fn to_host(&self, x: Matrix) -> Vec<f32> {
         self.t("to_host", || self.inner.to_host(x))
     }
+    fn read_host<'a>(&self, x: &'a Matrix) -> std::borrow::Cow<'a, [f32]> {
+        self.inner.read_host(x)
+    }
     fn load_hidden(&self, v: &[f32], r: usize, c: usize) -> Matrix {
         self.inner.load_hidden(v, r, c)
     }

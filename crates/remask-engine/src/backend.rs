@@ -137,6 +137,9 @@ pub trait Backend: Send + Sync {
     fn concat_rows(&self, pieces: &[(&Self::Tensor, Range<usize>)]) -> Self::Tensor;
     /// Moves to the host as row-major f32.
     fn to_host(&self, x: Self::Tensor) -> Vec<f32>;
+    /// Reads on the host as row-major f32, leaving `x` where it is (the
+    /// head's logits stay for the rounds of a truncated draw).
+    fn read_host<'a>(&self, x: &'a Self::Tensor) -> std::borrow::Cow<'a, [f32]>;
     /// (rank, world size) of this backend's tensor-parallel group; (0, 1)
     /// without tensor parallelism.
     fn rank_world(&self) -> (usize, usize) {
@@ -146,16 +149,31 @@ pub trait Backend: Send + Sync {
     /// projections); nothing to do without tensor parallelism.
     fn all_reduce(&self, _x: &mut Self::Tensor) {}
     /// The head's partials for the queried rows of `logits` (the rows of
-    /// `query_rows(queries)`, over the vocabulary slice `vocab`). The default
-    /// reduces on the host; a GPU backend reduces on the device so that full
-    /// logits never leave it.
+    /// `query_rows(queries)`, over the vocabulary slice `vocab`); the draw
+    /// of queried position `i` (in query order) keeps the keys at least
+    /// `floors[i]` (a truncated draw's threshold; empty: every token). The
+    /// default reduces on the host; a GPU backend reduces on the device so
+    /// that full logits never leave it.
     fn head_partials(
         &self,
-        logits: Self::Tensor,
+        logits: &Self::Tensor,
         vocab: std::ops::Range<usize>,
         queries: &[crate::query::Query],
+        floors: &[u32],
     ) -> Vec<Vec<remask_sampler::Partial>> {
-        crate::query::partial_queries(&self.to_host(logits), vocab, queries)
+        crate::query::partial_queries(&self.read_host(logits), vocab, queries, floors)
+    }
+    /// One round of the truncation's select (`remask_sampler::truncate`):
+    /// the histogram of this vocabulary slice for each queried position that
+    /// has a round (in query order; empty bins for the others).
+    fn head_histograms(
+        &self,
+        logits: &Self::Tensor,
+        vocab: std::ops::Range<usize>,
+        queries: &[crate::query::Query],
+        rounds: &[Option<remask_sampler::truncate::Round>],
+    ) -> Vec<remask_sampler::truncate::Bins> {
+        crate::query::histogram_queries(&self.read_host(logits), vocab, queries, rounds)
     }
     /// Hidden states arriving from elsewhere (another pipeline stage).
     fn load_hidden(&self, values: &[f32], rows: usize, cols: usize) -> Self::Tensor;

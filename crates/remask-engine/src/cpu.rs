@@ -331,6 +331,10 @@ impl Backend for CpuBackend {
         x.data
     }
 
+    fn read_host<'a>(&self, x: &'a Matrix) -> std::borrow::Cow<'a, [f32]> {
+        std::borrow::Cow::Borrowed(&x.data)
+    }
+
     fn load_hidden(&self, values: &[f32], rows: usize, cols: usize) -> Matrix {
         self.upload(values, rows, cols)
     }

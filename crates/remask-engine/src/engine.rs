@@ -15,7 +15,9 @@ use crate::collective::thread_group;
 use crate::cpu::CpuBackend;
 use crate::kv::{Feed, KvError, KvStore, Seq};
 use crate::llada::{Llada, Shard};
-use crate::query::{Query, StepBatch, StepRequest, combine_ranks, query_rows};
+use crate::query::{
+    Query, StepBatch, StepRequest, combine_ranks, query_rows, run_selects, selects, truncates,
+};
 use remask_model::{Checkpoint, LladaConfig, Result, SpecialTokens};
 use remask_sampler::{KvUse, Partial, Prediction, TokenSpace};
 use std::sync::Mutex;
@@ -237,6 +239,8 @@ impl<B: Backend> Engine<B> {
         self.check_stores(&stores[0], seqs)?;
         let feeds: Vec<Feed<B>> = stores.iter_mut().map(|s| s.feed(seqs)).collect();
         let rows = query_rows(queries);
+        // A truncated draw needs the logits again for the select's rounds.
+        let keep_logits = truncates(queries);
         let d_model = self.config().d_model;
         let outputs = self.on_ranks_each(feeds, |backend, model, mut feed| {
             let x = match input {
@@ -255,14 +259,16 @@ impl<B: Backend> Engine<B> {
                     Vec::new()
                 })
             } else if rows.is_empty() {
-                RankOutput::Partials(queries.iter().map(|_| Vec::new()).collect())
+                RankOutput::Partials(queries.iter().map(|_| Vec::new()).collect(), None)
             } else {
                 let logits = model.head_logits(backend, &x, Some(&rows));
-                RankOutput::Partials(backend.head_partials(logits, model.vocab.clone(), queries))
+                let partials = backend.head_partials(&logits, model.vocab.clone(), queries, &[]);
+                RankOutput::Partials(partials, keep_logits.then_some(logits))
             };
             (out, feed)
         });
         let mut partials = Vec::with_capacity(outputs.len());
+        let mut logits = Vec::with_capacity(outputs.len());
         let mut hidden = None;
         for (store, (out, feed)) in stores.iter_mut().zip(outputs) {
             store.finish(feed);
@@ -270,12 +276,46 @@ impl<B: Backend> Engine<B> {
                 RankOutput::Hidden(h) => {
                     hidden.get_or_insert(h);
                 }
-                RankOutput::Partials(p) => partials.push(p),
+                RankOutput::Partials(p, l) => {
+                    partials.push(p);
+                    logits.extend(l);
+                }
             }
         }
-        Ok(match hidden {
-            Some(h) => StageOutput::Hidden(h),
-            None => StageOutput::Predictions(combine_ranks(&partials, queries)),
+        if let Some(h) = hidden {
+            return Ok(StageOutput::Hidden(h));
+        }
+        if logits.len() == self.ranks.len() {
+            partials = self.truncated_partials(&partials, logits, queries);
+        }
+        Ok(StageOutput::Predictions(combine_ranks(&partials, queries)))
+    }
+
+    /// The partials of a step with truncated draws: the select's rounds
+    /// (each rank histograms its slice of the kept logits, the engine sums
+    /// and decides) find every truncated position's threshold, then each
+    /// rank reduces again with the thresholds. A few numbers per position
+    /// and round leave a rank, never its logits.
+    fn truncated_partials(
+        &self,
+        untruncated: &[Vec<Vec<Partial>>],
+        logits: Vec<B::Tensor>,
+        queries: &[Query],
+    ) -> Vec<Vec<Vec<Partial>>> {
+        let mut logits = logits;
+        let floors = run_selects(selects(untruncated, queries), |rounds| {
+            let kept = std::mem::take(&mut logits);
+            let (bins, back): (Vec<_>, Vec<_>) = self
+                .on_ranks_each(kept, |b, m, l| {
+                    (b.head_histograms(&l, m.vocab.clone(), queries, rounds), l)
+                })
+                .into_iter()
+                .unzip();
+            logits = back;
+            bins
+        });
+        self.on_ranks_each(logits, |b, m, l| {
+            b.head_partials(&l, m.vocab.clone(), queries, &floors)
         })
     }
 
@@ -384,7 +424,8 @@ impl<B: Backend> Engine<B> {
 
 /// What one rank returns: the stage's hidden states, or its partials of the
 /// head (its vocabulary slice) on the last stage.
-enum RankOutput {
+enum RankOutput<T> {
     Hidden(Vec<f32>),
-    Partials(Vec<Vec<Partial>>),
+    /// With the logits when the step truncates draws.
+    Partials(Vec<Vec<Partial>>, Option<T>),
 }

@@ -10,8 +10,10 @@
 
 use crate::kv::Seq;
 use rayon::prelude::*;
+use remask_sampler::truncate::{Bins, Round, Select};
 use remask_sampler::{
-    Canvas, KvUse, Partial, PredictOptions, Prediction, StepPlan, combine, predict_partial,
+    Canvas, KvUse, Partial, PredictOptions, Prediction, StepPlan, combine, guided_logits,
+    predict_partial,
 };
 
 /// The rows of one request that the sampler asks about.
@@ -153,39 +155,145 @@ pub fn query_rows(queries: &[Query]) -> Vec<usize> {
     queries.iter().flat_map(Query::rows).collect()
 }
 
-/// Partials of one vocabulary slice for every queried position, from that
-/// slice's logits of `query_rows(queries)` (see `predict_queries`).
-pub fn partial_queries(
+/// `f(query, j, cond row, prompt-masked row, flat index)` for every queried
+/// position of `queries`, in parallel, over one slice's logits of
+/// `query_rows(queries)`; the flat index counts positions in query order.
+fn per_position<T: Send>(
     logits: &[f32],
-    vocab: std::ops::Range<usize>,
+    width: usize,
     queries: &[Query],
-) -> Vec<Vec<Partial>> {
-    let width = vocab.len();
+    f: impl Fn(&Query, usize, &[f32], Option<&[f32]>, usize, &mut Vec<f32>) -> T + Sync,
+) -> Vec<Vec<T>> {
     let row = |i: usize| &logits[i * width..(i + 1) * width];
-    let mut first = 0;
+    let (mut first, mut flat) = (0, 0);
     queries
         .iter()
         .map(|q| {
             let n = q.positions.len();
-            let start = first;
+            let (start, base) = (first, flat);
             first += if q.uncond_base.is_some() { 2 * n } else { n };
-            q.positions
-                .par_iter()
-                .enumerate()
-                .map_init(Vec::new, |scratch, (j, &pos)| {
+            flat += n;
+            (0..n)
+                .into_par_iter()
+                .map_init(Vec::new, |scratch, j| {
                     let un = q.uncond_base.map(|_| row(start + n + j));
-                    predict_partial(
-                        row(start + j),
-                        un,
-                        vocab.start,
-                        &q.options,
-                        q.step,
-                        pos as u64,
-                        scratch,
-                    )
+                    f(q, j, row(start + j), un, base + j, scratch)
                 })
                 .collect()
         })
+        .collect()
+}
+
+/// Partials of one vocabulary slice for every queried position, from that
+/// slice's logits of `query_rows(queries)`; `floors` as
+/// `Backend::head_partials` takes them.
+pub fn partial_queries(
+    logits: &[f32],
+    vocab: std::ops::Range<usize>,
+    queries: &[Query],
+    floors: &[u32],
+) -> Vec<Vec<Partial>> {
+    per_position(
+        logits,
+        vocab.len(),
+        queries,
+        |q, j, cond, un, i, scratch| {
+            let floor = floors.get(i).copied().unwrap_or(0);
+            let pos = q.positions[j] as u64;
+            predict_partial(
+                cond,
+                un,
+                vocab.start,
+                &q.options,
+                q.step,
+                pos,
+                floor,
+                scratch,
+            )
+        },
+    )
+}
+
+/// One select round's histograms of one vocabulary slice (flat, one per
+/// queried position in query order; empty for positions without a round).
+pub fn histogram_queries(
+    logits: &[f32],
+    vocab: std::ops::Range<usize>,
+    queries: &[Query],
+    rounds: &[Option<Round>],
+) -> Vec<Bins> {
+    per_position(
+        logits,
+        vocab.len(),
+        queries,
+        |q, _, cond, un, i, scratch| {
+            let mut bins = Bins::default();
+            if let Some(round) = rounds.get(i).copied().flatten() {
+                guided_logits(cond, un, vocab.start, &q.options, scratch);
+                round.histogram(scratch, &mut bins);
+            }
+            bins
+        },
+    )
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Whether some query truncates its draw (the head then runs the select's
+/// rounds: `truncated_predictions`).
+pub fn truncates(queries: &[Query]) -> bool {
+    queries
+        .iter()
+        .any(|q| !q.options.truncate.is_off() && q.options.temperature > 0.0)
+}
+
+/// The select of every queried position (flat, in query order) from the
+/// ranks' untruncated partials, which give each row's largest logit.
+pub fn selects(per_rank: &[Vec<Vec<Partial>>], queries: &[Query]) -> Vec<Option<Select>> {
+    queries
+        .iter()
+        .enumerate()
+        .flat_map(|(qi, q)| {
+            (0..q.positions.len()).map(move |j| {
+                let max = per_rank
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |m, r| m.max(r[qi][j].max));
+                Select::new(&q.options, max)
+            })
+        })
+        .collect()
+}
+
+/// Runs the selects to their thresholds: `round(rounds)` gives each rank's
+/// histograms of one round (flat, per position); returns each position's
+/// threshold key (0: untruncated). At most eight rounds.
+pub fn run_selects(
+    mut selects: Vec<Option<Select>>,
+    mut round: impl FnMut(&[Option<Round>]) -> Vec<Vec<Bins>>,
+) -> Vec<u32> {
+    loop {
+        let rounds: Vec<Option<Round>> = selects
+            .iter()
+            .map(|s| s.as_ref().and_then(Select::round))
+            .collect();
+        if rounds.iter().all(Option::is_none) {
+            break;
+        }
+        let per_rank = round(&rounds);
+        for (i, select) in selects.iter_mut().enumerate() {
+            if let Some(s) = select.as_mut().filter(|_| rounds[i].is_some()) {
+                let mut bins = Bins::default();
+                for r in &per_rank {
+                    bins.add(&r[i]);
+                }
+                s.update(&bins);
+            }
+        }
+    }
+    selects
+        .iter()
+        .map(|s| s.as_ref().and_then(Select::threshold).unwrap_or(0))
         .collect()
 }
 

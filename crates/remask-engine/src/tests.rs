@@ -242,7 +242,7 @@ fn fused_head_matches_host_head() {
         let logits = engine.logits(&batch.ids, &packing, Some(&rows));
         let vocab = 0..engine.config().embedding_size();
         let host = combine_ranks(
-            &[partial_queries(&logits, vocab, &batch.queries)],
+            &[partial_queries(&logits, vocab, &batch.queries, &[])],
             &batch.queries,
         );
         let fused = engine.run(&batch).unwrap();

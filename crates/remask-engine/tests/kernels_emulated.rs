@@ -512,6 +512,7 @@ fn head_partials_match_the_host_reduction() {
         remasking: Remasking::LowConfidence,
         confidence_eos_eot_inf: false,
         top_logprobs: 0,
+        truncate: remask_sampler::Truncate::OFF,
     };
     // Top-k of 0 (the default), 3 and 5 in one launch.
     let with_top = |o: PredictOptions, k: u8| PredictOptions {
@@ -554,7 +555,7 @@ fn head_partials_match_the_host_reduction() {
         }
         logits[r * width + 999] = 25.0; // the mask
     }
-    let want = partial_queries(&logits, vocab.clone(), &queries);
+    let want = partial_queries(&logits, vocab.clone(), &queries, &[]);
     let hq = launch::head_queries(&queries);
     let p = hq.cond.len();
     let (mut score, mut token, mut logit, mut lse, mut mean) = (

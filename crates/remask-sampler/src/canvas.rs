@@ -13,6 +13,7 @@
 //! every position sees the whole canvas.
 
 use crate::predict::{MAX_TOP_LOGPROBS, PredictOptions, Prediction, Remasking};
+use crate::truncate::Truncate;
 
 /// How many of a step's candidates (the masked positions of the current
 /// block) are committed. `Fixed` is LLaDA's schedule; the others are the
@@ -238,6 +239,8 @@ pub struct SamplerConfig {
     /// `MAX_TOP_LOGPROBS`); `None`: nothing recorded, nothing asked of the
     /// head.
     pub logprobs: Option<usize>,
+    /// top-k / top-p of the draw (no effect at temperature 0).
+    pub truncate: Truncate,
 }
 
 impl Default for SamplerConfig {
@@ -256,6 +259,7 @@ impl Default for SamplerConfig {
             confidence_eos_eot_inf: false,
             cache: CacheMode::None,
             logprobs: None,
+            truncate: Truncate::OFF,
         }
     }
 }
@@ -390,6 +394,8 @@ pub enum InvalidRequest {
     TwoRules,
     #[error("top_logprobs must be between 0 and {max}, got {0}", max = MAX_TOP_LOGPROBS)]
     TooManyTopLogprobs(usize),
+    #[error("top_p must be a number in (0, 1], got {0}")]
+    BadTopP(f64),
 }
 
 /// Commit counts for the steps of one block: `n` masks over `steps` steps,
@@ -634,6 +640,7 @@ impl Canvas {
             eot: self.space.eot,
             mask: self.space.mask,
             top_logprobs: self.config.logprobs.unwrap_or(0).min(MAX_TOP_LOGPROBS) as u8,
+            truncate: self.config.truncate,
         }
     }
 
@@ -930,6 +937,10 @@ fn validate(
     }
     if let Some(k) = c.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
         return Err(TooManyTopLogprobs(k));
+    }
+    let p = c.truncate.top_p;
+    if !(p > 0.0 && p <= 1.0) {
+        return Err(BadTopP(p));
     }
     Ok(())
 }

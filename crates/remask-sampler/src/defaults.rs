@@ -6,6 +6,7 @@
 
 use crate::canvas::{CacheMode, CommitRule, SamplerConfig};
 use crate::predict::Remasking;
+use crate::truncate::Truncate;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Defaults {
@@ -20,6 +21,9 @@ pub struct Defaults {
     /// 0: greedy.
     pub temperature: f64,
     pub cache: CacheMode,
+    /// top-k / top-p (off unless the checkpoint's generation_config.json
+    /// sets them).
+    pub truncate: Truncate,
 }
 
 impl Default for Defaults {
@@ -31,6 +35,7 @@ impl Default for Defaults {
             rule: CommitRule::Fixed,
             temperature: 0.0,
             cache: CacheMode::None,
+            truncate: Truncate::OFF,
         }
     }
 }
@@ -52,6 +57,10 @@ pub struct Settings {
     pub cache: Option<CacheMode>,
     /// `SamplerConfig::logprobs` (no server default: off unless asked for).
     pub logprobs: Option<usize>,
+    /// 0: off.
+    pub top_k: Option<u32>,
+    /// 1: off.
+    pub top_p: Option<f64>,
 }
 
 impl Defaults {
@@ -85,6 +94,10 @@ impl Defaults {
             confidence_eos_eot_inf: s.confidence_eos_eot_inf,
             cache: s.cache.unwrap_or(self.cache),
             logprobs: s.logprobs,
+            truncate: Truncate {
+                top_k: s.top_k.unwrap_or(self.truncate.top_k),
+                top_p: s.top_p.unwrap_or(self.truncate.top_p),
+            },
         }
     }
 }

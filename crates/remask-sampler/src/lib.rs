@@ -12,6 +12,7 @@ mod canvas;
 mod defaults;
 mod predict;
 pub mod rng;
+pub mod truncate;
 
 pub use canvas::{
     BatchStep, CacheMode, Canvas, CommitRule, Committed, FinishReason, InvalidRequest, KvUse,
@@ -19,9 +20,10 @@ pub use canvas::{
 };
 pub use defaults::{Defaults, Settings};
 pub use predict::{
-    MAX_TOP_LOGPROBS, Partial, PredictOptions, Prediction, Remasking, TopK, combine, predict,
-    predict_partial,
+    MAX_TOP_LOGPROBS, Partial, PredictOptions, Prediction, Remasking, TopK, combine, guided_logits,
+    predict, predict_partial,
 };
+pub use truncate::Truncate;
 
 #[cfg(test)]
 mod schedule_props;

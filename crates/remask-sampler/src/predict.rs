@@ -7,6 +7,7 @@
 //! `(token, confidence)` pairs instead of full vocabulary rows.
 
 use crate::rng::{NoiseKey, Stream};
+use crate::truncate::{self, Truncate};
 
 /// How the positions to commit are ranked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -62,6 +63,8 @@ pub struct PredictOptions {
     /// log-probabilities (`Prediction::top`), at most `MAX_TOP_LOGPROBS`;
     /// 0 (the default path) costs nothing.
     pub top_logprobs: u8,
+    /// top-k / top-p of the draw (temperature > 0 only; `truncate`).
+    pub truncate: Truncate,
 }
 
 /// The most alternatives the head reduction reports per position.
@@ -201,7 +204,13 @@ pub fn predict(
 ) -> Prediction {
     // The whole vocabulary is one slice: the same code serves tensor-parallel
     // heads and the GPU's fused reduction.
-    let partial = predict_partial(cond, uncond, 0, opts, step, position, scratch);
+    let floor = if opts.truncate.is_off() || opts.temperature == 0.0 {
+        0
+    } else {
+        guided_logits(cond, uncond, 0, opts, scratch);
+        truncate::threshold(&[scratch], opts)
+    };
+    let partial = predict_partial(cond, uncond, 0, opts, step, position, floor, scratch);
     combine(&[partial], opts, step, position)
 }
 
@@ -225,31 +234,33 @@ pub struct Partial {
     /// The slice's `top_logprobs` largest guided logits (empty unless asked
     /// for): the whole row's top-k is among the slices' top-k.
     pub top: TopK,
+    /// The slice's largest guided logit (-inf for an empty slice): the
+    /// reference of top-p's masses (`truncate`).
+    pub max: f64,
 }
 
-/// The partial of the vocabulary slice `offset..offset + cond.len()`.
-pub fn predict_partial(
+/// The guided logits of a vocabulary slice into `out`: guidance
+/// (`un + (s + 1)(cond - un)`), then the mask logit (and under
+/// `logits_eos_inf` the EOS one) at -inf.
+pub fn guided_logits(
     cond: &[f32],
     uncond: Option<&[f32]>,
     offset: usize,
     opts: &PredictOptions,
-    step: u64,
-    position: u64,
-    scratch: &mut Vec<f32>,
-) -> Partial {
-    let logits: &mut Vec<f32> = scratch;
-    logits.clear();
+    out: &mut Vec<f32>,
+) {
+    out.clear();
     match uncond {
         Some(un) if opts.cfg_scale > 0.0 => {
             let s1 = (opts.cfg_scale + 1.0) as f32;
-            logits.extend(cond.iter().zip(un).map(|(&c, &u)| u + s1 * (c - u)));
+            out.extend(cond.iter().zip(un).map(|(&c, &u)| u + s1 * (c - u)));
         }
-        _ => logits.extend_from_slice(cond),
+        _ => out.extend_from_slice(cond),
     }
     let mut kill = |id: u32| {
         if let Some(l) = (id as usize)
             .checked_sub(offset)
-            .and_then(|i| logits.get_mut(i))
+            .and_then(|i| out.get_mut(i))
         {
             *l = f32::NEG_INFINITY;
         }
@@ -258,21 +269,45 @@ pub fn predict_partial(
     if opts.logits_eos_inf {
         kill(opts.eos);
     }
+}
+
+/// The partial of the vocabulary slice `offset..offset + cond.len()`. The
+/// draw considers only the tokens whose guided logit's key is at least
+/// `floor` (the truncation's threshold, `truncate::Select`; 0: all); the
+/// rest (log-sum-exp, entropy, top logprobs) is over the whole slice.
+#[allow(clippy::too_many_arguments)]
+pub fn predict_partial(
+    cond: &[f32],
+    uncond: Option<&[f32]>,
+    offset: usize,
+    opts: &PredictOptions,
+    step: u64,
+    position: u64,
+    floor: u32,
+    scratch: &mut Vec<f32>,
+) -> Partial {
+    guided_logits(cond, uncond, offset, opts, scratch);
+    let logits: &Vec<f32> = scratch;
+    let kept = |l: f32| floor == 0 || truncate::key(l) >= floor;
     let local = if opts.temperature == 0.0 {
         first_argmax(logits.iter().map(|&l| l as f64))
     } else {
         let key = NoiseKey::new(opts.seed, Stream::Gumbel, step, position);
         let t = opts.temperature;
-        first_argmax(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(v, &l)| l as f64 - t * (-key.uniform((offset + v) as u64).ln()).ln()),
-        )
+        first_argmax(logits.iter().enumerate().map(|(v, &l)| {
+            if kept(l) {
+                l as f64 - t * (-key.uniform((offset + v) as u64).ln()).ln()
+            } else {
+                f64::NEG_INFINITY
+            }
+        }))
     };
     let logit = logits.get(local).map_or(f64::NEG_INFINITY, |&l| l as f64);
     let score = if opts.temperature == 0.0 {
         logit
+    } else if !logit.is_finite() || !kept(logit as f32) {
+        // Nothing of this slice is kept: it cannot win the draw.
+        f64::NEG_INFINITY
     } else {
         let key = NoiseKey::new(opts.seed, Stream::Gumbel, step, position);
         logit - opts.temperature * (-key.uniform((offset + local) as u64).ln()).ln()
@@ -310,6 +345,7 @@ pub fn predict_partial(
         lse,
         mean_logit,
         top,
+        max,
     }
 }
 
@@ -412,6 +448,7 @@ mod tests {
             eot: Some(2),
             mask: 99,
             top_logprobs: 0,
+            truncate: Truncate::OFF,
         }
     }
 
@@ -516,6 +553,7 @@ mod tests {
                                 &o,
                                 3,
                                 pos,
+                                0,
                                 &mut Vec::new(),
                             )
                         })
@@ -624,5 +662,59 @@ mod tests {
         assert_eq!(counts[2], 0);
         let f1 = counts[1] as f64 / 20_000.0;
         assert!((f1 - 0.6).abs() < 0.02, "{counts:?}");
+    }
+
+    #[test]
+    fn truncation_samples_the_renormalised_kept_tokens() {
+        // p = [0.1, 0.4, 0.3, 0.2] at temperature 1.
+        let logits: Vec<f32> = [0.1f32, 0.4, 0.3, 0.2].iter().map(|p| p.ln()).collect();
+        let draw = |top_k: u32, top_p: f64| {
+            let o = PredictOptions {
+                temperature: 1.0,
+                truncate: Truncate { top_k, top_p },
+                ..opts()
+            };
+            let mut counts = [0usize; 4];
+            for pos in 0..20_000 {
+                let p = predict(&logits, None, &o, 2, pos, &mut Vec::new());
+                counts[p.token as usize] += 1;
+                // Confidence and logprob stay the model's.
+                assert!((p.confidence - [0.1, 0.4, 0.3, 0.2][p.token as usize]).abs() < 1e-6);
+                assert!((p.logprob.exp() - p.confidence).abs() < 1e-12);
+            }
+            counts.map(|c| c as f64 / 20_000.0)
+        };
+        let near = |got: [f64; 4], want: [f64; 4]| {
+            assert!(
+                got.iter().zip(want).all(|(g, w)| (g - w).abs() < 0.015),
+                "{got:?} vs {want:?}"
+            );
+        };
+        near(draw(0, 1.0), [0.1, 0.4, 0.3, 0.2]);
+        near(draw(2, 1.0), [0.0, 4.0 / 7.0, 3.0 / 7.0, 0.0]);
+        // 0.4 + 0.3 reaches 0.65: two tokens.
+        near(draw(0, 0.65), [0.0, 4.0 / 7.0, 3.0 / 7.0, 0.0]);
+        // 0.4 + 0.3 + 0.2 = 0.9 reaches 0.71.
+        near(draw(0, 0.71), [0.0, 4.0 / 9.0, 3.0 / 9.0, 2.0 / 9.0]);
+        // top-k first, then top-p of what it kept: 0.4 / 0.7 = 0.57 >= 0.5.
+        near(draw(2, 0.5), [0.0, 1.0, 0.0, 0.0]);
+        near(draw(1, 1.0), [0.0, 1.0, 0.0, 0.0]);
+        // Off, the draw is the untruncated one token for token.
+        let o = PredictOptions {
+            temperature: 0.8,
+            ..opts()
+        };
+        let off = PredictOptions {
+            truncate: Truncate {
+                top_k: 4,
+                top_p: 1.0,
+            },
+            ..o
+        };
+        for pos in 0..200 {
+            let a = predict(&logits, None, &o, 1, pos, &mut Vec::new());
+            let b = predict(&logits, None, &off, 1, pos, &mut Vec::new());
+            assert_eq!(a, b);
+        }
     }
 }

@@ -518,6 +518,14 @@ impl Backend for CudaBackend {
             .expect("CUDA: copy to the host")
     }
 
+    fn read_host<'a>(&self, x: &'a CudaTensor) -> std::borrow::Cow<'a, [f32]> {
+        std::borrow::Cow::Owned(
+            self.stream
+                .clone_dtoh(&x.data)
+                .expect("CUDA: copy to the host"),
+        )
+    }
+
     fn load_hidden(&self, values: &[f32], rows: usize, cols: usize) -> CudaTensor {
         let data = self
             .stream
@@ -540,9 +548,10 @@ impl Backend for CudaBackend {
     /// come back, and the top-k (at most 5 pairs) when a request asks.
     fn head_partials(
         &self,
-        logits: CudaTensor,
+        logits: &CudaTensor,
         vocab: Range<usize>,
         queries: &[Query],
+        floors: &[u32],
     ) -> Vec<Vec<Partial>> {
         let hq = launch::head_queries(queries);
         let p = hq.cond.len();
@@ -631,6 +640,8 @@ impl Backend for CudaBackend {
                             lse: lse[i],
                             mean_logit: mean[i],
                             top: launch::head_top(&top_logit, &top_token, i, k),
+                            // TODO(truncate kernel): the slice's largest guided logit.
+                            max: f64::NEG_INFINITY,
                         };
                         i += 1;
                         part
