@@ -166,6 +166,18 @@ fn tensor_parallel_ranks_match_one_rank() {
             seed: 9,
             ..SamplerConfig::default()
         },
+        SamplerConfig {
+            gen_length: 16,
+            steps: 16,
+            block_length: 16,
+            temperature: 1.2,
+            seed: 6,
+            truncate: remask_sampler::Truncate {
+                top_k: 20,
+                top_p: 0.8,
+            },
+            ..SamplerConfig::default()
+        },
     ];
     let generate = |predict: &dyn Fn(
         &Canvas,
@@ -299,6 +311,78 @@ fn tensor_parallel_logprobs_match_one_rank() {
                     assert_eq!(g.top.iter().next(), Some((g.token, g.logprob)));
                 }
             }
+        }
+    }
+}
+
+/// A truncated draw (top-k, top-p, both) on any number of ranks is the
+/// whole row's: each rank's slice goes through the select's rounds and the
+/// thresholds are the ones `predict` finds on the assembled row of the same
+/// logits, so the tokens are the same, exactly; confidences, entropies and
+/// logprobs stay the untruncated ones.
+#[test]
+fn truncated_draws_on_split_vocabularies_equal_the_whole_row() {
+    use remask_sampler::{Canvas, PredictOptions, SamplerConfig, Truncate, predict};
+    let (_dir, ckpt, special) = small_tp();
+    let space = crate::token_space(&ckpt.config, &special);
+    for world in [1, 2, 4] {
+        let engine = Engine::load(&ckpt, world).unwrap();
+        for (top_k, top_p, cfg_scale) in
+            [(1, 1.0, 0.0), (7, 1.0, 0.0), (0, 0.6, 1.0), (50, 0.9, 0.0)]
+        {
+            let config = SamplerConfig {
+                gen_length: 16,
+                steps: 16,
+                block_length: 16,
+                temperature: 1.5,
+                cfg_scale,
+                seed: 11,
+                logprobs: Some(2),
+                truncate: Truncate { top_k, top_p },
+                ..SamplerConfig::default()
+            };
+            let canvas = Canvas::new(&[5, 6, 7, 8], config, space).unwrap();
+            let plan = canvas.plan();
+            let batch = StepBatch::new(&[(0, &canvas, &plan)]);
+            let rows = query_rows(&batch.queries);
+            let packing = Packing::new(batch.fed_lengths());
+            let logits = engine.logits(&batch.ids, &packing, Some(&rows));
+            let width = engine.config().embedding_size();
+            let q = &batch.queries[0];
+            let n = q.positions.len();
+            let got = engine.run(&batch).unwrap().pop().unwrap();
+            let untruncated = PredictOptions {
+                truncate: Truncate::OFF,
+                ..q.options
+            };
+            let mut differs = 0;
+            for (j, g) in got.iter().enumerate() {
+                let row = |i: usize| &logits[i * width..(i + 1) * width];
+                let un = q.uncond_base.map(|_| row(n + j));
+                let pos = q.positions[j] as u64;
+                let want = predict(row(j), un, &q.options, q.step, pos, &mut Vec::new());
+                assert_eq!(g.token, want.token, "TP={world} k={top_k} p={top_p}");
+                assert!((g.confidence - want.confidence).abs() < 1e-9);
+                assert!((g.logprob - want.logprob).abs() < 1e-9);
+                let free = predict(row(j), un, &untruncated, q.step, pos, &mut Vec::new());
+                assert!((g.entropy - free.entropy).abs() < 1e-9);
+                differs += usize::from(free.token != g.token);
+                if top_k == 1 {
+                    // top-k 1: the argmax, whatever the noise.
+                    let greedy = PredictOptions {
+                        temperature: 0.0,
+                        ..untruncated
+                    };
+                    let argmax = predict(row(j), un, &greedy, q.step, pos, &mut Vec::new());
+                    assert_eq!(g.token, argmax.token);
+                }
+            }
+            // At temperature 1.5 over random weights the untruncated draw
+            // wanders: truncation must show.
+            assert!(
+                differs > 0,
+                "TP={world} k={top_k} p={top_p}: nothing truncated"
+            );
         }
     }
 }
