@@ -29,7 +29,8 @@ pub use engine::{CacheUsage, Engine, StageInput, StageOutput, token_space};
 pub use kv::{KvError, Seq};
 pub use llada::{Llada, Shard};
 pub use query::{
-    Query, StepBatch, StepRequest, cache_ids, combine_ranks, partial_queries, query_rows,
+    Query, StepBatch, StepRequest, cache_ids, combine_ranks, histogram_queries, partial_queries,
+    query_rows, run_selects, selects, truncates,
 };
 
 #[cfg(test)]
