@@ -32,6 +32,7 @@ fn main() {
         ms.sort_by(f64::total_cmp);
         ms[ms.len() / 2]
     };
+    let rounds_run = std::cell::Cell::new(0usize);
     for temperature in [0.0, 1.0] {
         let mut medians = Vec::new();
         for (k, truncate) in [
@@ -72,19 +73,23 @@ fn main() {
                     std::hint::black_box(partials);
                     return;
                 }
+                let mut n = 0;
                 let floors = run_selects(selects(&partials, &queries), |rounds| {
+                    n += 1;
                     vec![histogram_queries(&logits, 0..vocab, &queries, rounds)]
                 });
+                rounds_run.set(n);
                 std::hint::black_box(partial_queries(&logits, 0..vocab, &queries, &floors));
             }));
         }
         println!(
-            "temperature {temperature}: {rows} rows x {vocab}: k=0 {:.2} ms, k=5 {:.2} ms (ratio {:.3}), top-k 50 + top-p 0.95 {:.2} ms (ratio {:.3})",
+            "temperature {temperature}: {rows} rows x {vocab}: k=0 {:.2} ms, k=5 {:.2} ms (ratio {:.3}), top-k 50 + top-p 0.95 {:.2} ms (ratio {:.3}, {} select rounds)",
             medians[0],
             medians[1],
             medians[1] / medians[0],
             medians[2],
-            medians[2] / medians[0]
+            medians[2] / medians[0],
+            rounds_run.get()
         );
     }
 }
