@@ -6,7 +6,9 @@
 
 use crate::backend::{Heads, Packing};
 use crate::query::{Query, query_rows};
+use remask_sampler::Partial;
 use remask_sampler::rng::{NoiseKey, Stream};
+use remask_sampler::truncate::{BINS, Bins, Round};
 
 /// The CUDA source of every kernel.
 pub const KERNELS: &str = include_str!("cuda/kernels.cu");
@@ -137,9 +139,15 @@ pub struct HeadQueries {
     /// largest guided logits to return (`top_logprobs`, at most
     /// `HEAD_TOP_MAX`).
     pub flags: Vec<u32>,
+    /// The draw keeps the keys at least this (a truncated draw's
+    /// threshold; 0: every token).
+    pub floors: Vec<u32>,
 }
 
-pub fn head_queries(queries: &[Query]) -> HeadQueries {
+/// The inputs of `queries`, the draw of queried position `i` (in query
+/// order) truncated to `floors[i]` (`Backend::head_partials`; empty or
+/// short: 0 for the rest).
+pub fn head_queries(queries: &[Query], floors: &[u32]) -> HeadQueries {
     let mut h = HeadQueries::default();
     let mut first = 0u32;
     for q in queries {
@@ -156,6 +164,8 @@ pub fn head_queries(queries: &[Query]) -> HeadQueries {
             h.eos.push(q.options.eos);
             let k = (q.options.top_logprobs as u32).min(HEAD_TOP_MAX as u32);
             h.flags.push(u32::from(q.options.logits_eos_inf) | (k << 1));
+            h.floors
+                .push(floors.get(h.floors.len()).copied().unwrap_or(0));
         }
         first += if q.uncond_base.is_some() { 2 * n } else { n };
     }
@@ -181,7 +191,94 @@ pub fn head_top(logits: &[f64], tokens: &[i32], i: usize, k: usize) -> remask_sa
     top
 }
 
-/// `head_partials`: one block of 256 threads per queried position.
+/// What `head_partials` writes, back on the host: one entry per queried
+/// position, and `HEAD_TOP_MAX` top-k slots per position (empty when no
+/// position asks for top logprobs).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeadOutputs {
+    pub score: Vec<f64>,
+    pub token: Vec<u32>,
+    pub logit: Vec<f64>,
+    pub lse: Vec<f64>,
+    pub mean: Vec<f64>,
+    pub max: Vec<f64>,
+    pub top_logit: Vec<f64>,
+    pub top_token: Vec<i32>,
+}
+
+/// The kernel's outputs as each query's partials (what the host's
+/// `partial_queries` returns).
+pub fn head_partials(queries: &[Query], out: &HeadOutputs) -> Vec<Vec<Partial>> {
+    let mut i = 0;
+    queries
+        .iter()
+        .map(|q| {
+            let k = (q.options.top_logprobs as usize).min(HEAD_TOP_MAX);
+            q.positions
+                .iter()
+                .map(|_| {
+                    let part = Partial {
+                        score: out.score[i],
+                        token: out.token[i],
+                        logit: out.logit[i],
+                        lse: out.lse[i],
+                        mean_logit: out.mean[i],
+                        top: head_top(&out.top_logit, &out.top_token, i, k),
+                        max: out.max[i],
+                    };
+                    i += 1;
+                    part
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The per-position inputs of `head_histograms` for one select round, in
+/// query order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HeadRounds {
+    /// (active, floor, prefix, level) per position; active 0: the position
+    /// has no round, and its bins stay zero.
+    pub keys: Vec<u32>,
+    /// (temperature, max) per position: what the masses are relative to.
+    pub scale: Vec<f64>,
+}
+
+/// The rounds of `positions` queried positions (`rounds` short: no round
+/// for the rest, as `histogram_queries` reads them).
+pub fn head_rounds(rounds: &[Option<Round>], positions: usize) -> HeadRounds {
+    let mut h = HeadRounds::default();
+    for i in 0..positions {
+        match rounds.get(i).copied().flatten() {
+            Some(r) => {
+                h.keys.extend([1, r.floor, r.prefix, r.level]);
+                h.scale.extend([r.temperature, r.max]);
+            }
+            None => {
+                h.keys.extend([0; 4]);
+                h.scale.extend([0.0; 2]);
+            }
+        }
+    }
+    h
+}
+
+/// `head_histograms`' bins (`BINS` counts and masses per position) as one
+/// `Bins` per position.
+pub fn head_bins(count: &[u64], mass: &[u64]) -> Vec<Bins> {
+    count
+        .chunks_exact(BINS)
+        .zip(mass.chunks_exact(BINS))
+        .map(|(c, m)| Bins {
+            count: c.try_into().expect("BINS counts"),
+            mass: m.try_into().expect("BINS masses"),
+        })
+        .collect()
+}
+
+/// `head_partials` and `head_histograms`: one block of 256 threads per
+/// queried position.
 pub fn head_geometry(positions: usize) -> Geometry {
     Geometry {
         grid: (positions.max(1) as u32, 1, 1),

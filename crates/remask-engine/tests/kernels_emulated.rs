@@ -10,9 +10,11 @@
 
 use remask_engine::backend::{Backend, Heads, Packing};
 use remask_engine::launch::{self, AttentionPlan, Geometry};
-use remask_engine::{CpuBackend, Matrix, Query, partial_queries};
+use remask_engine::query::{histogram_queries, run_selects, selects};
+use remask_engine::{CpuBackend, Matrix, Query, combine_ranks, partial_queries, query_rows};
 use remask_model::{GeneratedTensor, Init, Preset};
-use remask_sampler::{PredictOptions, Remasking};
+use remask_sampler::truncate::{BINS, Bins, Round};
+use remask_sampler::{Partial, PredictOptions, Remasking, guided_logits, predict};
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
@@ -33,6 +35,8 @@ fn emu() -> Option<&'static Emu> {
                 "-std=c++17",
                 "-O1",
                 "-fno-strict-aliasing",
+                // Rust never fuses a multiply and an add: neither may the kernels here.
+                "-ffp-contract=off",
                 "-shared",
                 "-fPIC",
             ])
@@ -493,80 +497,28 @@ fn rope_matches_the_cpu_backend() {
     assert!(max_abs_diff(&got, &want.data) < 1e-6);
 }
 
-/// The fused head reduction against the host's `partial_queries`: greedy,
-/// Gumbel (temperature), guidance with the prompt-masked twin, the EOS
-/// logit at -inf, and a vocabulary slice that does not start at 0.
-#[test]
-fn head_partials_match_the_host_reduction() {
-    let Some(emu) = emu() else { return };
-    let width = 1000;
-    let vocab = 3000..4000;
-    let options = |temperature: f64, cfg_scale: f64, logits_eos_inf: bool| PredictOptions {
-        temperature,
-        cfg_scale,
-        logits_eos_inf,
-        seed: 42,
-        eos: 3100,
-        eot: Some(3101),
-        mask: 3999,
-        remasking: Remasking::LowConfidence,
-        confidence_eos_eot_inf: false,
-        top_logprobs: 0,
-        truncate: remask_sampler::Truncate::OFF,
-    };
-    // Top-k of 0 (the default), 3 and 5 in one launch.
-    let with_top = |o: PredictOptions, k: u8| PredictOptions {
-        top_logprobs: k,
-        ..o
-    };
-    let queries = vec![
-        Query {
-            cond_base: 0,
-            uncond_base: None,
-            first: 0,
-            positions: vec![0, 2, 5],
-            step: 3,
-            options: options(0.0, 0.0, false),
-        },
-        Query {
-            cond_base: 10,
-            uncond_base: Some(20),
-            first: 0,
-            positions: vec![1, 4],
-            step: 7,
-            options: with_top(options(0.8, 1.5, true), 3),
-        },
-        Query {
-            cond_base: 30,
-            uncond_base: None,
-            first: 0,
-            positions: vec![3],
-            step: 0,
-            options: with_top(options(1.0, 0.0, true), 5),
-        },
-    ];
-    let rows = remask_engine::query_rows(&queries).len();
-    // Logits as the head leaves them: one row per queried row, a planted
-    // winner on the EOS id and the mask id in some rows.
-    let mut logits: Vec<f32> = values(rows * width, 12).iter().map(|x| x * 6.0).collect();
-    for r in 0..rows {
-        if r % 2 == 0 {
-            logits[r * width + 100] = 20.0; // EOS (3100)
-        }
-        logits[r * width + 999] = 25.0; // the mask
-    }
-    let want = partial_queries(&logits, vocab.clone(), &queries, &[]);
-    let hq = launch::head_queries(&queries);
+/// `head_partials` on the emulation, with the inputs `CudaBackend::head_partials`
+/// uploads; the top-k slots start at -7, to show the ones never written.
+fn emulated_head(
+    emu: &Emu,
+    logits: &[f32],
+    vocab: Range<usize>,
+    queries: &[Query],
+    floors: &[u32],
+) -> launch::HeadOutputs {
+    let hq = launch::head_queries(queries, floors);
     let p = hq.cond.len();
-    let (mut score, mut token, mut logit, mut lse, mut mean) = (
-        vec![0f64; p],
-        vec![0u32; p],
-        vec![0f64; p],
-        vec![0f64; p],
-        vec![0f64; p],
-    );
     let slots = p * launch::HEAD_TOP_MAX;
-    let (mut top_logit, mut top_token) = (vec![0f64; slots], vec![-7i32; slots]);
+    let mut out = launch::HeadOutputs {
+        score: vec![0.0; p],
+        token: vec![0; p],
+        logit: vec![0.0; p],
+        lse: vec![0.0; p],
+        mean: vec![0.0; p],
+        max: vec![0.0; p],
+        top_logit: vec![0.0; slots],
+        top_token: vec![-7; slots],
+    };
     launch!(
         emu,
         "head_partials",
@@ -574,6 +526,7 @@ fn head_partials_match_the_host_reduction() {
         (
             *mut f64,
             *mut u32,
+            *mut f64,
             *mut f64,
             *mut f64,
             *mut f64,
@@ -589,18 +542,20 @@ fn head_partials_match_the_host_reduction() {
             *const f64,
             *const u32,
             *const u32,
+            *const u32,
             *const u32
         ),
         (
-            score.as_mut_ptr(),
-            token.as_mut_ptr(),
-            logit.as_mut_ptr(),
-            lse.as_mut_ptr(),
-            mean.as_mut_ptr(),
-            top_logit.as_mut_ptr(),
-            top_token.as_mut_ptr(),
+            out.score.as_mut_ptr(),
+            out.token.as_mut_ptr(),
+            out.logit.as_mut_ptr(),
+            out.lse.as_mut_ptr(),
+            out.mean.as_mut_ptr(),
+            out.max.as_mut_ptr(),
+            out.top_logit.as_mut_ptr(),
+            out.top_token.as_mut_ptr(),
             logits.as_ptr(),
-            width as i32,
+            vocab.len() as i32,
             vocab.start as i32,
             hq.cond.as_ptr(),
             hq.uncond.as_ptr(),
@@ -609,45 +564,400 @@ fn head_partials_match_the_host_reduction() {
             hq.cfg_scale.as_ptr(),
             hq.mask.as_ptr(),
             hq.eos.as_ptr(),
-            hq.flags.as_ptr()
+            hq.flags.as_ptr(),
+            hq.floors.as_ptr()
         )
     );
-    let want: Vec<_> = want.into_iter().flatten().collect();
-    assert_eq!(want.len(), p);
-    for (i, w) in want.iter().enumerate() {
-        assert_eq!(token[i], w.token, "position {i}: token");
-        assert!(
-            (score[i] - w.score).abs() <= 1e-9 * w.score.abs().max(1.0),
-            "score {i}"
-        );
-        assert!((logit[i] - w.logit).abs() <= 1e-6, "logit {i}");
-        assert!(
-            (lse[i] - w.lse).abs() <= 1e-6 * w.lse.abs().max(1.0),
-            "lse {i}"
-        );
-        // The softmax-weighted mean logit, which gives the entropy.
-        assert!(
-            (mean[i] - w.mean_logit).abs() <= 1e-6 * w.mean_logit.abs().max(1.0),
-            "mean logit {i}: {} vs {}",
-            mean[i],
-            w.mean_logit
-        );
-        // The top-k: the same tokens in the same order, the same logits
-        // (f32 values, exactly); slots past k never written.
-        let k = (hq.flags[i] >> 1) as usize;
-        let got = launch::head_top(&top_logit, &top_token, i, k);
-        assert_eq!(got.len(), w.top.len(), "position {i}: top-k length");
-        assert_eq!(got, w.top, "position {i}: top-k");
-        assert!(k == 0 || got.len() == k);
-        assert!(
-            top_token[i * launch::HEAD_TOP_MAX + k..(i + 1) * launch::HEAD_TOP_MAX]
-                .iter()
-                .all(|&t| t == -7)
-        );
+    out
+}
+
+/// `head_histograms` on the emulation, with the inputs
+/// `CudaBackend::head_histograms` uploads (launched even when no position
+/// has a round); the bins start at a sentinel, to show that the kernel
+/// writes every one.
+fn emulated_histograms(
+    emu: &Emu,
+    logits: &[f32],
+    vocab: Range<usize>,
+    queries: &[Query],
+    rounds: &[Option<Round>],
+) -> Vec<Bins> {
+    let hq = launch::head_queries(queries, &[]);
+    let p = hq.cond.len();
+    let hr = launch::head_rounds(rounds, p);
+    let (mut count, mut mass) = (vec![0xDEADu64; p * BINS], vec![0xBEEFu64; p * BINS]);
+    launch!(
+        emu,
+        "head_histograms",
+        launch::head_geometry(p),
+        (
+            *mut u64,
+            *mut u64,
+            *const f32,
+            i32,
+            i32,
+            *const u32,
+            *const i32,
+            *const f64,
+            *const u32,
+            *const u32,
+            *const u32,
+            *const u32,
+            *const f64
+        ),
+        (
+            count.as_mut_ptr(),
+            mass.as_mut_ptr(),
+            logits.as_ptr(),
+            vocab.len() as i32,
+            vocab.start as i32,
+            hq.cond.as_ptr(),
+            hq.uncond.as_ptr(),
+            hq.cfg_scale.as_ptr(),
+            hq.mask.as_ptr(),
+            hq.eos.as_ptr(),
+            hq.flags.as_ptr(),
+            hr.keys.as_ptr(),
+            hr.scale.as_ptr()
+        )
+    );
+    launch::head_bins(&count, &mass)
+}
+
+/// The head tests' options: EOS 3100, EoT 3101 and the mask 3999 in the
+/// vocabulary slice 3000..4000.
+fn head_options(temperature: f64, cfg_scale: f64, logits_eos_inf: bool) -> PredictOptions {
+    PredictOptions {
+        temperature,
+        cfg_scale,
+        logits_eos_inf,
+        seed: 42,
+        eos: 3100,
+        eot: Some(3101),
+        mask: 3999,
+        remasking: Remasking::LowConfidence,
+        confidence_eos_eot_inf: false,
+        top_logprobs: 0,
+        truncate: remask_sampler::Truncate::OFF,
     }
-    assert!(hq.flags.iter().any(|&f| f >> 1 == 5));
-    // The planted mask never wins; the EOS wins exactly where it is allowed.
-    assert!(token.iter().all(|&t| t != 3999));
+}
+
+/// Greedy, Gumbel (temperature), guidance with the prompt-masked twin,
+/// the EOS logit at -inf, top-k logprobs of 0, 3 and 5: 8 positions.
+fn head_test_queries() -> Vec<Query> {
+    let with_top = |o: PredictOptions, k: u8| PredictOptions {
+        top_logprobs: k,
+        ..o
+    };
+    vec![
+        Query {
+            cond_base: 0,
+            uncond_base: None,
+            first: 0,
+            positions: vec![0, 2, 5],
+            step: 3,
+            options: head_options(0.0, 0.0, false),
+        },
+        Query {
+            cond_base: 10,
+            uncond_base: Some(20),
+            first: 0,
+            positions: vec![1, 4, 6, 7],
+            step: 7,
+            options: with_top(head_options(0.8, 1.5, true), 3),
+        },
+        Query {
+            cond_base: 30,
+            uncond_base: None,
+            first: 0,
+            positions: vec![3],
+            step: 0,
+            options: with_top(head_options(1.0, 0.0, true), 5),
+        },
+    ]
+}
+
+/// Logits as the head leaves them for `queries` (one row per queried row,
+/// `width` wide), a planted winner on the EOS id (column 100) and the mask
+/// (column 999) in some rows.
+fn head_test_logits(queries: &[Query], width: usize) -> Vec<f32> {
+    let rows = remask_engine::query_rows(queries).len();
+    let mut logits: Vec<f32> = values(rows * width, 12).iter().map(|x| x * 6.0).collect();
+    for r in 0..rows {
+        if r % 2 == 0 {
+            logits[r * width + 100] = 20.0;
+        }
+        logits[r * width + 999] = 25.0;
+    }
+    logits
+}
+
+/// One kernel partial against the host's: the same token, the numbers up
+/// to the rounding of the reductions, the top-k and the maximum exactly.
+fn assert_partial(got: &Partial, want: &Partial, what: &str) {
+    assert_eq!(got.token, want.token, "{what}: token");
+    assert!(
+        got.score == want.score
+            || (got.score - want.score).abs() <= 1e-9 * want.score.abs().max(1.0),
+        "{what}: score {} vs {}",
+        got.score,
+        want.score
+    );
+    assert!((got.logit - want.logit).abs() <= 1e-6, "{what}: logit");
+    assert!(
+        (got.lse - want.lse).abs() <= 1e-6 * want.lse.abs().max(1.0),
+        "{what}: lse"
+    );
+    // The softmax-weighted mean logit, which gives the entropy.
+    assert!(
+        (got.mean_logit - want.mean_logit).abs() <= 1e-6 * want.mean_logit.abs().max(1.0),
+        "{what}: mean logit {} vs {}",
+        got.mean_logit,
+        want.mean_logit
+    );
+    // The top-k: the same tokens in the same order, the same logits (f32
+    // values, exactly).
+    assert_eq!(got.top, want.top, "{what}: top-k");
+    assert_eq!(got.max, want.max, "{what}: max");
+}
+
+/// The fused head reduction against the host's `partial_queries`, with a
+/// vocabulary slice that does not start at 0, untruncated and then with
+/// the draw truncated to floors: one that excludes the untruncated winner,
+/// one exactly at its key, one in the middle of the logits, one that keeps
+/// nothing, 0; greedy positions ignore theirs.
+#[test]
+fn head_partials_match_the_host_reduction() {
+    let Some(emu) = emu() else { return };
+    let (width, vocab) = (1000, 3000..4000);
+    let queries = head_test_queries();
+    let logits = head_test_logits(&queries, width);
+    let untruncated: Vec<Partial> = partial_queries(&logits, vocab.clone(), &queries, &[])
+        .into_iter()
+        .flatten()
+        .collect();
+    let key = remask_sampler::truncate::key;
+    let winner = |i: usize| key(untruncated[i].logit as f32);
+    let floors = [
+        // Greedy (query 0).
+        key(4.0),
+        u32::MAX,
+        0,
+        // Temperature 0.8 with guidance (query 1), and 1.0 (query 2).
+        winner(3),
+        winner(4) + 1,
+        key(4.0),
+        u32::MAX,
+        0,
+    ];
+    for floors in [&[][..], &floors] {
+        let want = partial_queries(&logits, vocab.clone(), &queries, floors);
+        let out = emulated_head(emu, &logits, vocab.clone(), &queries, floors);
+        let got = launch::head_partials(&queries, &out);
+        let hq = launch::head_queries(&queries, floors);
+        let p = hq.cond.len();
+        for (i, (g, w)) in got.iter().flatten().zip(want.iter().flatten()).enumerate() {
+            assert_partial(g, w, &format!("floors {floors:?}: position {i}"));
+            // Top-k slots past k are never written.
+            let k = (hq.flags[i] >> 1) as usize;
+            assert!(k == 0 || g.top.len() == k);
+            assert!(
+                out.top_token[i * launch::HEAD_TOP_MAX + k..(i + 1) * launch::HEAD_TOP_MAX]
+                    .iter()
+                    .all(|&t| t == -7)
+            );
+        }
+        assert_eq!(got.iter().flatten().count(), p);
+        assert!(hq.flags.iter().any(|&f| f >> 1 == 5));
+        // The planted mask never wins.
+        assert!(out.token.iter().all(|&t| t != 3999));
+    }
+    // The truncation did what it says: greedy positions and floors that
+    // keep the winner draw the untruncated token, a floor above it another,
+    // a floor above everything cannot win.
+    let truncated: Vec<Partial> = partial_queries(&logits, vocab.clone(), &queries, &floors)
+        .into_iter()
+        .flatten()
+        .collect();
+    for i in [0, 1, 2, 3, 7] {
+        assert_eq!(truncated[i].token, untruncated[i].token, "position {i}");
+    }
+    assert_ne!(truncated[4].token, untruncated[4].token);
+    assert!(truncated[4].score.is_finite() && truncated[5].score.is_finite());
+    assert_eq!(truncated[6].score, f64::NEG_INFINITY);
+}
+
+/// `head_histograms` against the host's `histogram_queries`, bin for bin:
+/// count-only (top-k) and mass (top-p) rounds, with and without a floor,
+/// at every level with the prefix of a token of the row, and positions
+/// without a round (zero bins), over the slice 3000..4000 with guidance and
+/// the EOS logit at -inf.
+#[test]
+fn head_histograms_match_the_host_select() {
+    let Some(emu) = emu() else { return };
+    let (width, vocab) = (1000, 3000..4000);
+    let queries = head_test_queries();
+    let logits = head_test_logits(&queries, width);
+    let partials: Vec<Partial> = partial_queries(&logits, vocab.clone(), &queries, &[])
+        .into_iter()
+        .flatten()
+        .collect();
+    let key = remask_sampler::truncate::key;
+    let round = |i: usize, level: u32, floor: u32, temperature: f64| {
+        // The digits above `level` of the row's greedy winner: its bin at
+        // that level holds at least it.
+        let winner = key(partials[i].logit as f32);
+        let prefix = if level == 0 {
+            0
+        } else {
+            winner & !(u32::MAX >> (8 * level))
+        };
+        Some(Round {
+            floor,
+            prefix,
+            level,
+            temperature,
+            max: partials[i].max,
+        })
+    };
+    let rounds = [
+        None,
+        round(1, 0, 0, 0.0),
+        round(2, 0, key(2.0), 0.7),
+        round(3, 1, 0, 0.0),
+        round(4, 2, key(1.0), 1.0),
+        round(5, 3, 0, 0.0),
+        round(6, 3, 0, 1.3),
+        None,
+    ];
+    let want = histogram_queries(&logits, vocab.clone(), &queries, &rounds);
+    let got = emulated_histograms(emu, &logits, vocab.clone(), &queries, &rounds);
+    assert_eq!(got.len(), rounds.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "position {i}: {:?}", rounds[i]);
+        let counted: u64 = g.count.iter().sum();
+        let weighed: u64 = g.mass.iter().sum();
+        match rounds[i] {
+            None => assert_eq!((counted, weighed), (0, 0), "position {i}"),
+            Some(r) => {
+                assert!(counted > 0, "position {i}: nothing counted");
+                assert_eq!(weighed > 0, r.temperature > 0.0, "position {i}");
+            }
+        }
+    }
+    // The first level-0 count round sees every finite guided logit: the
+    // mask (and here no EOS: flag 0) excluded.
+    assert_eq!(got[1].count.iter().sum::<u64>(), width as u64 - 1);
+    // No round anywhere: all zeros.
+    let none = emulated_histograms(emu, &logits, vocab, &queries, &[]);
+    assert!(none.iter().all(|b| *b == Bins::default()));
+}
+
+/// The whole truncated draw as the engine runs it on two GPUs, each
+/// holding half the vocabulary: untruncated partials (their maxima), the
+/// select's rounds on the emulated `head_histograms`, the thresholds, the
+/// truncated partials, `combine`; against `predict` on the whole rows, and
+/// each threshold against `truncate::threshold` on the whole guided row.
+#[test]
+fn truncated_draws_over_two_slices_match_the_whole_row() {
+    let Some(emu) = emu() else { return };
+    let width = 1000;
+    let slices = [0..600, 600..1000];
+    let truncated = |temperature: f64, cfg_scale: f64, top_k: u32, top_p: f64| PredictOptions {
+        temperature,
+        cfg_scale,
+        logits_eos_inf: true,
+        seed: 9,
+        eos: 100,
+        eot: None,
+        mask: 999,
+        remasking: Remasking::LowConfidence,
+        confidence_eos_eot_inf: false,
+        top_logprobs: 0,
+        truncate: remask_sampler::Truncate { top_k, top_p },
+    };
+    let query = |cond_base: usize, uncond: bool, options: PredictOptions| Query {
+        cond_base,
+        uncond_base: uncond.then_some(cond_base + 8),
+        first: 0,
+        positions: (0..8).collect(),
+        step: 2,
+        options,
+    };
+    let queries = vec![
+        query(0, false, truncated(1.0, 0.0, 5, 1.0)),
+        query(8, true, truncated(0.7, 1.0, 0, 0.9)),
+        query(24, false, truncated(1.2, 0.0, 50, 0.5)),
+        query(32, false, truncated(1.0, 0.0, 1, 1.0)),
+        // Greedy and untruncated: no select.
+        query(40, false, truncated(0.0, 0.0, 3, 0.5)),
+        query(48, false, truncated(1.0, 0.0, 0, 1.0)),
+    ];
+    let logits = head_test_logits(&queries, width);
+    let rows = logits.len() / width;
+    let slice_logits: Vec<Vec<f32>> = slices
+        .iter()
+        .map(|s| {
+            (0..rows)
+                .flat_map(|r| {
+                    logits[r * width..(r + 1) * width][s.clone()]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        })
+        .collect();
+    let partials = |floors: &[u32]| -> Vec<Vec<Vec<Partial>>> {
+        slices
+            .iter()
+            .zip(&slice_logits)
+            .map(|(s, l)| {
+                launch::head_partials(
+                    &queries,
+                    &emulated_head(emu, l, s.clone(), &queries, floors),
+                )
+            })
+            .collect()
+    };
+    let mut rounds = 0;
+    let floors = run_selects(selects(&partials(&[]), &queries), |round| {
+        rounds += 1;
+        slices
+            .iter()
+            .zip(&slice_logits)
+            .map(|(s, l)| emulated_histograms(emu, l, s.clone(), &queries, round))
+            .collect()
+    });
+    assert!(rounds > 0 && rounds <= 8, "{rounds} rounds");
+    let predictions = combine_ranks(&partials(&floors), &queries);
+    let (mut i, mut scratch) = (0, Vec::new());
+    for (qi, q) in queries.iter().enumerate() {
+        let n = q.positions.len();
+        let first = query_rows(&queries[..qi]).len();
+        for (j, &pos) in q.positions.iter().enumerate() {
+            let row = |r: usize| &logits[r * width..(r + 1) * width];
+            let cond = row(first + j);
+            let un = q.uncond_base.map(|_| row(first + n + j));
+            let want = predict(cond, un, &q.options, q.step, pos as u64, &mut scratch);
+            let got = predictions[qi][j];
+            assert_eq!(got.token, want.token, "query {qi} position {pos}");
+            assert!((got.confidence - want.confidence).abs() < 1e-9);
+            guided_logits(cond, un, 0, &q.options, &mut scratch);
+            let threshold = remask_sampler::truncate::threshold(&[&scratch], &q.options);
+            assert_eq!(floors[i], threshold, "query {qi} position {pos}");
+            let kept = scratch
+                .iter()
+                .filter(|&&l| l.is_finite() && remask_sampler::truncate::key(l) >= floors[i])
+                .count();
+            match q.options.truncate.top_k {
+                _ if qi >= 4 => assert_eq!(floors[i], 0),
+                1 => assert_eq!(kept, 1),
+                5 => assert_eq!(kept, 5),
+                _ => assert!((1..999).contains(&kept), "query {qi}: {kept} kept"),
+            }
+            i += 1;
+        }
+    }
 }
 
 // ------------------------------------------------------ generated weights

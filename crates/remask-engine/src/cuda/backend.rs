@@ -13,6 +13,7 @@ use cudarc::driver::{
 };
 use remask_model::{DType, Result, TensorRef};
 use remask_sampler::Partial;
+use remask_sampler::truncate::{BINS, Bins, Round};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -544,7 +545,7 @@ impl Backend for CudaBackend {
         }
     }
 
-    /// The fused head reduction on the GPU: only five numbers per position
+    /// The fused head reduction on the GPU: only six numbers per position
     /// come back, and the top-k (at most 5 pairs) when a request asks.
     fn head_partials(
         &self,
@@ -553,7 +554,7 @@ impl Backend for CudaBackend {
         queries: &[Query],
         floors: &[u32],
     ) -> Vec<Vec<Partial>> {
-        let hq = launch::head_queries(queries);
+        let hq = launch::head_queries(queries, floors);
         let p = hq.cond.len();
         let s = &self.stream;
         let up = "CUDA: copy the head queries to the device";
@@ -562,18 +563,20 @@ impl Backend for CudaBackend {
             s.clone_htod(&hq.uncond).expect(up),
             s.clone_htod(&hq.keys).expect(up),
         );
-        let (temp, cfg, mask, eos, flags) = (
+        let (temp, cfg, mask, eos, flags, floors) = (
             s.clone_htod(&hq.temperature).expect(up),
             s.clone_htod(&hq.cfg_scale).expect(up),
             s.clone_htod(&hq.mask).expect(up),
             s.clone_htod(&hq.eos).expect(up),
             s.clone_htod(&hq.flags).expect(up),
+            s.clone_htod(&hq.floors).expect(up),
         );
         let mut score: CudaSlice<f64> = s.alloc_zeros(p).expect("CUDA: out of memory");
         let mut token: CudaSlice<u32> = s.alloc_zeros(p).expect("CUDA: out of memory");
         let mut logit: CudaSlice<f64> = s.alloc_zeros(p).expect("CUDA: out of memory");
         let mut lse: CudaSlice<f64> = s.alloc_zeros(p).expect("CUDA: out of memory");
         let mut mean: CudaSlice<f64> = s.alloc_zeros(p).expect("CUDA: out of memory");
+        let mut max: CudaSlice<f64> = s.alloc_zeros(p).expect("CUDA: out of memory");
         // The top-k slots only when some position asks for them (k = 0 is
         // the default path: one slot, never written, never copied back).
         let k_max = queries
@@ -595,6 +598,7 @@ impl Backend for CudaBackend {
             .arg(&mut logit)
             .arg(&mut lse)
             .arg(&mut mean)
+            .arg(&mut max)
             .arg(&mut top_logit)
             .arg(&mut top_token);
         l.arg(&logits.data).arg(&width).arg(&offset);
@@ -605,18 +609,12 @@ impl Backend for CudaBackend {
             .arg(&cfg)
             .arg(&mask)
             .arg(&eos)
-            .arg(&flags);
+            .arg(&flags)
+            .arg(&floors);
         if p > 0 {
             unsafe { l.launch(config(launch::head_geometry(p))) }.expect("CUDA: head_partials");
         }
         let down = "CUDA: copy the partials to the host";
-        let (score, token, logit, lse, mean) = (
-            s.clone_dtoh(&score).expect(down),
-            s.clone_dtoh(&token).expect(down),
-            s.clone_dtoh(&logit).expect(down),
-            s.clone_dtoh(&lse).expect(down),
-            s.clone_dtoh(&mean).expect(down),
-        );
         let (top_logit, top_token) = if k_max > 0 {
             (
                 s.clone_dtoh(&top_logit).expect(down),
@@ -625,29 +623,71 @@ impl Backend for CudaBackend {
         } else {
             (Vec::new(), Vec::new())
         };
-        let mut i = 0;
-        queries
-            .iter()
-            .map(|q| {
-                let k = (q.options.top_logprobs as usize).min(launch::HEAD_TOP_MAX);
-                q.positions
-                    .iter()
-                    .map(|_| {
-                        let part = Partial {
-                            score: score[i],
-                            token: token[i],
-                            logit: logit[i],
-                            lse: lse[i],
-                            mean_logit: mean[i],
-                            top: launch::head_top(&top_logit, &top_token, i, k),
-                            // TODO(truncate kernel): the slice's largest guided logit.
-                            max: f64::NEG_INFINITY,
-                        };
-                        i += 1;
-                        part
-                    })
-                    .collect()
-            })
-            .collect()
+        let out = launch::HeadOutputs {
+            score: s.clone_dtoh(&score).expect(down),
+            token: s.clone_dtoh(&token).expect(down),
+            logit: s.clone_dtoh(&logit).expect(down),
+            lse: s.clone_dtoh(&lse).expect(down),
+            mean: s.clone_dtoh(&mean).expect(down),
+            max: s.clone_dtoh(&max).expect(down),
+            top_logit,
+            top_token,
+        };
+        launch::head_partials(queries, &out)
+    }
+
+    /// A select round on the GPU: only the bins (256 counts and masses per
+    /// position) come back; nothing is launched when no position has a
+    /// round.
+    fn head_histograms(
+        &self,
+        logits: &CudaTensor,
+        vocab: Range<usize>,
+        queries: &[Query],
+        rounds: &[Option<Round>],
+    ) -> Vec<Bins> {
+        let hq = launch::head_queries(queries, &[]);
+        let p = hq.cond.len();
+        if !rounds.iter().any(Option::is_some) {
+            return vec![Bins::default(); p];
+        }
+        let hr = launch::head_rounds(rounds, p);
+        let s = &self.stream;
+        let up = "CUDA: copy the select round to the device";
+        let (cond, uncond, cfg) = (
+            s.clone_htod(&hq.cond).expect(up),
+            s.clone_htod(&hq.uncond).expect(up),
+            s.clone_htod(&hq.cfg_scale).expect(up),
+        );
+        let (mask, eos, flags) = (
+            s.clone_htod(&hq.mask).expect(up),
+            s.clone_htod(&hq.eos).expect(up),
+            s.clone_htod(&hq.flags).expect(up),
+        );
+        let (keys, scale) = (
+            s.clone_htod(&hr.keys).expect(up),
+            s.clone_htod(&hr.scale).expect(up),
+        );
+        let n = p * BINS;
+        let mut count: CudaSlice<u64> = s.alloc_zeros(n).expect("CUDA: out of memory");
+        let mut mass: CudaSlice<u64> = s.alloc_zeros(n).expect("CUDA: out of memory");
+        let (width, offset) = (vocab.len() as i32, vocab.start as i32);
+        let mut l = s.launch_builder(self.f("head_histograms"));
+        l.arg(&mut count).arg(&mut mass);
+        l.arg(&logits.data).arg(&width).arg(&offset);
+        l.arg(&cond)
+            .arg(&uncond)
+            .arg(&cfg)
+            .arg(&mask)
+            .arg(&eos)
+            .arg(&flags)
+            .arg(&keys)
+            .arg(&scale);
+        unsafe { l.launch(config(launch::head_geometry(p))) }.expect("CUDA: head_histograms");
+        let down = "CUDA: copy the bins to the host";
+        launch::head_bins(
+            &s.clone_dtoh(&count).expect(down),
+            &s.clone_dtoh(&mass).expect(down),
+        )
     }
 }

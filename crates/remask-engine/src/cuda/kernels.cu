@@ -371,20 +371,63 @@ __device__ __forceinline__ void top_insert(float* tv, int* ti, int& n, int k, fl
     if (n < k) ++n;
 }
 
-// The fused output-head reduction. One block per queried position: guidance
-// (un + (s+1)(cond - un)), the mask (and with flag 1 the EOS) logit at -inf,
-// Gumbel-max with the position's key when temperature > 0, and the slice's
-// best (score, token, guided logit), logsumexp and softmax-weighted mean
-// logit; with k = flags >> 1 (0 to 5) also the slice's k largest guided
-// logits and their ids (-inf / -1 past the slice's finite ones). Only these
-// numbers per position leave the GPU; `remask_sampler::combine` merges
-// slices. k = 0 skips every top-k instruction but one branch.
+// The rows of one queried position that the head kernels read.
+struct HeadRow {
+    const float* cond;
+    const float* un;  // the prompt-masked twin under guidance (cfg_scale > 0), else 0
+    float s1;         // cfg_scale + 1
+    unsigned int mask, eos;
+    bool eos_inf;
+};
+
+__device__ __forceinline__ HeadRow head_row(const float* logits, int width, const unsigned int* cond_rows,
+                                            const int* uncond_rows, const double* cfg_scale,
+                                            const unsigned int* mask_ids, const unsigned int* eos_ids,
+                                            const unsigned int* flags, int p) {
+    HeadRow r;
+    r.cond = logits + (long long)cond_rows[p] * width;
+    r.un = uncond_rows[p] >= 0 && cfg_scale[p] > 0.0 ? logits + (long long)uncond_rows[p] * width : 0;
+    r.s1 = (float)(cfg_scale[p] + 1.0);
+    r.mask = mask_ids[p];
+    r.eos = eos_ids[p];
+    r.eos_inf = flags[p] & 1u;
+    return r;
+}
+
+// The guided logit of token v (vocabulary id `id`), as
+// remask_sampler::guided_logits computes it: un + (s+1)(cond - un), each
+// operation rounded on its own (Rust does not fuse), then the mask (and with
+// flag 1 the EOS) logit at -inf. Both head kernels read the logits through
+// it, so the select's thresholds (head_histograms) compare exact keys of the
+// values the draw (head_partials) sees, and both are the host's.
+__device__ __forceinline__ float guided_logit(const HeadRow& r, int v, unsigned int id) {
+    float g = r.un ? __fadd_rn(r.un[v], __fmul_rn(r.s1, r.cond[v] - r.un[v])) : r.cond[v];
+    return id == r.mask || (r.eos_inf && id == r.eos) ? -INFINITY : g;
+}
+
+// The ordered key of a logit (remask_sampler::truncate::key): keys compare
+// as the logits do.
+__device__ __forceinline__ unsigned int logit_key(float g) {
+    unsigned int b = __float_as_uint(g);
+    return (b >> 31) ? ~b : (b | 0x80000000u);
+}
+
+// The fused output-head reduction. One block per queried position: the
+// guided logits (guided_logit), Gumbel-max with the position's key when
+// temperature > 0 over the tokens whose key is at least the position's
+// floor (a truncated draw's threshold; 0: every token), and the slice's
+// best (score, token, guided logit), logsumexp, softmax-weighted mean logit
+// and largest guided logit (over the whole slice, whatever the floor); with
+// k = flags >> 1 (0 to 5) also the slice's k largest guided logits and their
+// ids (-inf / -1 past the slice's finite ones). Only these numbers per
+// position leave the GPU; `remask_sampler::combine` merges slices. k = 0
+// skips every top-k instruction but one branch.
 extern "C" __global__ void head_partials(
     double* out_score, unsigned int* out_token, double* out_logit, double* out_lse,
-    double* out_mean, double* out_top_logit, int* out_top_token, const float* logits, int width,
-    int vocab_offset, const unsigned int* cond_rows, const int* uncond_rows, const u64* keys,
+    double* out_mean, double* out_max, double* out_top_logit, int* out_top_token, const float* logits,
+    int width, int vocab_offset, const unsigned int* cond_rows, const int* uncond_rows, const u64* keys,
     const double* temperature, const double* cfg_scale, const unsigned int* mask_ids,
-    const unsigned int* eos_ids, const unsigned int* flags) {
+    const unsigned int* eos_ids, const unsigned int* flags, const unsigned int* floors) {
     __shared__ double s_score[256];
     __shared__ int s_idx[256];
     __shared__ float s_logit[256];
@@ -397,21 +440,20 @@ extern "C" __global__ void head_partials(
     __shared__ int s_ti[256 * HEAD_TOP_MAX];
     __shared__ int s_tn[256];
     int p = blockIdx.x, t = threadIdx.x;
-    const float* cond = logits + (long long)cond_rows[p] * width;
-    const float* un = uncond_rows[p] >= 0 ? logits + (long long)uncond_rows[p] * width : 0;
-    float s1 = (float)(cfg_scale[p] + 1.0);
+    const HeadRow row = head_row(logits, width, cond_rows, uncond_rows, cfg_scale, mask_ids, eos_ids, flags, p);
     double temp = temperature[p];
+    unsigned int floor = floors[p];
     int k = (int)(flags[p] >> 1);
     if (k > HEAD_TOP_MAX) k = HEAD_TOP_MAX;
     double best = -INFINITY; int best_i = 0x7fffffff; float best_l = -INFINITY;
     float m = -INFINITY; double sum = 0.0, wsum = 0.0;
     float tv[HEAD_TOP_MAX]; int ti[HEAD_TOP_MAX]; int tn = 0;
     for (int v = t; v < width; v += blockDim.x) {
-        float g = (un && cfg_scale[p] > 0.0) ? un[v] + s1 * (cond[v] - un[v]) : cond[v];
         unsigned int id = vocab_offset + v;
-        if (id == mask_ids[p] || ((flags[p] & 1u) && id == eos_ids[p])) g = -INFINITY;
+        float g = guided_logit(row, v, id);
         double score = (double)g;
-        if (temp != 0.0) score = (double)g - temp * log(-log(uniform(keys[p], id)));
+        if (temp != 0.0)
+            score = logit_key(g) >= floor ? (double)g - temp * log(-log(uniform(keys[p], id))) : -INFINITY;
         if (score > best || (score == best && (int)v < best_i)) { best = score; best_i = v; best_l = g; }
         if (k > 0 && g != -INFINITY) top_insert(tv, ti, tn, k, g, v);
         if (g > m) {
@@ -472,17 +514,71 @@ extern "C" __global__ void head_partials(
         __syncthreads();
     }
     if (t == 0) {
-        out_score[p] = s_score[0];
+        // As predict_partial: a chosen token that is not kept or not finite
+        // (a slice that keeps nothing reports its token 0) cannot win the draw.
+        float l = s_logit[0];
+        bool drawn = temp == 0.0 || (l > -INFINITY && l < INFINITY && logit_key(l) >= floor);
+        out_score[p] = drawn ? s_score[0] : -INFINITY;
         out_token[p] = vocab_offset + s_idx[0];
-        out_logit[p] = (double)s_logit[0];
+        out_logit[p] = (double)l;
         bool empty = s_max[0] == -INFINITY;
         out_lse[p] = empty ? -INFINITY : (double)s_max[0] + log(s_sum[0]);
         out_mean[p] = empty ? -INFINITY : (double)s_max[0] + s_wsum[0] / s_sum[0];
+        out_max[p] = (double)s_max[0];
         for (int j = 0; j < k; ++j) {
             bool have = j < s_tn[0];
             out_top_logit[p * HEAD_TOP_MAX + j] = have ? (double)s_tv[j] : -INFINITY;
             out_top_token[p * HEAD_TOP_MAX + j] = have ? vocab_offset + s_ti[j] : -1;
         }
+    }
+}
+
+// One round of the truncation's select (remask_sampler::truncate::Round)
+// over this vocabulary slice: one block per queried position, the same
+// guided logits as head_partials, and for a position with a round the
+// histogram of its finite guided logits' keys by the round's digit: a
+// count per bin and, when the round's temperature is > 0, a mass: 2^40
+// exp((g - row_max) / temperature) truncated to an integer (Round::weight;
+// the row's largest token weighs 2^40). Integer sums: the bins do not
+// depend on the order of the atomics or on how the vocabulary is split.
+// (`exp` in double may differ from the host's libm in the last bit, which
+// can move a mass by one unit against the CPU backend's, the rarest case.)
+// rounds: 4 numbers per position: active (0: no round, zero bins), floor,
+// prefix, level; round_scale: 2 per position: temperature, the whole row's
+// largest guided logit.
+// out_count, out_mass: 256 bins per position.
+extern "C" __global__ void head_histograms(
+    u64* out_count, u64* out_mass, const float* logits, int width, int vocab_offset,
+    const unsigned int* cond_rows, const int* uncond_rows, const double* cfg_scale,
+    const unsigned int* mask_ids, const unsigned int* eos_ids, const unsigned int* flags,
+    const unsigned int* rounds, const double* round_scale) {
+    __shared__ u64 s_count[256];
+    __shared__ u64 s_mass[256];
+    int p = blockIdx.x, t = threadIdx.x;
+    for (int d = t; d < 256; d += blockDim.x) { s_count[d] = 0; s_mass[d] = 0; }
+    __syncthreads();
+    const unsigned int* r = rounds + 4 * p;
+    if (r[0]) {
+        const HeadRow row = head_row(logits, width, cond_rows, uncond_rows, cfg_scale, mask_ids, eos_ids, flags, p);
+        const unsigned int floor = r[1], prefix = r[2], level = r[3];
+        const unsigned int shift = 24 - 8 * level;
+        const double temp = round_scale[2 * p], row_max = round_scale[2 * p + 1];
+        for (int v = t; v < width; v += blockDim.x) {
+            float g = guided_logit(row, v, vocab_offset + v);
+            // -inf and NaN (tokens the rules exclude) never count.
+            if (!(g > -INFINITY && g < INFINITY)) continue;
+            unsigned int key = logit_key(g);
+            // Level 0 has no prefix (and a shift by 32 would be undefined).
+            if (key < floor || (level > 0 && key >> (shift + 8) != prefix >> (shift + 8))) continue;
+            unsigned int d = (key >> shift) & 0xFFu;
+            atomicAdd(&s_count[d], 1ull);
+            if (temp > 0.0) atomicAdd(&s_mass[d], (u64)(exp(((double)g - row_max) / temp) * 1099511627776.0));
+        }
+    }
+    __syncthreads();
+    for (int d = t; d < 256; d += blockDim.x) {
+        out_count[(long long)p * 256 + d] = s_count[d];
+        out_mass[(long long)p * 256 + d] = s_mass[d];
     }
 }
 
@@ -494,12 +590,6 @@ extern "C" __global__ void head_partials(
 // index r * full_cols + c, so a tensor-parallel rank draws exactly its slice.
 // SplitMix64 with its increment: init.rs's `mix`, over the sampler's finaliser.
 __device__ __forceinline__ u64 init_mix(u64 z) { return mix64(z + 0x9E3779B97F4A7C15ull); }
-#ifdef REMASK_EMU
-#define INIT_FMUL(a, b) ((a) * (b))
-#else
-// Rounded on its own, never fused with the + 1 of OnePlus (Rust does not fuse).
-#define INIT_FMUL(a, b) __fmul_rn((a), (b))
-#endif
 
 extern "C" __global__ void init_normal_bf16(bf16_t* out, int rows, int cols, long long full_cols, long long row0,
                                             long long col0, u64 seed, u64 tensor, float stddev, int one_plus) {
@@ -511,7 +601,8 @@ extern "C" __global__ void init_normal_bf16(bf16_t* out, int rows, int cols, lon
     double u1 = ((double)(h >> 40) + 0.5) / 16777216.0;
     double u2 = (double)(h & 0xFFFFFFull) / 16777216.0;
     double z = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
-    float v = INIT_FMUL((float)z, stddev);
+    // Rounded on its own, never fused with the + 1 of OnePlus (Rust does not fuse).
+    float v = __fmul_rn((float)z, stddev);
     if (one_plus) v = 1.0f + v;
     out[i] = f32_to_bf16(v);
 }

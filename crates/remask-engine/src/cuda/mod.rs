@@ -2,9 +2,10 @@
 //! activations, matrix products through cuBLAS (bf16 inputs, f32
 //! accumulation and output), and our own kernels (`kernels.cu`, compiled by
 //! NVRTC at start-up) for everything else, including the fused output-head
-//! reduction. The CUDA libraries are loaded at run time, so this builds
-//! without a CUDA toolkit or a GPU. `tp_group` makes several GPUs of this
-//! process one tensor-parallel group over NCCL (for `Engine`).
+//! reduction and the rounds of a truncated draw's select. The CUDA
+//! libraries are loaded at run time, so this builds without a CUDA toolkit
+//! or a GPU. `tp_group` makes several GPUs of this process one
+//! tensor-parallel group over NCCL (for `Engine`).
 
 mod backend;
 mod group;
@@ -28,6 +29,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "add_assign",
     "gather_rows",
     "head_partials",
+    "head_histograms",
     "init_normal_bf16",
 ];
 

@@ -236,4 +236,14 @@ inline unsigned int __float_as_uint(float f) {
     return u;
 }
 inline float __expf(float x) { return std::exp(x); }
+// Rounded on their own: the emulation compiles with -ffp-contract=off.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+// Fibers switch only at barriers: an add is atomic.
+template <class T>
+T atomicAdd(T* address, T v) {
+    T old = *address;
+    *address = old + v;
+    return old;
+}
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }

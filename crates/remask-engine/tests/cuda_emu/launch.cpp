@@ -51,12 +51,22 @@ void launch_gather_rows(GEOM, float* out, const float* x, const unsigned* rows, 
 }
 
 void launch_head_partials(GEOM, double* score, unsigned* token, double* logit, double* lse, double* mean,
-                          double* top_logit, int* top_token, const float* logits, int width, int offset, const unsigned* cond, const int* uncond,
-                          const u64* keys, const double* temp, const double* cfg, const unsigned* mask,
-                          const unsigned* eos, const unsigned* flags) {
-    RUN(head_partials, score, token, logit, lse, mean, top_logit, top_token, logits, width, offset, cond, uncond, keys, temp, cfg, mask,
-        eos, flags);
+                          double* max, double* top_logit, int* top_token, const float* logits, int width,
+                          int offset, const unsigned* cond, const int* uncond, const u64* keys, const double* temp,
+                          const double* cfg, const unsigned* mask, const unsigned* eos, const unsigned* flags,
+                          const unsigned* floors) {
+    RUN(head_partials, score, token, logit, lse, mean, max, top_logit, top_token, logits, width, offset, cond, uncond,
+        keys, temp, cfg, mask, eos, flags, floors);
 }
+
+void launch_head_histograms(GEOM, u64* count, u64* mass, const float* logits, int width, int offset,
+                            const unsigned* cond, const int* uncond, const double* cfg, const unsigned* mask,
+                            const unsigned* eos, const unsigned* flags, const unsigned* rounds,
+                            const double* round_scale) {
+    RUN(head_histograms, count, mass, logits, width, offset, cond, uncond, cfg, mask, eos, flags, rounds,
+        round_scale);
+}
+
 void launch_init_normal_bf16(GEOM, bf16_t* out, int rows, int cols, long long full_cols, long long row0,
                              long long col0, u64 seed, u64 tensor, float stddev, int one_plus) {
     RUN(init_normal_bf16, out, rows, cols, full_cols, row0, col0, seed, tensor, stddev, one_plus);
