@@ -70,9 +70,16 @@ pub fn query_to_pb(q: &Query) -> pb::HeadQuery {
     }
 }
 
-/// Refuses what the sampler could not run (a top_p outside (0, 1]).
+/// Refuses what the sampler could not run (a temperature that is not a
+/// finite number >= 0, a top_p outside (0, 1]).
 pub fn query_from_pb(q: &pb::HeadQuery) -> Result<Query, String> {
     let o = q.options.unwrap_or_default();
+    if !(o.temperature.is_finite() && o.temperature >= 0.0) {
+        return Err(format!(
+            "temperature must be a finite number >= 0, got {}",
+            o.temperature
+        ));
+    }
     let top_p = o.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(format!("top_p must be in (0, 1], got {top_p}"));
@@ -299,6 +306,11 @@ mod tests {
         for bad in [0.0, -1.0, 1.5, f64::NAN] {
             let mut wire = query_to_pb(&t);
             wire.options.as_mut().unwrap().top_p = Some(bad);
+            assert!(query_from_pb(&wire).is_err(), "{bad}");
+        }
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            let mut wire = query_to_pb(&t);
+            wire.options.as_mut().unwrap().temperature = bad;
             assert!(query_from_pb(&wire).is_err(), "{bad}");
         }
     }

@@ -127,8 +127,10 @@ impl Round {
     pub fn weight(&self, logit: f32) -> u64 {
         if self.temperature > 0.0 {
             // `as` truncates, as the kernel's conversion does; a weight is at
-            // most MASS_UNIT, so a row of 2^23 tokens cannot overflow.
-            (((logit as f64 - self.max) / self.temperature).exp() * MASS_UNIT) as u64
+            // most MASS_UNIT (logit <= max), so a row of 2^23 tokens cannot
+            // overflow. The `min` only guards a round that lies about max.
+            ((((logit as f64 - self.max) / self.temperature).exp() * MASS_UNIT).min(MASS_UNIT))
+                as u64
         } else {
             0
         }
@@ -179,7 +181,9 @@ impl Select {
     /// nothing).
     pub fn new(opts: &PredictOptions, max: f64) -> Option<Select> {
         let t = opts.truncate;
-        if t.is_off() || opts.temperature == 0.0 || !max.is_finite() {
+        // Only a positive finite temperature draws (a worker refuses others).
+        let drawing = opts.temperature > 0.0 && opts.temperature.is_finite();
+        if t.is_off() || !drawing || !max.is_finite() {
             return None;
         }
         Some(Select {

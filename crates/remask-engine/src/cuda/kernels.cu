@@ -572,7 +572,7 @@ extern "C" __global__ void head_histograms(
             if (key < floor || (level > 0 && key >> (shift + 8) != prefix >> (shift + 8))) continue;
             unsigned int d = (key >> shift) & 0xFFu;
             atomicAdd(&s_count[d], 1ull);
-            if (temp > 0.0) atomicAdd(&s_mass[d], (u64)(exp(((double)g - row_max) / temp) * 1099511627776.0));
+            if (temp > 0.0) atomicAdd(&s_mass[d], (u64)fmin(exp(((double)g - row_max) / temp) * 1099511627776.0, 1099511627776.0));
         }
     }
     __syncthreads();
