@@ -22,7 +22,7 @@
 mod etcd;
 
 use etcd::Etcd;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
@@ -501,7 +501,7 @@ fn remote_json(logs: &Logs, endpoint: &str, request: &[String]) -> Value {
 }
 
 /// The fields of a result that must not depend on where it was computed.
-const SAME_FIELDS: [&str; 12] = [
+const SAME_FIELDS: [&str; 14] = [
     "token_ids",
     "prompt_ids",
     "generated_ids",
@@ -513,6 +513,8 @@ const SAME_FIELDS: [&str; 12] = [
     "block_length",
     "rule",
     "cache",
+    "top_k",
+    "top_p",
     "random_weights",
 ];
 
@@ -656,11 +658,38 @@ fn without_cache(request: &[String]) -> Vec<String> {
 }
 
 /// Sampler configurations for the equivalence tests: (name, request
-/// arguments); the commit rules last.
+/// arguments); the truncated draws, then the commit rules last.
 fn sampler_configs() -> Vec<(&'static str, Vec<String>)> {
     let mut configs = fixed_configs();
+    configs.extend(truncate_configs());
     configs.extend(rule_configs());
     configs
+}
+
+/// top-k / top-p of the draw at temperature > 0: the thresholds are found
+/// over the whole vocabulary, however it is split across stages' ranks, so
+/// the ids are the in-process ones. On the `small` preset's near-flat random
+/// logits top-k 8 then top-p 0.5 keeps a few tokens (both selects run), and
+/// top-p 0.2 alone, under guidance, many (the mass select runs every round).
+fn truncate_configs() -> Vec<(&'static str, Vec<String>)> {
+    vec![
+        (
+            "temperature 1 top-k 8 top-p 0.5 seed 6",
+            argv(
+                "--prompt-ids 1,2,3 --gen-length 16 --steps 8 --block-length 16 --temperature 1.0 \
+                 --top-k 8 --top-p 0.5 --seed 6",
+                &[],
+            ),
+        ),
+        (
+            "threshold 0.3, temperature 1.5 top-p 0.2, cfg 0.5",
+            argv(
+                "--prompt-ids 7,8,9 --gen-length 16 --block-length 8 --threshold 0.3 \
+                 --temperature 1.5 --top-p 0.2 --cfg-scale 0.5 --seed 2",
+                &[],
+            ),
+        ),
+    ]
 }
 
 /// The fixed schedule's configurations.
@@ -779,6 +808,35 @@ fn caches_change_the_ids() {
             "{name}: the cache changes nothing here; pick another configuration"
         );
         assert_eq!(cached["cache"], request.last().unwrap().as_str());
+    }
+}
+
+/// The truncated configurations of the equivalence tests are ones where
+/// top-k / top-p change the ids (in process), and the result reports them.
+#[test]
+fn truncation_changes_the_ids() {
+    let model = small();
+    for (name, request) in truncate_configs() {
+        let truncated = local(model, &request);
+        let mut plain = Vec::new();
+        let mut args = request.iter();
+        while let Some(a) = args.next() {
+            if a == "--top-k" || a == "--top-p" {
+                args.next();
+            } else {
+                plain.push(a.clone());
+            }
+        }
+        let plain = local(model, &plain);
+        assert_ne!(
+            truncated["generated_ids"], plain["generated_ids"],
+            "{name}: top-k / top-p change nothing here; pick another configuration"
+        );
+        assert_eq!((&plain["top_k"], &plain["top_p"]), (&json!(0), &json!(1.0)));
+        assert!(
+            truncated["top_k"] != json!(0) || truncated["top_p"] != json!(1.0),
+            "{name}: {truncated}"
+        );
     }
 }
 
@@ -1797,6 +1855,7 @@ fn tensor_parallel_workers_match_in_process() {
     let configs = fixed_configs()
         .into_iter()
         .take(4)
+        .chain(truncate_configs())
         .chain(rule_configs())
         .chain(cache_configs());
     for (name, request) in configs {

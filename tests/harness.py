@@ -123,7 +123,7 @@ class Cli:
                 steps=None, block_length=None, remasking=None, temperature=None, cfg_scale=None,
                 seed=None, logits_eos_inf=False, confidence_eos_eot_inf=False, endpoint=None,
                 api_key=None, threshold=None, factor=None, entropy=None,
-                full_canvas=False, cache=None, stop=()) -> list:
+                full_canvas=False, cache=None, stop=(), top_k=None, top_p=None) -> list:
         cmd = [str(self.bin), "generate", "--json"]
         cmd += ["--model", str(self.model)] if endpoint is None else ["--endpoint", endpoint]
         if api_key is not None:
@@ -139,7 +139,8 @@ class Cli:
         for flag, v in (("--gen-length", gen_length), ("--steps", steps),
                         ("--block-length", block_length), ("--temperature", temperature),
                         ("--cfg-scale", cfg_scale), ("--seed", seed),
-                        ("--threshold", threshold), ("--factor", factor), ("--entropy", entropy)):
+                        ("--threshold", threshold), ("--factor", factor), ("--entropy", entropy),
+                        ("--top-k", top_k), ("--top-p", top_p)):
             if v is not None:
                 cmd += [flag, repr(v) if isinstance(v, float) else str(v)]
         if remasking is not None:

@@ -28,8 +28,6 @@ REFUSED = [
     ("repetition_penalty", 1.2),
     ("logit_bias", {"5": 10}),
     ("best_of", 2),
-    ("top_k", 5),
-    ("top_p", 0.9),
     ("min_p", 0.1),
     ("min_tokens", 4),
     ("stop_token_ids", [5]),
@@ -79,6 +77,39 @@ def test_unimplemented_parameter_is_refused(endpoint, param, value, server, mode
     assert_refused(post(server, path, body), param)
     # streamed requests are refused before the stream starts
     assert_refused(post(server, path, {**body, "stream": True}), param)
+
+
+# top_k / top_p are implemented (test_truncation.py): values vLLM accepts are accepted, others
+# are 400 naming the field (vLLM: top_k -1 or 0 off, else >= 1; top_p in (0, 1])
+TRUNCATION_ACCEPTED = [("top_k", 5), ("top_k", 1), ("top_k", 0), ("top_k", -1), ("top_k", 10**6),
+                       ("top_p", 0.9), ("top_p", 1), ("top_p", 1e-9), ("top_k", None), ("top_p", None)]
+TRUNCATION_REFUSED = [("top_k", -2), ("top_k", 1.5), ("top_k", "x"), ("top_k", True),
+                      ("top_p", 0), ("top_p", 1.5), ("top_p", -0.1), ("top_p", "x")]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize("param,value", TRUNCATION_ACCEPTED,
+                         ids=[f"{p}={json.dumps(v)}" for p, v in TRUNCATION_ACCEPTED])
+def test_top_k_top_p_are_accepted(endpoint, param, value, server, model_id):
+    path, body = request_body(endpoint, model_id, temperature=1.0, seed=3, **{param: value})
+    r = post(server, path, body)
+    assert r.status_code == 200, (param, value, r.text)
+    r = post(server, path, {**body, "stream": True})
+    assert r.status_code == 200, (param, value, r.text)
+    assert r.text.rstrip().endswith("data: [DONE]"), r.text
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize("param,value", TRUNCATION_REFUSED,
+                         ids=[f"{p}={json.dumps(v)}" for p, v in TRUNCATION_REFUSED])
+def test_bad_top_k_top_p_are_refused_naming_the_parameter(endpoint, param, value, server, model_id):
+    path, body = request_body(endpoint, model_id, temperature=1.0, **{param: value})
+    for b in (body, {**body, "stream": True}):
+        r = post(server, path, b)
+        assert r.status_code == 400, (param, value, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == param, err
+        assert param in err["message"], err
 
 
 @pytest.mark.parametrize("endpoint,param,value", [

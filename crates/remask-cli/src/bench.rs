@@ -2,12 +2,14 @@
 //! PyTorch reference computes them), of one denoising step (forward with
 //! the head on the block's positions only, plus prediction), and of one
 //! cached step of each K/V cache mode (after the block's first, storing,
-//! forward), side by side in one run.
+//! forward), side by side in one run. `--temperature` with `--top-k` /
+//! `--top-p` has the steps sample and truncate their draw (what the select's
+//! rounds cost).
 
 use crate::{CliError, CliResult, Globals, default_model};
 use remask_engine::{Engine, KvError, Packing, StepBatch, cache_ids};
 use remask_model::{Checkpoint, TextCodec};
-use remask_sampler::{BatchStep, CacheMode, Canvas, Prediction, SamplerConfig};
+use remask_sampler::{BatchStep, CacheMode, Canvas, Prediction, SamplerConfig, Truncate};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -42,6 +44,28 @@ pub struct BenchArgs {
     /// the default path), to measure what `logprobs` / `top_logprobs` cost.
     #[arg(long, env = "REMASK_BENCH_TOP_LOGPROBS", value_parser = clap::value_parser!(u8).range(0..=5))]
     pub top_logprobs: Option<u8>,
+    /// Temperature of the denoising steps' draw (0: greedy, the default);
+    /// above 0, Gumbel-max sampling, which --top-k / --top-p truncate.
+    #[arg(
+        long,
+        env = "REMASK_BENCH_TEMPERATURE",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    pub temperature: f64,
+    /// With --temperature > 0: the steps draw among the K most likely
+    /// tokens (0: off), to measure what top-k's select costs.
+    #[arg(long, env = "REMASK_BENCH_TOP_K", default_value_t = 0)]
+    pub top_k: u32,
+    /// With --temperature > 0: the steps draw among the most likely tokens
+    /// holding this much of the tempered probability, in (0, 1] (1: off).
+    #[arg(
+        long,
+        env = "REMASK_BENCH_TOP_P",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
+    pub top_p: f64,
     /// Print one JSON object.
     #[arg(long, env = "REMASK_JSON")]
     pub json: bool,
@@ -96,6 +120,18 @@ pub fn run(args: BenchArgs, globals: &Globals) -> CliResult {
         return Err(CliError::Usage(
             "--gen-length must be a multiple of --block-length below --seq-len".into(),
         ));
+    }
+    if !(args.temperature.is_finite() && args.temperature >= 0.0) {
+        return Err(CliError::Usage(format!(
+            "--temperature must be a finite number >= 0, got {}",
+            args.temperature
+        )));
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(CliError::Usage(format!(
+            "--top-p must be in (0, 1], got {}",
+            args.top_p
+        )));
     }
     let dir = default_model::resolve(args.model.clone(), globals)?;
     let ckpt = Checkpoint::open(&dir)?;
@@ -189,6 +225,11 @@ fn measure(
             block_length,
             cache,
             logprobs: args.top_logprobs.map(usize::from),
+            temperature: args.temperature,
+            truncate: Truncate {
+                top_k: args.top_k,
+                top_p: args.top_p,
+            },
             ..SamplerConfig::default()
         };
         ids.chunks(args.seq_len)
@@ -259,6 +300,9 @@ fn measure(
             "block_length": block_length,
             "gen_length": gen_length,
             "top_logprobs": args.top_logprobs,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
             "threads": threads,
             "model": dir,
         });

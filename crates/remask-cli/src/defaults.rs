@@ -33,6 +33,12 @@ pub fn load(dir: &Path, rule: Option<CommitRule>, cache: Option<CacheMode>) -> C
     if let Some(t) = g.threshold {
         d.rule = CommitRule::Threshold(t);
     }
+    if let Some(k) = g.top_k {
+        d.truncate.top_k = k;
+    }
+    if let Some(p) = g.top_p {
+        d.truncate.top_p = p;
+    }
     if let Some(rule) = rule {
         d.rule = rule;
     }

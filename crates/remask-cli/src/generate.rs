@@ -353,6 +353,8 @@ pub fn run(args: GenerateArgs, globals: &Globals) -> CliResult {
             "cache": config.cache.as_str(),
             "gen_length": config.gen_length,
             "block_length": config.block_length,
+            "top_k": config.truncate.top_k,
+            "top_p": config.truncate.top_p,
             "elapsed_ms": elapsed_ms,
             "load_ms": load_ms,
             "model": dir,

@@ -127,6 +127,8 @@ pub fn run(endpoint: &str, args: &GenerateArgs) -> CliResult {
                 "gen_length": settings.gen_length,
                 "block_length": settings.block_length,
                 "rule": settings.rule,
+                "top_k": settings.top_k,
+                "top_p": settings.top_p,
                 "cache": match settings.cache() {
                     pb::CacheMode::Prefix => "prefix",
                     pb::CacheMode::Dual => "dual",

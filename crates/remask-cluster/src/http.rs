@@ -7,9 +7,15 @@
 //!
 //! A request parameter is honoured or refused, never silently ignored:
 //! OpenAI's and vLLM's parameters that remask does not implement (penalties,
-//! `top_p`, tools, ...) are refused with 400 naming them when they
+//! `min_p`, tools, ...) are refused with 400 naming them when they
 //! ask for anything but the default; fields nobody knows are accepted and
 //! logged, as vLLM does.
+//!
+//! `top_k` and `top_p` truncate the draw at temperature > 0 as vLLM's do
+//! (`top_k` an integer, -1 or 0 off, else at least 1; `top_p` in (0, 1];
+//! top-k first), exactly on every topology; other values are 400 naming
+//! the field. Unset (or null): the server's default, the checkpoint's
+//! generation_config.json, else off. At temperature 0 they change nothing.
 //!
 //! A diffusion model does not write left to right, so a stream cannot send
 //! each token as it is produced. Each denoising step is one event: its
@@ -302,12 +308,6 @@ const UNSUPPORTED: &[Unsupported] = &[
         "only an empty map is accepted",
     ),
     ("best_of", |v| v.as_u64() == Some(1), "only 1 is accepted"),
-    (
-        "top_k",
-        |v| matches!(v.as_i64(), Some(-1 | 0)),
-        "only -1 or 0 (off) is accepted",
-    ),
-    ("top_p", |v| v.as_f64() == Some(1.0), "only 1 is accepted"),
     ("min_p", |v| v.as_f64() == Some(0.0), "only 0 is accepted"),
     (
         "min_tokens",
@@ -373,6 +373,8 @@ const KNOWN: &[&str] = &[
     "cache",
     "logprobs",
     "top_logprobs",
+    "top_k",
+    "top_p",
 ];
 
 /// The body as a JSON object, after refusing the parameters remask does not
@@ -613,6 +615,10 @@ struct Sampling {
     logprobs: Option<Value>,
     /// Chat: the alternatives per token (0 to 5), with `logprobs: true`.
     top_logprobs: Option<Value>,
+    /// An integer: -1 or 0 off, else at least 1 (`Sampling::truncation`).
+    top_k: Option<Value>,
+    /// A number in (0, 1].
+    top_p: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -710,6 +716,35 @@ impl Sampling {
         }
     }
 
+    /// `top_k` and `top_p` as the gRPC request takes them, checked as vLLM
+    /// checks them: `top_k` an integer, -1 or 0 for off (0 on the wire),
+    /// else at least 1 (a k beyond the vocabulary keeps every token);
+    /// `top_p` a number in (0, 1]. `None`: unset (or null), the server's
+    /// default.
+    fn truncation(&self) -> Result<(Option<u32>, Option<f64>), ApiError> {
+        let given = |v: &Option<Value>| v.as_ref().filter(|v| !v.is_null()).cloned();
+        let top_k = given(&self.top_k)
+            .map(|v| match (v.as_i64(), v.as_u64()) {
+                (Some(-1 | 0), _) => Ok(0),
+                (_, Some(k)) => Ok(k.min(u32::MAX as u64) as u32),
+                _ => Err(ApiError::bad_request(format!(
+                    "top_k must be an integer: -1 or 0 (off), or at least 1, got {v}"
+                ))
+                .param("top_k")),
+            })
+            .transpose()?;
+        let top_p = given(&self.top_p)
+            .map(|v| match v.as_f64() {
+                Some(p) if p > 0.0 && p <= 1.0 => Ok(p),
+                _ => Err(ApiError::bad_request(format!(
+                    "top_p must be a number in (0, 1], got {v}"
+                ))
+                .param("top_p")),
+            })
+            .transpose()?;
+        Ok((top_k, top_p))
+    }
+
     /// A gRPC request for `prompt_ids`. What the body leaves unset stays
     /// unset: the coordinator fills it from the same defaults as gRPC and
     /// the CLI (the checkpoint's generation_config.json, the server's flags).
@@ -740,6 +775,7 @@ impl Sampling {
                 )));
             }
         };
+        let (top_k, top_p) = self.truncation()?;
         Ok(pb::GenerateRequest {
             prompt_ids,
             gen_length: self.max_completion_tokens.or(self.max_tokens),
@@ -759,6 +795,8 @@ impl Sampling {
             stop: self.stop_strings()?,
             logprobs: logprobs.is_some(),
             top_logprobs: logprobs,
+            top_k,
+            top_p,
             ..Default::default()
         })
     }

@@ -106,7 +106,7 @@ pub fn config(data: &[u8]) {
 
 /// generation_config.json: refused with an error, or every value it gives
 /// is within the bounds the sampler accepts (lengths from 1, finite
-/// temperature at least 0, a threshold in (0, 1]).
+/// temperature at least 0, a threshold and a top_p in (0, 1]).
 pub fn generation_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -122,6 +122,7 @@ pub fn generation_config(data: &[u8]) {
         "{g:?}"
     );
     assert!(g.threshold.is_none_or(|t| t > 0.0 && t <= 1.0), "{g:?}");
+    assert!(g.top_p.is_none_or(|p| p > 0.0 && p <= 1.0), "{g:?}");
 }
 
 /// A chat template (tokenizer_config.json's `chat_template`) over a few
