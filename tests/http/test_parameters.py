@@ -144,6 +144,17 @@ def test_chat_echo_refused(server, model_id):
     assert_refused(post(server, path, body), "echo")
 
 
+@pytest.mark.parametrize("logprobs", [0, 2])
+def test_echo_with_logprobs_refused(server, model_id, logprobs):
+    """A diffusion model computes no log-probabilities of the prompt, which vLLM returns here."""
+    path, body = request_body("completions", model_id, echo=True, logprobs=logprobs)
+    assert_refused(post(server, path, body), "echo")
+    # Each alone is served.
+    for alone in ({"echo": True}, {"logprobs": logprobs}):
+        path, body = request_body("completions", model_id, **alone)
+        assert post(server, path, body).status_code == 200
+
+
 def test_refusal_through_the_openai_client(client, model_id):
     with pytest.raises(openai.BadRequestError) as ei:
         client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": CHAT_TEXT}],

@@ -977,6 +977,16 @@ async fn completions(
     let result = async {
         let req: CompletionRequest = from_value(checked_body(&body, Kind::Completion)?)?;
         check_model(&c, req.sampling.model.as_deref())?;
+        // vLLM answers echo + logprobs with the prompt's log-probabilities
+        // (scoring harnesses rely on them). A masked diffusion model never
+        // predicts a prompt position, so there are none to give: refused
+        // rather than answered with the answer's alone.
+        if req.echo && req.sampling.logprobs(Kind::Completion)?.is_some() {
+            return Err(ApiError::unsupported(
+                "echo",
+                "echo with logprobs would need the prompt's log-probabilities, which a masked diffusion model does not compute; use echo or logprobs",
+            ));
+        }
         let prompts = prompts_of(&c, &req.prompt, req.echo)?;
         let suffix = req.suffix.as_deref().unwrap_or_default();
         let choices = req
