@@ -243,9 +243,7 @@ pub fn histogram_queries(
 /// Whether some query truncates its draw (the head then runs the select's
 /// rounds: `truncated_predictions`).
 pub fn truncates(queries: &[Query]) -> bool {
-    queries
-        .iter()
-        .any(|q| !q.options.truncate.is_off() && q.options.temperature > 0.0)
+    queries.iter().any(|q| q.options.truncates())
 }
 
 /// The select of every queried position (flat, in query order) from the

@@ -67,6 +67,15 @@ pub struct PredictOptions {
     pub truncate: Truncate,
 }
 
+impl PredictOptions {
+    /// Whether the draw is truncated: top-k / top-p asked for and a
+    /// positive finite temperature (greedy keeps its argmax whatever the
+    /// truncation). The one test `predict`, the engine and the select use.
+    pub fn truncates(&self) -> bool {
+        !self.truncate.is_off() && self.temperature > 0.0 && self.temperature.is_finite()
+    }
+}
+
 /// The most alternatives the head reduction reports per position.
 pub const MAX_TOP_LOGPROBS: usize = 5;
 
@@ -204,11 +213,11 @@ pub fn predict(
 ) -> Prediction {
     // The whole vocabulary is one slice: the same code serves tensor-parallel
     // heads and the GPU's fused reduction.
-    let floor = if opts.truncate.is_off() || opts.temperature == 0.0 {
-        0
-    } else {
+    let floor = if opts.truncates() {
         guided_logits(cond, uncond, 0, opts, scratch);
         truncate::threshold(&[scratch], opts)
+    } else {
+        0
     };
     let partial = predict_partial(cond, uncond, 0, opts, step, position, floor, scratch);
     combine(&[partial], opts, step, position)

@@ -181,9 +181,7 @@ impl Select {
     /// nothing).
     pub fn new(opts: &PredictOptions, max: f64) -> Option<Select> {
         let t = opts.truncate;
-        // Only a positive finite temperature draws (a worker refuses others).
-        let drawing = opts.temperature > 0.0 && opts.temperature.is_finite();
-        if t.is_off() || !drawing || !max.is_finite() {
+        if !opts.truncates() || !max.is_finite() {
             return None;
         }
         Some(Select {
